@@ -7,8 +7,10 @@ equal object, and nothing here holds a tensor or a model.
 from __future__ import annotations
 
 import math
+import os
 from enum import Enum
-from typing import Any, Iterator, Optional
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -121,7 +123,7 @@ class AttributionResult(BaseModel):
 
     prompt: str
     target: str
-    method: AttributionMethod
+    method: Union[AttributionMethod, str] = Field(description="a built-in method, or the name of a registered one")
     granularity: Granularity
     attributions: list[TokenAttribution]
     matrix: Optional[AttributionMatrix] = None
@@ -162,7 +164,7 @@ class AttributionResult(BaseModel):
             "tokens": self.tokens,
             "scores": self.scores,
             "normalized_scores": [a.normalized_score for a in self.attributions],
-            "method": self.method.value,
+            "method": str(self.method),
             "granularity": self.granularity.value,
             "target": self.target,
         }
@@ -174,6 +176,20 @@ class AttributionResult(BaseModel):
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ImportError("to_dataframe() needs pandas: pip install pandas") from exc
         return pd.DataFrame([a.model_dump() for a in self.attributions])
+
+    def save_html(self, path: str | os.PathLike[str]) -> Path:
+        """Write the self-contained, escaped HTML view of this result (no CDN, no network); returns the path."""
+        from .visualization import render_html
+
+        target = Path(path)
+        target.write_text(render_html(self, standalone=True), encoding="utf-8")
+        return target
+
+    def _repr_html_(self) -> str:
+        """Notebook rendering: the coloured-text view as an HTML fragment."""
+        from .visualization import render_html
+
+        return render_html(self, standalone=False)
 
 
 class BatchFailure(BaseModel):

@@ -1,0 +1,333 @@
+"""AttributionExplainer: the user-facing API for causal LMs, and the ``compute_attributions`` one-liner."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import ContextLengthError, ExplainabilityError, InvalidInputError
+from .methods import MethodContext, MethodSpec, RawAttribution, get_method
+from .prompt import ModelInput, build_model_input
+from .scoring import DEFAULT_BATCH_SIZE, ScoreKind, TargetScorer, model_context_length
+from .segment import Feature, build_features
+from .types import (
+    AttributionBatchResult,
+    AttributionMatrix,
+    AttributionMetadata,
+    AttributionMethod,
+    AttributionResult,
+    BatchFailure,
+    Granularity,
+    TokenAttribution,
+    normalize_scores,
+)
+
+MethodLike = Union[str, AttributionMethod]
+GranularityLike = Union[str, Granularity]
+Messages = Sequence[Mapping[str, str]]
+
+
+def parse_granularity(granularity: GranularityLike) -> Granularity:
+    """``Granularity`` from an enum member or its name/value; a typed error otherwise."""
+    if isinstance(granularity, Granularity):
+        return granularity
+    if isinstance(granularity, str):
+        try:
+            return Granularity(granularity.strip().lower())
+        except ValueError:
+            pass
+    raise InvalidInputError(f"unknown granularity {granularity!r}; use one of {[g.value for g in Granularity]}")
+
+
+def _method_label(name: str) -> Union[AttributionMethod, str]:
+    """The enum member for a built-in method, the plain name for a user-registered one."""
+    try:
+        return AttributionMethod(name)
+    except ValueError:
+        return name
+
+
+@contextlib.contextmanager
+def borrowed(model: Any) -> Iterator[None]:
+    """Eval mode and frozen parameters for the duration; mode and ``requires_grad`` flags restored afterwards."""
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        model.eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter, flag in zip(model.parameters(), flags):
+            parameter.requires_grad_(flag)
+        model.train(was_training)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One validated explanation request: everything checked, nothing computed yet."""
+
+    spec: MethodSpec
+    params: dict[str, Any]
+    granularity: Granularity
+    model_input: ModelInput
+    features: list[Feature]
+
+
+class AttributionExplainer:
+    """Explains which parts of the input drove a causal LM to a target response.
+
+    ``score`` picks the explained quantity (sum of target log-probs by default, or "mean", or "prob");
+    ``include_template_tokens`` makes chat-template tokens attributable too; ``batch_size`` is the number of
+    sequences per model call for perturbation methods (gradient methods take their own ``batch_size`` parameter).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        default_method: MethodLike = AttributionMethod.INTEGRATED_GRADIENTS,
+        default_granularity: GranularityLike = Granularity.WORD,
+        verbose: bool = False,
+        *,
+        model_name: Optional[str] = None,
+        score: ScoreKind = "sum",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        include_template_tokens: bool = False,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.default_method = get_method(default_method).name
+        self.default_granularity = parse_granularity(default_granularity)
+        self.verbose = verbose
+        config = getattr(model, "config", None)
+        self.model_name = model_name or getattr(config, "name_or_path", None) or type(model).__name__
+        TargetScorer(model, score=score, batch_size=batch_size)  # validates score and batch_size now
+        self.score = score
+        self.batch_size = batch_size
+        self.include_template_tokens = include_template_tokens
+
+    # ---- one explanation --------------------------------------------------------------------------------------
+
+    def explain(
+        self,
+        messages: Optional[Messages] = None,
+        target: Optional[str] = None,
+        *,
+        prompt: Optional[str] = None,
+        method: Optional[MethodLike] = None,
+        granularity: Optional[GranularityLike] = None,
+        per_target: bool = False,
+        **method_params: Any,
+    ) -> AttributionResult:
+        """Attribute ``target`` to the features of ``messages`` (chat) or ``prompt`` (raw text).
+
+        ``per_target=True`` also returns a (target tokens x features) matrix. Method parameters (``n_steps``,
+        ``n_samples``, ``baseline``, ``noise_std``, ``seed``, ``batch_size``, ...) are passed as keywords.
+        """
+        request = self._prepare(messages, prompt, target, method, granularity, method_params)
+        return self._run(request, per_target)
+
+    def _prepare(
+        self,
+        messages: Optional[Messages],
+        prompt: Optional[str],
+        target: Optional[str],
+        method: Optional[MethodLike],
+        granularity: Optional[GranularityLike],
+        method_params: Mapping[str, Any],
+    ) -> _Request:
+        """Validate everything and tokenize; raises typed errors before any model call."""
+        spec = get_method(method if method is not None else self.default_method)
+        params = spec.resolve_params(method_params)
+        level = parse_granularity(granularity if granularity is not None else self.default_granularity)
+        if target is None:
+            raise InvalidInputError("target is required: the response text to explain")
+        model_input = build_model_input(
+            self.tokenizer,
+            target=target,
+            messages=messages,
+            prompt=prompt,
+            include_template_tokens=self.include_template_tokens,
+        )
+        limit = model_context_length(self.model)
+        if limit is not None and model_input.length > limit:
+            raise ContextLengthError(
+                f"prompt + target are {model_input.length} tokens but the model takes at most {limit}; "
+                "shorten the prompt or the target"
+            )
+        features = build_features(model_input, level)
+        if spec.kind == "gradient":
+            TargetScorer(self.model).embedding_layer()  # typed error for models without input embeddings
+        return _Request(spec, params, level, model_input, features)
+
+    def _run(self, request: _Request, per_target: bool) -> AttributionResult:
+        scorer = TargetScorer(self.model, score=self.score, batch_size=self.batch_size)
+        context = MethodContext(scorer, request.model_input, request.features, request.params, per_target)
+        started = time.perf_counter()
+        with borrowed(self.model):
+            raw = request.spec.run(context)
+        elapsed = time.perf_counter() - started
+        return self._result(request, raw, scorer, elapsed)
+
+    def _result(self, request: _Request, raw: RawAttribution, scorer: TargetScorer, elapsed: float) -> AttributionResult:
+        scores = np.asarray(raw.feature_scores, dtype=float).reshape(-1)
+        if scores.shape[0] != len(request.features):
+            raise ExplainabilityError(
+                f"method {request.spec.name} returned {scores.shape[0]} scores for {len(request.features)} features"
+            )
+        normalized = normalize_scores(scores.tolist())
+        attributions = [
+            TokenAttribution(
+                text=feature.text,
+                score=float(score),
+                position=index,
+                normalized_score=norm,
+                start=feature.start,
+                end=feature.end,
+                message_index=feature.message_index,
+                token_positions=list(feature.token_positions),
+            )
+            for index, (feature, score, norm) in enumerate(zip(request.features, scores, normalized))
+        ]
+        matrix = None
+        if raw.matrix is not None:
+            matrix = AttributionMatrix(
+                row_labels=request.model_input.target_labels,
+                column_labels=[f.text for f in request.features],
+                values=np.asarray(raw.matrix, dtype=float).tolist(),
+            )
+        metadata = AttributionMetadata(
+            compute_time_seconds=elapsed,
+            n_forward_passes=scorer.count.forward_passes,
+            n_backward_passes=scorer.count.backward_passes,
+            n_tokens_processed=scorer.count.tokens_processed,
+            method_params=dict(request.params),
+            score=self.score,
+            n_features=len(request.features),
+            n_target_tokens=request.model_input.n_target,
+            **raw.metadata,
+        )
+        if self.verbose:
+            print(f"[fair_forge] {request.spec.name}: {len(scores)} features in {elapsed:.2f}s")
+        return AttributionResult(
+            prompt=request.model_input.prompt,
+            target=request.model_input.target,
+            method=_method_label(request.spec.name),
+            granularity=request.granularity,
+            attributions=attributions,
+            matrix=matrix,
+            model_name=self.model_name,
+            metadata=metadata,
+        )
+
+    # ---- many explanations ------------------------------------------------------------------------------------
+
+    def explain_batch(
+        self,
+        items: Any,
+        *,
+        method: Optional[MethodLike] = None,
+        granularity: Optional[GranularityLike] = None,
+        per_target: bool = False,
+        show_progress: bool = True,
+        **method_params: Any,
+    ) -> AttributionBatchResult:
+        """Explain every item; an item that fails is recorded in ``failures`` and the others still return.
+
+        Items are ``(messages_or_prompt, target)`` pairs, dicts with ``messages`` or ``prompt`` (or ``question``,
+        sent as one user message) and ``target`` (or ``answer``), or a pandas DataFrame with those columns.
+        This is a pure map over items: the same settings and item always give the same result.
+        """
+        spec = get_method(method if method is not None else self.default_method)
+        spec.resolve_params(method_params)  # parameter errors concern every item: raise them once, now
+        level = parse_granularity(granularity if granularity is not None else self.default_granularity)
+        records = _records(items)
+        results: list[AttributionResult] = []
+        indices: list[int] = []
+        failures: list[BatchFailure] = []
+        started = time.perf_counter()
+        for index, record in _progress(enumerate(records), len(records), show_progress):
+            try:
+                messages, prompt, target = _item_fields(record)
+                request = self._prepare(messages, prompt, target, spec.name, level, method_params)
+                results.append(self._run(request, per_target))
+                indices.append(index)
+            except Exception as error:  # noqa: BLE001 - recorded per item; nothing the user gave is lost
+                failures.append(BatchFailure(index=index, error_type=type(error).__name__, message=str(error)))
+        return AttributionBatchResult(
+            results=results,
+            indices=indices,
+            model_name=self.model_name,
+            total_compute_time_seconds=time.perf_counter() - started,
+            failures=failures,
+        )
+
+    # ---- display ----------------------------------------------------------------------------------------------
+
+    def visualize(self, result: AttributionResult, return_html: bool = False) -> Optional[str]:
+        """Show ``result`` as coloured text in a notebook, or return the (escaped, self-contained) HTML."""
+        from .visualization import display_html, render_html
+
+        if return_html:
+            return render_html(result)
+        display_html(result)
+        return None
+
+
+def _records(items: Any) -> list[Any]:
+    """The items of a list/iterable, or the rows of a pandas DataFrame as dicts."""
+    if hasattr(items, "to_dict") and hasattr(items, "columns"):
+        return items.to_dict(orient="records")
+    if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
+        raise InvalidInputError("items must be a list of (messages_or_prompt, target) pairs or dicts, or a DataFrame")
+    return list(items)
+
+
+def _item_fields(item: Any) -> tuple[Optional[Messages], Optional[str], Any]:
+    """(messages, prompt, target) of one batch item; a typed error for an item of the wrong shape."""
+    if isinstance(item, Mapping):
+        target = item.get("target", item.get("answer"))
+        if "messages" in item:
+            return item["messages"], None, target
+        if "prompt" in item:
+            return None, item["prompt"], target
+        if "question" in item:
+            return [{"role": "user", "content": item["question"]}], None, target
+        raise InvalidInputError(f"item needs 'messages', 'prompt' or 'question', got keys {sorted(item)}")
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        source, target = item
+        if isinstance(source, str):
+            return None, source, target
+        return source, None, target
+    raise InvalidInputError(f"item must be a (messages_or_prompt, target) pair or a dict, got {item!r}")
+
+
+def _progress(iterable: Iterable[Any], total: int, show: bool) -> Iterable[Any]:
+    if not show:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc="explaining", unit="item")
+
+
+def compute_attributions(
+    model: Any,
+    tokenizer: Any,
+    messages: Optional[Messages] = None,
+    target: Optional[str] = None,
+    method: MethodLike = AttributionMethod.INTEGRATED_GRADIENTS,
+    granularity: GranularityLike = Granularity.WORD,
+    *,
+    prompt: Optional[str] = None,
+    **method_params: Any,
+) -> AttributionResult:
+    """One call: build an explainer and explain ``target`` given ``messages`` (or ``prompt``)."""
+    explainer = AttributionExplainer(model, tokenizer)
+    return explainer.explain(
+        messages, target, prompt=prompt, method=method, granularity=granularity, **method_params
+    )

@@ -1,0 +1,218 @@
+"""Gradient methods through captum, on the input embeddings of the attributable tokens.
+
+captum sees only the embeddings of the attributable tokens, shape (1, A, H); the forward function writes them into
+the full sequence (template and target tokens fixed) and returns the explained score. So baselines, noise and
+interpolation touch only what is attributed, and for the additive methods the token scores add up exactly to
+f(input) - f(baseline). Interpolation steps and noise samples go through the model in batches of ``batch_size``
+rows, one forward and one backward pass per batch.
+
+Reduction over the hidden dimension, per method (and the same reduction over a feature's tokens):
+  additive (INTEGRATED_GRADIENTS, GRADIENT_SHAP, INPUT_X_GRADIENT): signed sum of (x - baseline) * gradient;
+  SALIENCY, SMOOTH_GRAD: L2 norm of the (mean) gradient;
+  SQUARE_GRAD, VAR_GRAD: sum over dimensions of the mean squared gradient / of the gradient's variance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Literal, Optional
+
+import numpy as np
+import torch
+from captum.attr import GradientShap, InputXGradient, IntegratedGradients, NoiseTunnel, Saliency
+
+from ..errors import InvalidInputError
+from ..types import AttributionMethod
+from . import MethodContext, RawAttribution, register_method
+
+Reduction = Literal["sum", "l2"]
+DEFAULT_GRADIENT_BATCH_SIZE = 32
+
+_STEP_PARAMS = {"n_steps": 32, "baseline": "zero", "batch_size": DEFAULT_GRADIENT_BATCH_SIZE}
+_NOISE_PARAMS = {"n_samples": 16, "noise_std": 0.1, "seed": 0, "batch_size": DEFAULT_GRADIENT_BATCH_SIZE}
+_SHAP_PARAMS = {"n_samples": 16, "noise_std": 0.0, "baseline": "zero", "seed": 0, "batch_size": DEFAULT_GRADIENT_BATCH_SIZE}
+_PLAIN_PARAMS = {"batch_size": DEFAULT_GRADIENT_BATCH_SIZE}
+
+
+def _positive_int(params: dict[str, Any], name: str) -> int:
+    value = params[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _noise_std(params: dict[str, Any]) -> float:
+    value = params["noise_std"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise InvalidInputError(f"noise_std must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+class _EmbeddingTask:
+    """The pieces every gradient method shares: the attributable embeddings and a forward function over them."""
+
+    def __init__(self, context: MethodContext) -> None:
+        self.context = context
+        scorer, model_input = context.scorer, context.model_input
+        self.positions = torch.from_numpy(np.flatnonzero(model_input.attributable))
+        scorer.embedding_layer()  # typed error for models without input embeddings, before any model call
+        self.full = scorer.embed(model_input.input_ids).float()  # (L, H); gradients accumulate in float32
+        self.inputs = self.full[self.positions.to(self.full.device)].unsqueeze(0)  # (1, A, H)
+        self.target_ids = model_input.target_ids
+        self.n_target = model_input.n_target
+        self._positions_on_device = self.positions.to(self.full.device)
+
+    def forward(self, attributed: torch.Tensor, per_target: bool = False) -> torch.Tensor:
+        """(B, A, H) attributable embeddings -> (B,) explained score, or (B, n_target) log-probs."""
+        scorer = self.context.scorer
+        batch = self.full.unsqueeze(0).expand(attributed.shape[0], -1, -1).clone()
+        batch[:, self._positions_on_device] = attributed
+        if torch.is_grad_enabled() and attributed.requires_grad:
+            scorer.count.backward_passes += 1  # captum differentiates every forward it makes with grad enabled
+        log_probs = scorer.target_log_probs(self.target_ids, inputs_embeds=batch)
+        return log_probs if per_target else scorer.reduce(log_probs)
+
+    def baseline(self, spec: Any) -> torch.Tensor:
+        """(1, A, H) baseline: "zero", "pad" (the input's baseline token) or a token id, at every attributed token."""
+        if spec == "zero":
+            return torch.zeros_like(self.inputs)
+        if spec == "pad":
+            spec = self.context.model_input.baseline_token_id
+        if isinstance(spec, bool) or not isinstance(spec, int):
+            raise InvalidInputError(f"baseline must be 'zero', 'pad' or a token id, got {spec!r}")
+        embedding = self.context.scorer.embed(torch.tensor([spec])).float()
+        return embedding.expand_as(self.inputs[0]).unsqueeze(0).clone()
+
+    def runs(self) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor], Callable[..., torch.Tensor]]]:
+        """(inputs, captum target, forward) for the sequence score, then per target token if a matrix is asked."""
+        yield self.inputs.clone().requires_grad_(True), None, self.forward
+        if self.context.per_target:
+            repeated = self.inputs.expand(self.n_target, -1, -1).clone().requires_grad_(True)
+            yield repeated, torch.arange(self.n_target), lambda x: self.forward(x, per_target=True)
+
+    def feature_scores(self, attributions: torch.Tensor, reduction: Reduction) -> np.ndarray:
+        """(..., A, H) attributions -> (..., n_features): sum, or L2 norm over each feature's tokens and dims."""
+        index = {int(p): i for i, p in enumerate(self.positions)}
+        membership = torch.zeros(len(self.context.features), len(index), dtype=torch.float64)
+        for row, feature in enumerate(self.context.features):
+            membership[row, [index[p] for p in feature.token_positions]] = 1.0
+        values = attributions.detach().double().cpu()
+        if reduction == "sum":
+            return (values.sum(-1) @ membership.T).numpy()
+        return (values.square().sum(-1) @ membership.T).sqrt().numpy()
+
+
+@contextlib.contextmanager
+def _seeded(seed: Any, device: torch.device) -> Iterator[None]:
+    """Run with torch's RNG seeded, leaving the global RNG state as it was."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InvalidInputError(f"seed must be an integer, got {seed!r}")
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _collect(task: _EmbeddingTask, attribute: Callable[..., torch.Tensor], reduction: Reduction) -> RawAttribution:
+    """Run ``attribute(inputs, target, forward)`` for the sequence score (and per target token) and reduce."""
+    results = [task.feature_scores(attribute(x, target, fn), reduction) for x, target, fn in task.runs()]
+    return RawAttribution(feature_scores=results[0][0], matrix=results[1] if len(results) > 1 else None)
+
+
+@register_method(AttributionMethod.INTEGRATED_GRADIENTS, kind="gradient", additive=True, defaults=_STEP_PARAMS,
+                 description="path integral of gradients from a baseline (Gauss-Legendre quadrature)")
+def integrated_gradients(context: MethodContext) -> RawAttribution:
+    n_steps = _positive_int(context.params, "n_steps")
+    batch_size = _positive_int(context.params, "batch_size")
+    task = _EmbeddingTask(context)
+    baseline = task.baseline(context.params["baseline"])
+
+    def attribute(x: torch.Tensor, target: Optional[torch.Tensor], fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+        ig = IntegratedGradients(fn, multiply_by_inputs=True)
+        return ig.attribute(x, baselines=baseline.expand_as(x), target=target, n_steps=n_steps,
+                            method="gausslegendre", internal_batch_size=max(batch_size, x.shape[0]))
+
+    raw = _collect(task, attribute, "sum")
+    with torch.no_grad():
+        endpoints = task.forward(torch.cat([task.inputs, baseline]))
+    difference = float(endpoints[0] - endpoints[1])
+    delta = abs(float(raw.feature_scores.sum()) - difference)
+    raw.metadata.update(
+        convergence_delta=delta,
+        relative_convergence_delta=delta / abs(difference) if difference else None,
+        score_input=float(endpoints[0]),
+        score_baseline=float(endpoints[1]),
+    )
+    return raw
+
+
+@register_method(AttributionMethod.GRADIENT_SHAP, kind="gradient", additive=True, defaults=_SHAP_PARAMS,
+                 description="expected gradients at random points between baseline and (noisy) input")
+def gradient_shap(context: MethodContext) -> RawAttribution:
+    n_samples = _positive_int(context.params, "n_samples")
+    noise_std = _noise_std(context.params)
+    task = _EmbeddingTask(context)
+    baseline = task.baseline(context.params["baseline"])
+    stdev = noise_std * float(task.inputs.std())
+
+    def attribute(x: torch.Tensor, target: Optional[torch.Tensor], fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+        # captum draws every sample of GradientShap in one batch; chunk the samples to honour batch_size
+        per_call = max(1, _positive_int(context.params, "batch_size") // x.shape[0])
+        total = torch.zeros_like(x)
+        with _seeded(context.params["seed"], x.device):
+            for start in range(0, n_samples, per_call):
+                count = min(per_call, n_samples - start)
+                part = GradientShap(fn, multiply_by_inputs=True).attribute(
+                    x, baselines=baseline.expand_as(x), n_samples=count, stdevs=stdev, target=target)
+                total += part * count
+        return total / n_samples
+
+    return _collect(task, attribute, "sum")
+
+
+@register_method(AttributionMethod.INPUT_X_GRADIENT, kind="gradient", additive=True, defaults=_PLAIN_PARAMS,
+                 description="input embedding times gradient, summed over the hidden dimension")
+def input_x_gradient(context: MethodContext) -> RawAttribution:
+    task = _EmbeddingTask(context)
+    return _collect(task, lambda x, target, fn: InputXGradient(fn).attribute(x, target=target), "sum")
+
+
+@register_method(AttributionMethod.SALIENCY, kind="gradient", additive=False, defaults=_PLAIN_PARAMS,
+                 description="L2 norm of the gradient")
+def saliency(context: MethodContext) -> RawAttribution:
+    task = _EmbeddingTask(context)
+    return _collect(task, lambda x, target, fn: Saliency(fn).attribute(x, target=target, abs=False), "l2")
+
+
+def _noise_tunnel(context: MethodContext, nt_type: str, reduction: Reduction) -> RawAttribution:
+    n_samples = _positive_int(context.params, "n_samples")
+    batch_size = _positive_int(context.params, "batch_size")
+    noise_std = _noise_std(context.params)
+    task = _EmbeddingTask(context)
+    stdev = noise_std * float(task.inputs.std())
+
+    def attribute(x: torch.Tensor, target: Optional[torch.Tensor], fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+        tunnel = NoiseTunnel(Saliency(fn))
+        with _seeded(context.params["seed"], x.device):
+            return tunnel.attribute(x, nt_type=nt_type, nt_samples=n_samples, stdevs=stdev, target=target,
+                                    nt_samples_batch_size=max(1, batch_size // x.shape[0]), abs=False)
+
+    return _collect(task, attribute, reduction)
+
+
+@register_method(AttributionMethod.SMOOTH_GRAD, kind="gradient", additive=False, defaults=_NOISE_PARAMS,
+                 description="L2 norm of the gradient averaged over noisy copies of the input")
+def smooth_grad(context: MethodContext) -> RawAttribution:
+    return _noise_tunnel(context, "smoothgrad", "l2")
+
+
+@register_method(AttributionMethod.SQUARE_GRAD, kind="gradient", additive=False, defaults=_NOISE_PARAMS,
+                 description="mean squared gradient over noisy copies, summed over the hidden dimension")
+def square_grad(context: MethodContext) -> RawAttribution:
+    return _noise_tunnel(context, "smoothgrad_sq", "sum")
+
+
+@register_method(AttributionMethod.VAR_GRAD, kind="gradient", additive=False, defaults=_NOISE_PARAMS,
+                 description="variance of the gradient over noisy copies, summed over the hidden dimension")
+def var_grad(context: MethodContext) -> RawAttribution:
+    return _noise_tunnel(context, "vargrad", "sum")

@@ -1,0 +1,242 @@
+"""Chat messages or a raw prompt, plus a target, to the exact token sequence the model sees.
+
+The chat template is applied once, the whole text (prompt + target) is tokenized once with character offsets, and
+every later step works from those ids and offsets: nothing is decoded and re-encoded, so special tokens survive.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import InvalidInputError, UnsupportedModelError
+
+VALID_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+class BoundaryMergeWarning(UserWarning):
+    """In context, the last prompt token and the first target token would merge; they were tokenized apart."""
+
+
+@dataclass(frozen=True)
+class SourceSpan:
+    """Where a piece of user text (a message's content or the raw prompt) sits in the full model text."""
+
+    message_index: Optional[int]  # None for a raw prompt
+    start: int  # offset in ModelInput.text of content[content_offset]
+    end: int
+    content: str
+    content_offset: int = 0
+
+    def to_content(self, text_offset: int) -> int:
+        """Map an offset in the full text to an offset in ``content``."""
+        return text_offset - self.start + self.content_offset
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """One tokenized (prompt + target) sequence with everything the later steps need to know about it."""
+
+    input_ids: torch.Tensor  # (L,) int64, on the CPU
+    target_start: int  # input_ids[target_start:] are the target tokens
+    offsets: tuple[tuple[int, int], ...]  # char span of each token in ``text`` ((0, 0) for added special tokens)
+    text: str  # what the model reads: rendered prompt + target
+    attributable: np.ndarray  # (L,) bool: tokens that may belong to a feature
+    sources: tuple[SourceSpan, ...]
+    prompt: str  # the prompt as the user gave it (messages' contents joined by newlines)
+    target: str
+    baseline_token_id: int  # token that stands in for a masked feature (pad, else unk, else eos)
+    tokens: tuple[str, ...]  # the tokenizer's token strings, for labels
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def n_target(self) -> int:
+        return self.length - self.target_start
+
+    @property
+    def target_ids(self) -> torch.Tensor:
+        return self.input_ids[self.target_start :]
+
+    @property
+    def target_labels(self) -> list[str]:
+        """Readable text of every target token (its slice of ``text``, else its token string)."""
+        labels = []
+        for position in range(self.target_start, self.length):
+            start, end = self.offsets[position]
+            labels.append(self.text[start:end] if end > start else self.tokens[position])
+        return labels
+
+
+def validate_messages(messages: Any) -> list[dict[str, str]]:
+    """Check chat messages and return them as plain dicts; raises InvalidInputError saying what is wrong."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise InvalidInputError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    if len(messages) == 0:
+        raise InvalidInputError("messages is empty: give at least one {'role': 'user', 'content': ...} message")
+    checked = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise InvalidInputError(f"message {index} must be a dict with 'role' and 'content' keys, got {message!r}")
+        role, content = message["role"], message["content"]
+        if role not in VALID_ROLES:
+            raise InvalidInputError(f"message {index} has unknown role {role!r}; use one of {sorted(VALID_ROLES)}")
+        if not isinstance(content, str):
+            raise InvalidInputError(f"message {index} content must be a string, got {type(content).__name__}")
+        checked.append({"role": role, "content": content})
+    return checked
+
+
+def validate_target(target: Any) -> str:
+    if not isinstance(target, str):
+        raise InvalidInputError(f"target must be a string, got {type(target).__name__}")
+    if not target.strip():
+        raise InvalidInputError("target is empty or whitespace: give the response text to explain")
+    return target
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The prompt text for ``messages``: the tokenizer's chat template with the generation prompt.
+
+    A tokenizer without a chat template gets the plain fallback ``"role: content\\n"`` per message followed by
+    ``"assistant: "``.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+
+def _locate_sources(rendered: str, messages: list[dict[str, str]]) -> list[SourceSpan]:
+    """Find each message's content in the rendered template, in order (templates may strip whitespace)."""
+    sources, cursor = [], 0
+    for index, message in enumerate(messages):
+        content = message["content"]
+        core = content.strip()
+        if not core:
+            continue  # nothing to attribute in a whitespace-only message
+        found = rendered.find(content, cursor)
+        if found >= 0:
+            sources.append(SourceSpan(index, found, found + len(content), content, 0))
+            cursor = found + len(content)
+            continue
+        found = rendered.find(core, cursor)
+        if found < 0:
+            raise InvalidInputError(
+                f"the chat template changed the content of message {index}, so its tokens cannot be located; "
+                "pass include_template_tokens=True to attribute to every prompt token instead"
+            )
+        sources.append(SourceSpan(index, found, found + len(core), content, content.index(core)))
+        cursor = found + len(core)
+    return sources
+
+
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    if not getattr(tokenizer, "is_fast", False):
+        raise UnsupportedModelError(
+            "a fast (Rust) tokenizer is needed for character offsets; load it with AutoTokenizer(..., use_fast=True)"
+        )
+    encoding = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    return list(encoding["input_ids"]), [tuple(span) for span in encoding["offset_mapping"]]
+
+
+def _drop_trailing_specials(tokenizer: Any, ids: list[int], offsets: list[tuple[int, int]]) -> None:
+    """Remove special tokens a tokenizer appends (e.g. EOS): the target must be the end of the sequence."""
+    special = set(tokenizer.all_special_ids)
+    while ids and ids[-1] in special and offsets[-1] == (0, 0):
+        ids.pop()
+        offsets.pop()
+
+
+def _baseline_token_id(tokenizer: Any) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def build_model_input(
+    tokenizer: Any,
+    *,
+    target: str,
+    messages: Optional[Sequence[Mapping[str, str]]] = None,
+    prompt: Optional[str] = None,
+    include_template_tokens: bool = False,
+) -> ModelInput:
+    """Tokenize ``messages`` (chat) or ``prompt`` (raw) followed by ``target``, once, with offsets.
+
+    For a raw prompt, a single space is put between prompt and target when neither has whitespace at the join;
+    it belongs to the target side (word-initial tokens carry their leading space).
+    """
+    if (messages is None) == (prompt is None):
+        raise InvalidInputError("give exactly one of messages=[...] or prompt='...'")
+    target = validate_target(target)
+    target_text = target  # what follows the prompt in the model's text
+
+    if messages is not None:
+        checked = validate_messages(messages)
+        rendered = render_chat(tokenizer, checked)
+        sources = _locate_sources(rendered, checked)
+        user_prompt = "\n".join(m["content"] for m in checked)
+        add_special = False  # chat templates spell out their special tokens
+    else:
+        if not isinstance(prompt, str):
+            raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")
+        rendered = prompt
+        if prompt and not prompt[-1].isspace() and not target[0].isspace():
+            target_text = " " + target
+        sources = [SourceSpan(None, 0, len(prompt), prompt)] if prompt.strip() else []
+        user_prompt = prompt
+        add_special = True
+
+    ids, offsets = _encode(tokenizer, rendered + target_text, add_special)
+    _drop_trailing_specials(tokenizer, ids, offsets)
+    boundary = len(rendered)
+    full_text = rendered + target_text
+
+    def crosses(span: tuple[int, int]) -> bool:  # a token with prompt text (not just a space) and target text
+        return span[0] < boundary < span[1] and bool(full_text[span[0] : boundary].strip())
+
+    if any(crosses(span) for span in offsets):
+        warnings.warn(
+            "the end of the prompt and the start of the target tokenize as one token; they were tokenized "
+            "separately so the target keeps its own tokens",
+            BoundaryMergeWarning,
+            stacklevel=3,
+        )
+        ids, offsets = _encode(tokenizer, rendered, add_special)
+        _drop_trailing_specials(tokenizer, ids, offsets)
+        target_ids, target_offsets = _encode(tokenizer, target_text, False)
+        ids += target_ids
+        offsets += [(start + boundary, end + boundary) for start, end in target_offsets]
+
+    target_start = next((i for i, (start, end) in enumerate(offsets) if end > boundary and end > start), None)
+    if target_start is None:
+        raise InvalidInputError(f"target {target!r} produced no tokens")
+
+    special = set(tokenizer.all_special_ids)
+    attributable = np.zeros(len(ids), dtype=bool)
+    for position in range(target_start):
+        start, end = offsets[position]
+        if include_template_tokens:
+            attributable[position] = True
+        elif ids[position] not in special and end > start:
+            attributable[position] = any(start < s.end and s.start < end for s in sources)
+
+    return ModelInput(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        target_start=target_start,
+        offsets=tuple(offsets),
+        text=full_text,
+        attributable=attributable,
+        sources=tuple(sources),
+        prompt=user_prompt,
+        target=target,
+        baseline_token_id=_baseline_token_id(tokenizer),
+        tokens=tuple(tokenizer.convert_ids_to_tokens(ids)),
+    )
