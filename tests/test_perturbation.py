@@ -1,0 +1,334 @@
+"""Perturbation methods: the pure estimators against analytic value functions, then the registered backends."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+
+import numpy as np
+import pytest
+from lime.lime_base import LimeBase
+from sklearn.linear_model import Ridge
+
+from fair_forge.explainability.errors import BudgetError, InvalidInputError, NoAttributableFeaturesError
+from fair_forge.explainability.methods import _coalitions as core
+
+# ---- analytic value functions and brute-force references --------------------------------------------------------
+
+
+def interacting(n_features: int):
+    """A non-linear value function with pairwise and three-way interactions (and a sine of the linear part)."""
+    weights = np.linspace(0.5, 2.0, n_features)
+
+    def v(masks: np.ndarray) -> np.ndarray:
+        m = masks.astype(np.float64)
+        linear = m @ weights
+        return linear + 2.0 * m[:, 0] * m[:, 1] - 3.0 * m[:, 1] * m[:, 2] * m[:, -1] + np.sin(linear)
+
+    return v
+
+
+def vector_valued(n_features: int):
+    """Three output columns, the first the sum of the other two (like an explained score over target tokens)."""
+    scalar = interacting(n_features)
+
+    def v(masks: np.ndarray) -> np.ndarray:
+        a = scalar(masks)
+        b = np.cos(masks.astype(np.float64).sum(1)) * masks[:, 0]
+        return np.stack([a + b, a, b], axis=1)
+
+    return v
+
+
+def all_masks(n_features: int) -> np.ndarray:
+    return np.array(list(itertools.product([False, True], repeat=n_features)), dtype=bool)
+
+
+def exact_shapley(v, n_features: int) -> np.ndarray:
+    """phi_i = sum over S not containing i of |S|!(d-|S|-1)!/d! (v(S + i) - v(S)), by enumeration."""
+    masks = all_masks(n_features)
+    values = {tuple(row): value for row, value in zip(masks, v(masks))}
+    phi = np.zeros(n_features)
+    for row in masks:
+        size = int(row.sum())
+        for i in np.flatnonzero(~row):
+            with_i = row.copy()
+            with_i[i] = True
+            weight = math.factorial(size) * math.factorial(n_features - size - 1) / math.factorial(n_features)
+            phi[i] += weight * (values[tuple(with_i)] - values[tuple(row)])
+    return phi
+
+
+def exact_total_sobol(v, n_features: int) -> np.ndarray:
+    """ST_i = E[Var(v | all but i)] / Var(v) for fair-coin masks, by enumeration."""
+    masks = all_masks(n_features)
+    values = v(masks)
+    total = np.zeros(n_features)
+    for i in range(n_features):
+        on, off = masks.copy(), masks.copy()
+        on[:, i], off[:, i] = True, False
+        total[i] = np.mean((v(on) - v(off)) ** 2) / 4.0
+    return total / values.var()
+
+
+class Recorder:
+    """Wraps a value function and keeps every batch it was called with."""
+
+    def __init__(self, v) -> None:
+        self.v = v
+        self.batches: list[np.ndarray] = []
+
+    def __call__(self, masks: np.ndarray) -> np.ndarray:
+        self.batches.append(masks.copy())
+        return self.v(masks)
+
+    @property
+    def rows(self) -> np.ndarray:
+        return np.concatenate(self.batches)
+
+
+def run(method: str, v, n_features: int, **params) -> core.Estimate:
+    return getattr(core, method)(v, n_features, **params)
+
+
+SAMPLED = {
+    "kernel_shap": {"n_samples": 60},
+    "lime": {"n_samples": 60},
+    "sobol_total": {"n_samples": 16},
+}
+ALL = {"occlusion": {"window": 2, "stride": 1}, **SAMPLED}
+
+# ---- KernelSHAP ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_features", [1, 2, 3, 5, 6])
+def test_kernel_shap_full_enumeration_is_exact_shapley(n_features: int) -> None:
+    v = interacting(n_features) if n_features >= 3 else (lambda m: m.astype(float) @ np.arange(1.0, n_features + 1) + m.all(1))
+    estimate = core.kernel_shap(v, n_features, exact=True)
+    expected = exact_shapley(v, n_features)
+    np.testing.assert_allclose(estimate.values, expected, atol=1e-6)
+    full, empty = v(np.ones((1, n_features), bool)), v(np.zeros((1, n_features), bool))
+    assert estimate.values.sum() == pytest.approx(float(full[0] - empty[0]), abs=1e-9)
+    assert estimate.extras["exact"] and estimate.n_evaluations == 2**n_features
+
+
+def test_kernel_shap_default_samples_enumerate_small_inputs() -> None:
+    v = interacting(6)
+    estimate = core.kernel_shap(v, 6)
+    assert estimate.extras["exact"]
+    np.testing.assert_allclose(estimate.values, exact_shapley(v, 6), atol=1e-6)
+
+
+def test_kernel_shap_sampled_runs_converge_to_exact_values() -> None:
+    n_features = 10
+    v = interacting(n_features)
+    expected = exact_shapley(v, n_features)
+    errors = {}
+    for n_samples in (40, 200, 1000):
+        runs = [core.kernel_shap(v, n_features, n_samples=n_samples, seed=seed).values for seed in range(5)]
+        for values in runs:  # the efficiency constraint holds for every sampled run
+            assert values.sum() == pytest.approx(expected.sum(), abs=1e-9)
+        errors[n_samples] = np.mean([np.abs(values - expected).max() for values in runs])
+    assert errors[1000] < errors[200] < errors[40]
+    assert errors[1000] < 0.05 * np.abs(expected).max()
+
+
+def test_kernel_shap_vector_output_is_per_column() -> None:
+    n_features = 5
+    v = vector_valued(n_features)
+    estimate = core.kernel_shap(v, n_features, exact=True)
+    assert estimate.values.shape == (3, n_features)
+    for column in range(3):
+        expected = exact_shapley(lambda m, c=column: v(m)[:, c], n_features)
+        np.testing.assert_allclose(estimate.values[column], expected, atol=1e-6)
+    np.testing.assert_allclose(estimate.values[0], estimate.values[1] + estimate.values[2], atol=1e-9)
+
+
+def test_kernel_shap_exact_over_many_features_is_refused_quickly() -> None:
+    start = time.perf_counter()
+    with pytest.raises(BudgetError, match="exact KernelSHAP"):
+        core.kernel_shap(interacting(30), 30, exact=True)
+    with pytest.raises(BudgetError, match="n_samples"):
+        core.kernel_shap(interacting(30), 30, n_samples=10**9)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_kernel_shap_leaves_the_global_rng_alone() -> None:
+    np.random.seed(123)
+    expected = np.random.random()
+    np.random.seed(123)
+    core.kernel_shap(interacting(8), 8, n_samples=50, seed=7)
+    assert np.random.random() == expected
+
+
+# ---- LIME ---------------------------------------------------------------------------------------------------------
+
+
+def test_lime_recovers_linear_coefficients() -> None:
+    n_features = 8
+    coefficients = np.array([1.5, -2.0, 0.25, 3.0, 0.0, -0.75, 1.0, 2.5])
+
+    def linear(masks: np.ndarray) -> np.ndarray:
+        return 4.0 + masks.astype(np.float64) @ coefficients
+
+    unregularised = core.lime(linear, n_features, n_samples=200, alpha=0.0)
+    np.testing.assert_allclose(unregularised.values, coefficients, atol=1e-8)
+    assert unregularised.extras["r2"] == pytest.approx(1.0)
+    assert unregularised.extras["intercept"] == pytest.approx(4.0)
+    default = core.lime(linear, n_features, n_samples=2000)  # LimeBase's Ridge(alpha=1) shrinks a little
+    np.testing.assert_allclose(default.values, coefficients, atol=0.02 * np.abs(coefficients).max())
+
+
+def test_lime_matches_limebase_for_every_output_column() -> None:
+    n_features, n_samples, width = 6, 80, 25.0
+    v = vector_valued(n_features)
+    estimate = core.lime(v, n_features, n_samples=n_samples, kernel_width=width, seed=3)
+    masks = core.lime_samples(n_features, n_samples, np.random.default_rng(3))
+    labels = v(masks)
+    distances = (1.0 - np.sqrt(masks.sum(1) / n_features)) * 100.0
+    base = LimeBase(lambda d: np.sqrt(np.exp(-(d**2) / width**2)), random_state=3)
+    for column in range(labels.shape[1]):
+        _, ranked, r2, _ = base.explain_instance_with_data(
+            masks.astype(float), labels, distances, column, n_features, feature_selection="none",
+            model_regressor=Ridge(alpha=1.0),
+        )
+        np.testing.assert_allclose(estimate.values[column], [c for _, c in sorted(ranked)], atol=1e-10)
+        if column == 0:
+            assert estimate.extras["r2"] == pytest.approx(r2)
+
+
+def test_lime_samples_follow_lime_text_neighbourhood() -> None:
+    masks = core.lime_samples(7, 5000, np.random.default_rng(0))
+    assert masks[0].all() and not masks[1:].all(axis=1).any()  # the input itself, then >= 1 feature dropped
+    dropped = (~masks[1:]).sum(1)
+    assert set(np.unique(dropped)) == set(range(1, 8))
+    assert np.abs(np.bincount(dropped, minlength=8)[1:] / len(dropped) - 1 / 7).max() < 0.02
+    assert np.abs((~masks[1:]).mean(0) - (~masks[1:]).mean()).max() < 0.03  # no feature favoured
+
+
+# ---- occlusion ----------------------------------------------------------------------------------------------------
+
+
+def test_occlusion_is_leave_one_out() -> None:
+    n_features = 7
+    v = interacting(n_features)
+    full = v(np.ones((1, n_features), bool))[0]
+    expected = [full - v(~np.eye(n_features, dtype=bool)[i : i + 1])[0] for i in range(n_features)]
+    estimate = core.occlusion(v, n_features)
+    np.testing.assert_allclose(estimate.values, expected, atol=1e-12)
+    assert estimate.n_evaluations == n_features + 1
+
+
+def test_occlusion_windows_average_over_covering_windows() -> None:
+    n_features = 5
+    v = interacting(n_features)
+    full = v(np.ones((1, n_features), bool))[0]
+
+    def drop(*features: int) -> float:
+        mask = np.ones((1, n_features), bool)
+        mask[0, list(features)] = False
+        return full - v(mask)[0]
+
+    # window 2, stride 2: windows {0,1}, {2,3}, then {3,4} added so that feature 4 is covered
+    w01, w23, w34 = drop(0, 1), drop(2, 3), drop(3, 4)
+    expected = [w01, w01, w23, (w23 + w34) / 2, w34]
+    estimate = core.occlusion(v, n_features, window=2, stride=2)
+    np.testing.assert_allclose(estimate.values, expected, atol=1e-12)
+    assert estimate.extras["n_windows"] == 3
+    whole = core.occlusion(v, n_features, window=99)  # longer than the input: one window over everything
+    np.testing.assert_allclose(whole.values, drop(0, 1, 2, 3, 4), atol=1e-12)
+
+
+def test_occlusion_vector_output() -> None:
+    v = vector_valued(4)
+    estimate = core.occlusion(v, 4)
+    assert estimate.values.shape == (3, 4)
+    for column in range(3):
+        np.testing.assert_allclose(estimate.values[column], core.occlusion(lambda m: v(m)[:, column], 4).values)
+
+
+# ---- Sobol --------------------------------------------------------------------------------------------------------
+
+
+def test_sobol_additive_function_gives_variance_shares() -> None:
+    coefficients = np.array([1.0, 2.0, 0.0, -3.0, 0.5])
+
+    def additive(masks: np.ndarray) -> np.ndarray:
+        return masks.astype(np.float64) @ coefficients
+
+    estimate = core.sobol_total(additive, 5, n_samples=1024)
+    np.testing.assert_allclose(estimate.values, coefficients**2 / (coefficients**2).sum(), atol=0.02)
+    assert estimate.values[2] == 0.0
+
+
+def test_sobol_converges_to_exact_total_indices_with_interactions() -> None:
+    n_features = 6
+    v = interacting(n_features)
+    expected = exact_total_sobol(v, n_features)
+    assert expected.sum() > 1.0  # interactions: total indices add up to more than one
+    errors = [np.abs(core.sobol_total(v, n_features, n_samples=n).values - expected).max() for n in (32, 4096)]
+    assert errors[1] < errors[0] and errors[1] < 0.03
+
+
+def test_sobol_constant_function_gives_zeros() -> None:
+    estimate = core.sobol_total(lambda m: np.full(len(m), 2.5), 4)
+    np.testing.assert_array_equal(estimate.values, np.zeros(4))
+
+
+def test_sobol_refuses_budget_overrun() -> None:
+    with pytest.raises(BudgetError, match="Sobol"):
+        core.sobol_total(interacting(200), 200, n_samples=1024)
+
+
+# ---- shared behaviour of every estimator --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", sorted(SAMPLED))
+def test_same_seed_same_result(method: str) -> None:
+    v = interacting(9)
+    first = run(method, v, 9, seed=11, **SAMPLED[method]).values
+    again = run(method, v, 9, seed=11, **SAMPLED[method]).values
+    other = run(method, v, 9, seed=12, **SAMPLED[method]).values
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other)
+
+
+@pytest.mark.parametrize("method", sorted(ALL))
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_batched_equals_unbatched_and_masks_stream(method: str, batch_size: int) -> None:
+    v = vector_valued(9)
+    unbatched = run(method, v, 9, batch_size=None, **ALL[method])
+    recorder = Recorder(v)
+    batched = run(method, recorder, 9, batch_size=batch_size, **ALL[method])
+    np.testing.assert_allclose(batched.values, unbatched.values, rtol=0, atol=1e-12)
+    assert max(len(batch) for batch in recorder.batches) <= batch_size  # peak work grows with the batch size
+    rows = recorder.rows
+    assert len(np.unique(rows, axis=0)) == len(rows) == batched.n_evaluations  # every distinct mask scored once
+
+
+@pytest.mark.parametrize("method", sorted(ALL))
+def test_zero_features_is_a_typed_error(method: str) -> None:
+    with pytest.raises(NoAttributableFeaturesError):
+        run(method, lambda m: np.zeros(len(m)), 0)
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("lime", {"n_samples": 1}),
+        ("lime", {"kernel_width": 0.0}),
+        ("kernel_shap", {"n_samples": 0}),
+        ("sobol_total", {"n_samples": 1.5}),
+        ("occlusion", {"window": 0}),
+        ("occlusion", {"stride": True}),
+    ],
+)
+def test_bad_parameters_are_typed_errors(method: str, params: dict) -> None:
+    with pytest.raises(InvalidInputError):
+        run(method, interacting(4), 4, **params)
+
+
+def test_value_function_output_shape_is_checked() -> None:
+    with pytest.raises(InvalidInputError, match="value function"):
+        core.occlusion(lambda m: np.zeros((len(m) + 1,)), 3)
