@@ -1,0 +1,246 @@
+"""``fair-forge-explain``: explain one response of a causal LM from the command line.
+
+    fair-forge-explain --prompt "What is the capital of France?" --target "The capital of France is Paris."
+    fair-forge-explain --messages chat.json --target "..." --method occlusion --granularity sentence --json out.json
+
+``--prompt`` is sent as one user message through the tokenizer's chat template (``--raw`` sends it as plain text
+instead); ``--messages`` reads a JSON list of ``{"role": ..., "content": ...}`` objects (or an object with a
+``messages`` list and optionally a ``target``). The default model is the embedded SmolLM2-135M-Instruct; ``--model``
+takes a local transformers folder. Bad input exits with code 2 and one line on stderr; other failures exit with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .errors import ExplainabilityError, InvalidInputError
+from .types import AttributionResult, Granularity
+
+PROG = "fair-forge-explain"
+EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
+
+
+class BadInput(Exception):
+    """Input rejected by the CLI itself, before any model is loaded."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit code 2), not the whole usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Which words of the input made a language model produce TARGET?",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", metavar="TEXT", help="the user's message (sent through the chat template)")
+    source.add_argument(
+        "--messages",
+        metavar="FILE.json",
+        help='a JSON list of {"role": ..., "content": ...} messages, or {"messages": [...], "target": ...}',
+    )
+    parser.add_argument("--target", metavar="TEXT", help="the response to explain (may also come from the JSON file)")
+    parser.add_argument("--method", metavar="M", default=None, help="attribution method (default: integrated_gradients)")
+    parser.add_argument(
+        "--granularity",
+        metavar="G",
+        default=Granularity.WORD.value,
+        choices=[g.value for g in Granularity],
+        help="token, word or sentence (default: word)",
+    )
+    parser.add_argument("--model", metavar="PATH", default=None, help="a local transformers model folder (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--json", metavar="OUT", default=None, help="also write the full result as JSON to OUT ('-' = stdout, table omitted)")
+    parser.add_argument("--top", metavar="K", type=_non_negative_int, default=10, help="how many features to print (default: 10)")
+    parser.add_argument("--raw", action="store_true", help="explain --prompt as raw text, without the chat template")
+    parser.add_argument(
+        "--param",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="a method parameter, e.g. --param n_steps=32 (VALUE is read as JSON when it parses, else as text)",
+    )
+    return parser
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _parse_params(pairs: Sequence[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise BadInput(f"--param expects KEY=VALUE, got {pair!r}")
+        try:
+            params[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key.strip()] = value
+    return params
+
+
+def _read_messages(path: str) -> tuple[list[Any], Optional[str]]:
+    """Messages (and an optional target) from a JSON file; BadInput with the reason if it cannot be used."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise BadInput(f"cannot read messages file {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"messages file {path} is not valid JSON: {exc}") from None
+    target = None
+    if isinstance(data, dict):
+        target = data.get("target")
+        if target is not None and not isinstance(target, str):
+            raise BadInput(f"messages file {path}: 'target' must be a string")
+        data = data.get("messages")
+    if not isinstance(data, list) or not data:
+        raise BadInput(f'messages file {path} must hold a non-empty list of {{"role": ..., "content": ...}} objects')
+    for index, message in enumerate(data):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+            raise BadInput(f'messages file {path}: item {index} is not a {{"role": str, "content": str}} object')
+    return data, target
+
+
+def _check_method(method: Optional[str]) -> None:
+    """Reject an unknown method before the (slow) model load; the registry's error names the available ones."""
+    if method is None:
+        return
+    from .methods import get_method
+
+    get_method(method)
+
+
+def _load_model(path: Optional[str]) -> tuple[Any, Any, str]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    if path is None:
+        from .models import DEFAULT_MODEL_NAME, load_default_model
+
+        model, tokenizer = load_default_model()
+        return model, tokenizer, DEFAULT_MODEL_NAME
+    folder = Path(path)
+    if not folder.is_dir():
+        raise BadInput(f"--model {path}: no such folder (give a local transformers model folder)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"--model {path}: cannot load a causal LM and tokenizer from it ({_one_line(exc)})") from None
+    model.eval()
+    return model, tokenizer, folder.name or str(folder)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def format_table(result: AttributionResult, top: int) -> str:
+    """A short readable summary: header, then rank / text / score / normalized score of the top features."""
+    meta = result.metadata
+    lines = [
+        f"model: {result.model_name}",
+        f"method: {result.method}   granularity: {result.granularity}   "
+        f"time: {meta.compute_time_seconds:.2f} s   passes: {meta.n_forward_passes} forward, "
+        f"{meta.n_backward_passes} backward",
+    ]
+    if meta.convergence_delta is not None:
+        relative = meta.relative_convergence_delta
+        extra = f" ({relative:.2%} of f(x) - f(baseline))" if relative is not None else ""
+        lines.append(f"convergence delta: {meta.convergence_delta:.4g}{extra}")
+    lines.append(f"target: {result.target!r}")
+    rows = [(str(rank), repr(a.text)[1:-1], f"{a.score:+.4f}", f"{a.normalized_score:+.3f}") for rank, a in enumerate(result.get_top_k(top), 1)]
+    header = ("rank", "text", "score", "normalized")
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) if rows else len(header[i]) for i in range(4)]
+    lines.append("")
+    lines.append(f"top {len(rows)} of {len(result.attributions)} {result.granularity}s by |score|:")
+    lines.append(f"{header[0]:>{widths[0]}}  {header[1]:<{widths[1]}}  {header[2]:>{widths[2]}}  {header[3]:>{widths[3]}}")
+    for row in rows:
+        lines.append(f"{row[0]:>{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]:>{widths[3]}}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    params = _parse_params(args.param)
+    target = args.target
+    messages: Optional[list[Any]] = None
+    if args.raw and args.prompt is None:
+        raise BadInput("--raw applies to --prompt only")
+    if args.messages is not None:
+        messages, file_target = _read_messages(args.messages)
+        target = target if target is not None else file_target
+    if target is None:
+        raise BadInput("--target is required (the response text to explain)")
+    if not target.strip():
+        raise BadInput("--target is empty; give the response text to explain")
+    if args.prompt is not None and not args.prompt.strip():
+        raise BadInput("--prompt is empty; give the user's message")
+    _check_method(args.method)
+
+    model, tokenizer, model_name = _load_model(args.model)
+    from .explainer import AttributionExplainer
+
+    explainer = AttributionExplainer(model, tokenizer, model_name=model_name)
+    request: dict[str, Any] = {"target": target, "granularity": args.granularity, **params}
+    if args.method is not None:
+        request["method"] = args.method
+    if messages is not None:
+        request["messages"] = messages
+    elif args.raw or not getattr(tokenizer, "chat_template", None):
+        request["prompt"] = args.prompt
+    else:
+        request["messages"] = [{"role": "user", "content": args.prompt}]
+    result = explainer.explain(**request)
+
+    if args.json == "-":
+        print(result.model_dump_json(indent=2))
+        return 0
+    print(format_table(result, args.top))
+    if args.json is not None:
+        try:
+            Path(args.json).write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            print(f"{PROG}: error: cannot write {args.json}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        print(f"\nfull result written to {args.json}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits with code 2 and a usage line on bad arguments
+    try:
+        return run(args)
+    except (BadInput, InvalidInputError) as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ExplainabilityError as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
