@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import numpy as np
 
 from .errors import InvalidInputError
-from .types import AttributionResult, normalize_scores
+from .types import AttributionResult
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -44,10 +44,12 @@ border-radius:4px}
 .ff-attr .ff-bar{width:12em;height:.9em;border:1px solid #ccc;
 background:linear-gradient(to right,#4575b4,#ffffff,#d73027)}
 .ff-attr .ff-matrix{margin-top:1em}
+.ff-attr select{max-width:30em}
 .ff-attr .ff-meta{font-size:12px;color:#777;margin-top:.5em}
 """
 
 # Applies the chosen row's precomputed colours and titles; never writes HTML, only style and title attributes.
+# The picker is rendered disabled (showing the first row) and enabled here, so it is inert where scripts don't run.
 _PICKER_JS = """(function () {
   var root = document.currentScript && document.currentScript.parentNode;
   if (!root) { return; }
@@ -63,14 +65,13 @@ _PICKER_JS = """(function () {
     }
   }
   picker.addEventListener('change', show);
+  picker.disabled = false;
   show();
 })();"""
 
 _PICKER_JS_HASH = base64.b64encode(hashlib.sha256(_PICKER_JS.encode("utf-8")).digest()).decode("ascii")
 # Standalone files may run only the picker script above and load nothing from the network.
-CONTENT_SECURITY_POLICY = (
-    f"default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{_PICKER_JS_HASH}'"
-)
+CONTENT_SECURITY_POLICY = f"default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{_PICKER_JS_HASH}'"
 
 
 def _esc(text: str) -> str:
@@ -103,9 +104,8 @@ def _title(score: float, normalized: float) -> str:
 
 def _span(css_class: str, text: str, score: float, normalized: float) -> str:
     style = f"background-color:{score_color(normalized)};color:{_text_color(normalized)}"
-    return (
-        f'<span class="{css_class}" style="{style}" title="{_esc(_title(score, normalized))}">{_esc(text)}</span>'
-    )
+    title = _esc(_title(score, normalized))
+    return f'<span class="{css_class}" style="{style}" title="{title}">{_esc(text)}</span>'
 
 
 def _prompt_spans(result: AttributionResult) -> Optional[list[tuple[int, int]]]:
@@ -123,12 +123,17 @@ def _prompt_spans(result: AttributionResult) -> Optional[list[tuple[int, int]]]:
     return spans
 
 
+def _separator(result: AttributionResult) -> str:
+    """Tokens carry their own spacing; words and sentences are joined by a space."""
+    return "" if result.granularity.value == "token" else " "
+
+
 def _attributed_text(result: AttributionResult) -> str:
     """The features as coloured spans; text between them kept when the offsets locate them in the prompt."""
     coloured = [_span("ff-tok", a.text, a.score, a.normalized_score) for a in result.attributions]
     spans = _prompt_spans(result)
     if spans is None:
-        return ("" if result.granularity.value == "token" else " ").join(coloured)
+        return _separator(result).join(coloured)
     pieces: list[str] = []
     cursor = 0
     for (start, end), span in zip(spans, coloured):
@@ -151,9 +156,7 @@ def _matrix_section(result: AttributionResult) -> str:
     matrix = result.matrix
     if matrix is None:
         return ""
-    values = matrix.to_numpy()
-    finite = np.abs(values[np.isfinite(values)])
-    peak = float(finite.max()) if finite.size else 0.0
+    peak = _peak(matrix.to_numpy())
     normalized = [[v / peak if peak > 0 and math.isfinite(v) else 0.0 for v in row] for row in matrix.values]
     data = {
         "rows": matrix.row_labels,
@@ -167,13 +170,13 @@ def _matrix_section(result: AttributionResult) -> str:
         f'<option value="{i}"{" selected" if i == 0 else ""}>{i}: {_esc(label)}</option>'
         for i, label in enumerate(matrix.row_labels)
     )
-    first = matrix.values[0] if matrix.values else []
-    cells = "".join(
-        _span("ff-cell", label, v, n) for label, v, n in zip(matrix.column_labels, first, normalized[0] if first else [])
+    first_values, first_normalized = (matrix.values[0], normalized[0]) if matrix.values else ([], [])
+    cells = _separator(result).join(
+        _span("ff-cell", label, v, n) for label, v, n in zip(matrix.column_labels, first_values, first_normalized)
     )
     return (
         '<div class="ff-matrix">'
-        f'<label>{_esc(matrix.row_axis)}: <select class="ff-row-picker">{options}</select></label> '
+        f'<label>{_esc(matrix.row_axis)}: <select class="ff-row-picker" disabled>{options}</select></label> '
         f"<span>&rarr; scores over each {_esc(matrix.column_axis)} (scaled by the matrix's max |score|)</span>"
         f'<div class="ff-row">{cells}</div>'
         f'<script type="application/json" class="ff-data">{json_for_script(data)}</script>'
