@@ -204,7 +204,7 @@ def test_spans_carry_colour_and_score_and_keep_the_prompt_text() -> None:
     assert "What is the <span" in html_text and "</span> of <span" in html_text
 
 
-def test_save_html_repr_and_display() -> None:
+def test_repr_html_and_display_outside_ipython() -> None:
     result = malicious_result()
     assert result._repr_html_() == render_html(result, standalone=False)
     assert display_html(result) == render_html(result, standalone=False)  # no IPython session here
@@ -337,3 +337,16 @@ def test_plot_connections_rejects_mismatched_tokens_and_shapes() -> None:
         plot_connections(np.ones(3))
     with pytest.raises(InvalidInputError, match="matrix"):
         plot_connections(make_result(["a"], [1.0]))
+
+
+def test_display_html_shows_the_fragment_in_an_ipython_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    IPython = pytest.importorskip("IPython")
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython, "get_ipython", lambda: object())
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    result = malicious_result()
+    assert display_html(result) is None
+    [html_object] = shown
+    assert html_object.data == render_html(result, standalone=False)
