@@ -8,11 +8,17 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from lime.lime_base import LimeBase
 from sklearn.linear_model import Ridge
 
 from fair_forge.explainability.errors import BudgetError, InvalidInputError, NoAttributableFeaturesError
-from fair_forge.explainability.methods import _coalitions as core
+from fair_forge.explainability.explainer import AttributionExplainer
+from fair_forge.explainability.methods import MethodContext, _coalitions as core, get_method
+from fair_forge.explainability.prompt import build_model_input
+from fair_forge.explainability.scoring import TargetScorer
+from fair_forge.explainability.segment import build_features
+from fair_forge.explainability.types import Granularity
 
 # ---- analytic value functions and brute-force references --------------------------------------------------------
 
@@ -332,3 +338,140 @@ def test_bad_parameters_are_typed_errors(method: str, params: dict) -> None:
 def test_value_function_output_shape_is_checked() -> None:
     with pytest.raises(InvalidInputError, match="value function"):
         core.occlusion(lambda m: np.zeros((len(m) + 1,)), 3)
+
+
+# ---- the registered backends on tiny causal LMs ---------------------------------------------------------------------
+
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+TARGET = "The capital of France is Paris."
+PERTURBATION_METHODS = ["occlusion", "kernel_shap", "lime", "sobol"]
+
+
+def direct_log_probs(model, ids: torch.Tensor, n_target: int) -> np.ndarray:
+    """log p(target_t | prefix) for each target token, straight from the model on one unmasked-shape sequence."""
+    with torch.no_grad():
+        logits = model(ids.unsqueeze(0)).logits[0].double()
+    log_probs = logits[-n_target - 1 : -1].log_softmax(-1)
+    return log_probs.gather(1, ids[-n_target:].unsqueeze(1)).squeeze(1).numpy()
+
+
+def explain(lm, method: str, **kwargs):
+    model, tokenizer = lm
+    granularity = kwargs.pop("granularity", "word")
+    per_target = kwargs.pop("per_target", False)
+    explainer = AttributionExplainer(model, tokenizer, batch_size=kwargs.pop("explainer_batch_size", 16))
+    return explainer.explain(MESSAGES, TARGET, method=method, granularity=granularity, per_target=per_target, **kwargs)
+
+
+def model_input(lm):
+    return build_model_input(lm[1], target=TARGET, messages=MESSAGES)
+
+
+@pytest.mark.parametrize("remove", [False, True])
+def test_occlusion_equals_direct_leave_one_out(tiny_lm, remove: bool) -> None:
+    model, _ = tiny_lm
+    result = explain(tiny_lm, "occlusion", per_target=True, remove=remove)
+    inputs = model_input(tiny_lm)
+    ids, n_target = inputs.input_ids, inputs.n_target
+    full = direct_log_probs(model, ids, n_target)
+    rows = []
+    for attribution in result.attributions:
+        positions = list(attribution.token_positions)
+        if remove:  # removing from attention == deleting the tokens from the sequence
+            kept = torch.ones(len(ids), dtype=torch.bool)
+            kept[positions] = False
+            masked = ids[kept]
+        else:
+            masked = ids.clone()
+            masked[positions] = inputs.baseline_token_id
+        rows.append(full - direct_log_probs(model, masked, n_target))
+    expected = np.stack(rows)  # (features, target tokens)
+    np.testing.assert_allclose(result.scores, expected.sum(1), atol=1e-5)
+    np.testing.assert_allclose(result.matrix.to_numpy(), expected.T, atol=1e-5)
+    assert result.metadata.n_evaluations == len(result.attributions) + 1
+
+
+def test_kernel_shap_exact_on_model_equals_brute_force_shapley(tiny_gpt2) -> None:
+    model, _ = tiny_gpt2
+    result = explain(tiny_gpt2, "kernel_shap", granularity="word", exact=True, baseline=5)
+    inputs = model_input(tiny_gpt2)
+    features = [list(a.token_positions) for a in result.attributions]
+
+    def v(masks: np.ndarray) -> np.ndarray:
+        out = []
+        for mask in masks:
+            ids = inputs.input_ids.clone()
+            for feature, kept in zip(features, mask):
+                if not kept:
+                    ids[feature] = 5
+            out.append(direct_log_probs(model, ids, inputs.n_target).sum())
+        return np.array(out)
+
+    expected = exact_shapley(v, len(features))
+    np.testing.assert_allclose(result.scores, expected, atol=1e-5)
+    assert result.metadata.exact and result.metadata.convergence_delta < 1e-9
+    assert sum(result.scores) == pytest.approx(result.metadata.score_input - result.metadata.score_baseline, abs=1e-9)
+
+
+@pytest.mark.parametrize("method", PERTURBATION_METHODS)
+def test_batched_equals_unbatched_on_model(tiny_lm, method: str) -> None:
+    one = explain(tiny_lm, method, per_target=True, batch_size=1)
+    many = explain(tiny_lm, method, per_target=True, batch_size=64)
+    np.testing.assert_allclose(one.scores, many.scores, atol=1e-5)
+    np.testing.assert_allclose(one.matrix.to_numpy(), many.matrix.to_numpy(), atol=1e-5)
+    assert one.metadata.n_forward_passes == one.metadata.n_evaluations > many.metadata.n_forward_passes
+
+
+@pytest.mark.parametrize("method", ["occlusion", "kernel_shap", "lime"])
+def test_matrix_rows_add_up_to_the_sequence_scores(tiny_gpt2, method: str) -> None:
+    # all three are linear in the value function, and the explained score is the sum of target log-probs
+    result = explain(tiny_gpt2, method, per_target=True)
+    assert result.matrix.shape == (model_input(tiny_gpt2).n_target, len(result.scores))
+    np.testing.assert_allclose(result.matrix.to_numpy().sum(0), result.scores, atol=1e-6)
+
+
+def test_registry_declares_additivity_and_defaults() -> None:
+    assert get_method("occlusion").additive and get_method("kernel_shap").additive
+    assert not get_method("lime").additive and not get_method("sobol").additive
+    for name in PERTURBATION_METHODS:
+        spec = get_method(name)
+        assert spec.kind == "perturbation"
+        assert {"batch_size", "baseline", "remove"} <= set(spec.defaults)
+    assert {"n_samples", "seed", "max_evaluations"} <= set(get_method("lime").defaults) & set(get_method("sobol").defaults)
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("occlusion", {"baseline": "zero"}),
+        ("occlusion", {"remove": "yes"}),
+        ("lime", {"seed": -1}),
+        ("lime", {"batch_size": 0}),
+        ("kernel_shap", {"exact": 1}),
+        ("sobol", {"max_evaluations": 0}),
+        ("lime", {"n_steps": 4}),  # a gradient-method parameter
+    ],
+)
+def test_bad_backend_parameters_are_typed_errors(tiny_gpt2, method: str, params: dict) -> None:
+    with pytest.raises(InvalidInputError):
+        explain(tiny_gpt2, method, **params)
+
+
+def test_budget_errors_come_before_any_model_call(tiny_gpt2) -> None:
+    model, tokenizer = tiny_gpt2
+    inputs = build_model_input(tokenizer, target=TARGET, prompt="one two three four five six seven eight nine ten " * 4)
+    features = build_features(inputs, Granularity.TOKEN)
+    assert len(features) > 20
+    scorer = TargetScorer(model)
+    spec = get_method("kernel_shap")
+    context = MethodContext(scorer, inputs, features, spec.resolve_params({"exact": True}))
+    with pytest.raises(BudgetError, match="exact KernelSHAP"):
+        spec.run(context)
+    assert scorer.count.forward_passes == 0
+
+
+def test_backend_without_features_is_a_typed_error(tiny_gpt2) -> None:
+    spec = get_method("occlusion")
+    context = MethodContext(TargetScorer(tiny_gpt2[0]), model_input(tiny_gpt2), [], spec.resolve_params({}))
+    with pytest.raises(NoAttributableFeaturesError):
+        spec.run(context)

@@ -184,7 +184,7 @@ def kernel_shap(
         _check_budget("KernelSHAP", n_samples + 2, max_evaluations, "lower n_samples")
     evaluator = MaskEvaluator(value_fn, n_features, batch_size)
     everything, nothing = np.ones((1, n_features), dtype=bool), np.zeros((1, n_features), dtype=bool)
-    evaluator(np.concatenate([everything, nothing]))  # both reference scores in one batch; shap then hits the cache
+    references = evaluator(np.concatenate([everything, nothing]))  # one batch; shap's own calls then hit the cache
 
     def model(coalitions: np.ndarray) -> np.ndarray:
         return evaluator(coalitions > 0.5)
@@ -199,7 +199,12 @@ def kernel_shap(
                                         silent=True)
         finally:
             np.random.set_state(state)
-    extras = {"exact": n_samples >= n_coalitions, "n_coalitions": n_samples}
+    extras = {
+        "exact": n_samples >= n_coalitions,
+        "n_coalitions": n_samples,
+        "value_all": float(references[0].reshape(-1)[0]),  # first output column
+        "value_none": float(references[1].reshape(-1)[0]),
+    }
     return Estimate(_per_column(np.asarray(phi, dtype=np.float64)), evaluator.n_evaluations, extras)
 
 
@@ -269,7 +274,7 @@ def sobol_total(
     value_fn: ValueFunction,
     n_features: int,
     *,
-    n_samples: int = DEFAULT_SOBOL_SAMPLES,
+    n_samples: Optional[int] = None,
     seed: Optional[int] = 0,
     batch_size: Optional[int] = None,
     max_evaluations: int = DEFAULT_MAX_EVALUATIONS,
@@ -279,12 +284,13 @@ def sobol_total(
     Two mask matrices A and B come from one scrambled Sobol sequence in 2d dimensions (thresholded at 1/2); AB_i
     is A with column i from B. ST_i = mean((v(A) - v(AB_i))^2) / (2 Var v), which for binary masks estimates
     E[(v(x with i) - v(x without i))^2] / (4 Var v). Costs ``n_samples * (d + 2)`` evaluations before deduplication
-    (powers of two keep the sequence balanced). Indices are >= 0 and not additive; a constant ``v`` gives zeros.
+    (default 32 base points; powers of two keep the sequence balanced). Extras: ``variance`` of the first output
+    column. Indices are >= 0 and not additive; a constant ``v`` gives zeros.
     """
     from scipy.stats import qmc
 
     _check_features(n_features)
-    n_samples = check_count("n_samples", n_samples, 2)
+    n_samples = DEFAULT_SOBOL_SAMPLES if n_samples is None else check_count("n_samples", n_samples, 2)
     if 2 * n_features > SOBOL_MAX_DIMENSION:
         raise BudgetError(f"Sobol sampling supports at most {SOBOL_MAX_DIMENSION // 2} features, got {n_features}")
     _check_budget("Sobol", n_samples * (n_features + 2), max_evaluations, "lower n_samples or use fewer features")
@@ -305,4 +311,4 @@ def sobol_total(
     total = 0.5 * ((f_a[None] - f_ab) ** 2).mean(axis=1)  # (d, K)
     indices = np.divide(total, variance, out=np.zeros_like(total), where=variance > 0)
     values = indices[:, 0] if scores.ndim == 1 else indices.T
-    return Estimate(values, evaluator.n_evaluations, {"variance": variance.tolist()})
+    return Estimate(values, evaluator.n_evaluations, {"variance": float(variance[0])})
