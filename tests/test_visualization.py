@@ -350,3 +350,16 @@ def test_display_html_shows_the_fragment_in_an_ipython_session(monkeypatch: pyte
     assert display_html(result) is None
     [html_object] = shown
     assert html_object.data == render_html(result, standalone=False)
+
+
+def test_features_of_several_messages_are_not_placed_in_the_prompt() -> None:
+    one = make_result(["capital", "France"], [1.0, -1.0], prompt="the capital of France")
+    single = one.model_copy(
+        update={"attributions": [a.model_copy(update={"message_index": 0}) for a in one.attributions]}
+    )
+    assert "the <span" in render_html(single, standalone=False)
+    mixed = one.model_copy(
+        update={"attributions": [a.model_copy(update={"message_index": i}) for i, a in enumerate(one.attributions)]}
+    )
+    text = render_html(mixed, standalone=False)
+    assert '<div class="ff-text"><span' in text and "the <span" not in text

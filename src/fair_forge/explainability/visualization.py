@@ -48,6 +48,11 @@ background:linear-gradient(to right,#4575b4,#ffffff,#d73027)}
 .ff-attr .ff-meta{font-size:12px;color:#777;margin-top:.5em}
 """
 
+_LEGEND = (
+    '<div class="ff-legend"><span>&minus;1 negative</span><span class="ff-bar"></span>'
+    "<span>+1 positive</span><span>(score / max |score|; hover a word for its score)</span></div>"
+)
+
 # Applies the chosen row's precomputed colours and titles; never writes HTML, only style and title attributes.
 # The picker is rendered disabled (showing the first row) and enabled here, so it is inert where scripts don't run.
 _PICKER_JS = """(function () {
@@ -109,12 +114,17 @@ def _span(css_class: str, text: str, score: float, normalized: float) -> str:
 
 
 def _prompt_spans(result: AttributionResult) -> Optional[list[tuple[int, int]]]:
-    """Char spans of the features in ``result.prompt`` when they locate every feature there, else None."""
+    """Char spans of the features in ``result.prompt`` when they locate every feature there, else None.
+
+    Offsets index one text (the prompt, or a single message), so features from several messages are never placed.
+    """
+    if len({a.message_index for a in result.attributions}) > 1:
+        return None
     spans: list[tuple[int, int]] = []
     cursor = 0
     for attribution in result.attributions:
         start, end = attribution.start, attribution.end
-        if attribution.message_index is not None or start is None or end is None or start < cursor:
+        if start is None or end is None or start < cursor:
             return None
         if result.prompt[start:end] != attribution.text:
             return None
@@ -142,13 +152,6 @@ def _attributed_text(result: AttributionResult) -> str:
         cursor = end
     pieces.append(_esc(result.prompt[cursor:]))
     return "".join(pieces)
-
-
-def _legend() -> str:
-    return (
-        '<div class="ff-legend"><span>&minus;1 negative</span><span class="ff-bar"></span>'
-        "<span>+1 positive</span><span>(score / max |score|; hover a word for its score)</span></div>"
-    )
 
 
 def _matrix_section(result: AttributionResult) -> str:
@@ -204,7 +207,7 @@ def render_html(result: AttributionResult, *, standalone: bool = True) -> str:
         '<div class="ff-attr">'
         f"<style>{_CSS}</style>"
         f'<table class="ff-header">{header}</table>'
-        f"{_legend()}"
+        f"{_LEGEND}"
         f'<div class="ff-text">{_attributed_text(result)}</div>'
         f"{_matrix_section(result)}"
         f'<div class="ff-meta">{meta.compute_time_seconds:.3g} s, {meta.n_forward_passes} forward and '
