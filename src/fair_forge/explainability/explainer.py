@@ -275,8 +275,7 @@ class AttributionExplainer:
 
         if return_html:
             return render_html(result)
-        display_html(result)
-        return None
+        return display_html(result)  # None in a notebook (displayed), else the HTML
 
 
 def _records(items: Any) -> list[Any]:

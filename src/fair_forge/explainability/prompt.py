@@ -170,8 +170,9 @@ def build_model_input(
 ) -> ModelInput:
     """Tokenize ``messages`` (chat) or ``prompt`` (raw) followed by ``target``, once, with offsets.
 
-    For a raw prompt, a single space is put between prompt and target when neither has whitespace at the join;
-    it belongs to the target side (word-initial tokens carry their leading space).
+    For a raw prompt, a single space is put between prompt and target when the prompt does not end with whitespace
+    and the target starts with a letter or digit; it belongs to the target side (word-initial tokens carry their
+    leading space). A target starting with punctuation or whitespace continues the prompt as given.
     """
     if (messages is None) == (prompt is None):
         raise InvalidInputError("give exactly one of messages=[...] or prompt='...'")
@@ -188,7 +189,7 @@ def build_model_input(
         if not isinstance(prompt, str):
             raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")
         rendered = prompt
-        if prompt and not prompt[-1].isspace() and not target[0].isspace():
+        if prompt and not prompt[-1].isspace() and target[0].isalnum():
             target_text = " " + target
         sources = [SourceSpan(None, 0, len(prompt), prompt)] if prompt.strip() else []
         user_prompt = prompt
@@ -212,6 +213,9 @@ def build_model_input(
         ids, offsets = _encode(tokenizer, rendered, add_special)
         _drop_trailing_specials(tokenizer, ids, offsets)
         target_ids, target_offsets = _encode(tokenizer, target_text, False)
+        # SentencePiece-style tokenizers prefix a lone '▁' that covers no character of its own: not the user's text
+        while len(target_offsets) > 1 and target_offsets[0] == target_offsets[1]:
+            target_ids, target_offsets = target_ids[1:], target_offsets[1:]
         ids += target_ids
         offsets += [(start + boundary, end + boundary) for start, end in target_offsets]
 

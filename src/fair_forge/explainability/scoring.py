@@ -100,8 +100,7 @@ class TargetScorer:
         """(B, n_target) float32 log p(target_t | prefix) for a batch whose sequences end with ``target_ids``.
 
         Give ``input_ids`` (B, L) or ``inputs_embeds`` (B, L, H); gradients flow through ``inputs_embeds``.
-        With an ``attention_mask`` (B, L), position ids count only attended tokens, so masked-out tokens are
-        removed rather than replaced.
+        With an ``attention_mask`` (B, L) (e.g. left padding), position ids count only attended tokens.
         """
         n_target = int(target_ids.shape[-1])
         batch = input_ids if input_ids is not None else inputs_embeds
@@ -145,8 +144,8 @@ class TargetScorer:
     ) -> np.ndarray:
         """Score ``model_input`` with the tokens where ``keep`` (n, L) is False masked out.
 
-        Masked tokens are replaced by ``baseline_id`` (default: the input's baseline token), or removed from
-        attention with ``remove=True``. Identical rows are scored once. Returns (n,) explained scores, or (n, n_target)
+        Masked tokens are replaced by ``baseline_id`` (default: the input's baseline token), or deleted with
+        ``remove=True`` (rows left-padded and attention-masked, positions counted over the kept tokens only). Identical rows are scored once. Returns (n,) explained scores, or (n, n_target)
         target log-probs with ``per_target=True``.
         """
         keep = np.asarray(keep, dtype=bool)
@@ -162,8 +161,8 @@ class TargetScorer:
             for rows in self._chunks(unique):
                 mask = torch.from_numpy(rows)
                 if remove:
-                    batch_ids = ids.expand(len(rows), -1)
-                    log_probs = self.target_log_probs(model_input.target_ids, input_ids=batch_ids, attention_mask=mask)
+                    batch_ids, attention = _delete_and_left_pad(ids, mask, baseline)
+                    log_probs = self.target_log_probs(model_input.target_ids, input_ids=batch_ids, attention_mask=attention)
                 else:
                     batch_ids = torch.where(mask, ids, torch.full_like(ids, baseline))
                     log_probs = self.target_log_probs(model_input.target_ids, input_ids=batch_ids)
@@ -174,3 +173,15 @@ class TargetScorer:
     def _chunks(self, rows: np.ndarray) -> Iterator[np.ndarray]:
         for start in range(0, len(rows), self.batch_size):
             yield rows[start : start + self.batch_size]
+
+
+def _delete_and_left_pad(ids: torch.Tensor, keep: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of ``keep`` applied to ``ids`` as a deletion, left-padded so every row ends with the target."""
+    lengths = keep.sum(-1)
+    width = int(lengths.max())
+    batch = torch.full((keep.shape[0], width), pad_id, dtype=ids.dtype)
+    attention = torch.zeros((keep.shape[0], width), dtype=torch.long)
+    for row, (mask, length) in enumerate(zip(keep, lengths.tolist())):
+        batch[row, width - length :] = ids[mask]
+        attention[row, width - length :] = 1
+    return batch, attention

@@ -64,7 +64,32 @@ class MethodSpec:
             raise InvalidInputError(
                 f"{self.name} does not take parameter(s) {unknown}; it accepts {sorted(self.defaults)}"
             )
-        return {**self.defaults, **given}
+        params = {**self.defaults, **given}
+        check_shared_params(params)
+        return params
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_shared_params(params: Mapping[str, Any]) -> None:
+    """Type and range checks for the parameter names shared across methods, so they fail before any model call."""
+    for name in ("n_steps", "n_samples"):
+        if name in params and not (_is_int(params[name]) and params[name] >= 1):
+            raise InvalidInputError(f"{name} must be a positive integer, got {params[name]!r}")
+    if params.get("batch_size") is not None and not (_is_int(params["batch_size"]) and params["batch_size"] >= 1):
+        raise InvalidInputError(f"batch_size must be a positive integer or None, got {params['batch_size']!r}")
+    if "seed" in params and not _is_int(params["seed"]):
+        raise InvalidInputError(f"seed must be an integer, got {params['seed']!r}")
+    if "noise_std" in params:
+        value = params["noise_std"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise InvalidInputError(f"noise_std must be a number >= 0, got {value!r}")
+    if "baseline" in params:
+        value = params["baseline"]
+        if not (value in ("zero", "pad") or _is_int(value)):
+            raise InvalidInputError(f"baseline must be 'zero', 'pad' or a token id, got {value!r}")
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

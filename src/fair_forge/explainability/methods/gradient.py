@@ -21,31 +21,24 @@ import numpy as np
 import torch
 from captum.attr import GradientShap, InputXGradient, IntegratedGradients, NoiseTunnel, Saliency
 
-from ..errors import InvalidInputError
 from ..types import AttributionMethod
 from . import MethodContext, RawAttribution, register_method
 
 Reduction = Literal["sum", "l2"]
-DEFAULT_GRADIENT_BATCH_SIZE = 32
+TOKENS_PER_BATCH = 4096  # default batch: as many rows (steps, samples) as fit this many tokens
 
-_STEP_PARAMS = {"n_steps": 32, "baseline": "zero", "batch_size": DEFAULT_GRADIENT_BATCH_SIZE}
-_NOISE_PARAMS = {"n_samples": 16, "noise_std": 0.1, "seed": 0, "batch_size": DEFAULT_GRADIENT_BATCH_SIZE}
-_SHAP_PARAMS = {"n_samples": 16, "noise_std": 0.0, "baseline": "zero", "seed": 0, "batch_size": DEFAULT_GRADIENT_BATCH_SIZE}
-_PLAIN_PARAMS = {"batch_size": DEFAULT_GRADIENT_BATCH_SIZE}
-
-
-def _positive_int(params: dict[str, Any], name: str) -> int:
-    value = params[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
-    return value
+# batch_size=None sizes batches by TOKENS_PER_BATCH; noise_std is relative to the std of the input embeddings
+_STEP_PARAMS = {"n_steps": 64, "baseline": "zero", "batch_size": None}
+_NOISE_PARAMS = {"n_samples": 16, "noise_std": 0.1, "seed": 0, "batch_size": None}
+_SHAP_PARAMS = {"n_samples": 16, "noise_std": 0.0, "baseline": "zero", "seed": 0, "batch_size": None}
+_PLAIN_PARAMS = {"batch_size": None}
 
 
-def _noise_std(params: dict[str, Any]) -> float:
-    value = params["noise_std"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise InvalidInputError(f"noise_std must be a number >= 0, got {value!r}")
-    return float(value)
+def _batch_rows(context: MethodContext) -> int:
+    """Rows per model call: the ``batch_size`` parameter, or as many as fit ``TOKENS_PER_BATCH`` tokens."""
+    if context.params["batch_size"] is None:
+        return max(1, TOKENS_PER_BATCH // context.model_input.length)
+    return int(context.params["batch_size"])
 
 
 class _EmbeddingTask:
@@ -78,9 +71,7 @@ class _EmbeddingTask:
             return torch.zeros_like(self.inputs)
         if spec == "pad":
             spec = self.context.model_input.baseline_token_id
-        if isinstance(spec, bool) or not isinstance(spec, int):
-            raise InvalidInputError(f"baseline must be 'zero', 'pad' or a token id, got {spec!r}")
-        embedding = self.context.scorer.embed(torch.tensor([spec])).float()
+        embedding = self.context.scorer.embed(torch.tensor([int(spec)])).float()
         return embedding.expand_as(self.inputs[0]).unsqueeze(0).clone()
 
     def runs(self) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor], Callable[..., torch.Tensor]]]:
@@ -105,11 +96,9 @@ class _EmbeddingTask:
 @contextlib.contextmanager
 def _seeded(seed: Any, device: torch.device) -> Iterator[None]:
     """Run with torch's RNG seeded, leaving the global RNG state as it was."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise InvalidInputError(f"seed must be an integer, got {seed!r}")
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        torch.manual_seed(int(seed))
         yield
 
 
@@ -122,8 +111,8 @@ def _collect(task: _EmbeddingTask, attribute: Callable[..., torch.Tensor], reduc
 @register_method(AttributionMethod.INTEGRATED_GRADIENTS, kind="gradient", additive=True, defaults=_STEP_PARAMS,
                  description="path integral of gradients from a baseline (Gauss-Legendre quadrature)")
 def integrated_gradients(context: MethodContext) -> RawAttribution:
-    n_steps = _positive_int(context.params, "n_steps")
-    batch_size = _positive_int(context.params, "batch_size")
+    n_steps = int(context.params["n_steps"])
+    batch_size = _batch_rows(context)
     task = _EmbeddingTask(context)
     baseline = task.baseline(context.params["baseline"])
 
@@ -149,15 +138,15 @@ def integrated_gradients(context: MethodContext) -> RawAttribution:
 @register_method(AttributionMethod.GRADIENT_SHAP, kind="gradient", additive=True, defaults=_SHAP_PARAMS,
                  description="expected gradients at random points between baseline and (noisy) input")
 def gradient_shap(context: MethodContext) -> RawAttribution:
-    n_samples = _positive_int(context.params, "n_samples")
-    noise_std = _noise_std(context.params)
+    n_samples = int(context.params["n_samples"])
+    noise_std = float(context.params["noise_std"])
     task = _EmbeddingTask(context)
     baseline = task.baseline(context.params["baseline"])
     stdev = noise_std * float(task.inputs.std())
 
     def attribute(x: torch.Tensor, target: Optional[torch.Tensor], fn: Callable[..., torch.Tensor]) -> torch.Tensor:
         # captum draws every sample of GradientShap in one batch; chunk the samples to honour batch_size
-        per_call = max(1, _positive_int(context.params, "batch_size") // x.shape[0])
+        per_call = max(1, _batch_rows(context) // x.shape[0])
         total = torch.zeros_like(x)
         with _seeded(context.params["seed"], x.device):
             for start in range(0, n_samples, per_call):
@@ -185,9 +174,9 @@ def saliency(context: MethodContext) -> RawAttribution:
 
 
 def _noise_tunnel(context: MethodContext, nt_type: str, reduction: Reduction) -> RawAttribution:
-    n_samples = _positive_int(context.params, "n_samples")
-    batch_size = _positive_int(context.params, "batch_size")
-    noise_std = _noise_std(context.params)
+    n_samples = int(context.params["n_samples"])
+    batch_size = _batch_rows(context)
+    noise_std = float(context.params["noise_std"])
     task = _EmbeddingTask(context)
     stdev = noise_std * float(task.inputs.std())
 

