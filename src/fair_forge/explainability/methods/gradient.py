@@ -4,7 +4,9 @@ captum sees only the embeddings of the attributable tokens, shape (1, A, H); the
 the full sequence (template and target tokens fixed) and returns the explained score. So baselines, noise and
 interpolation touch only what is attributed, and for the additive methods the token scores add up exactly to
 f(input) - f(baseline). Interpolation steps and noise samples go through the model in batches of ``batch_size``
-rows, one forward and one backward pass per batch.
+rows, one forward and one backward pass per batch. Noise and random interpolation points (SMOOTH_GRAD, SQUARE_GRAD,
+VAR_GRAD, GRADIENT_SHAP) come from a generator seeded by ``seed``, so results do not depend on the batch size or on
+the global RNG (captum's NoiseTunnel draws per batch from the global RNG, which would make them depend on both).
 
 Reduction over the hidden dimension, per method (and the same reduction over a feature's tokens):
   additive (INTEGRATED_GRADIENTS, GRADIENT_SHAP, INPUT_X_GRADIENT): signed sum of (x - baseline) * gradient;
@@ -14,12 +16,11 @@ Reduction over the hidden dimension, per method (and the same reduction over a f
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Iterator, Literal, Optional
+from typing import Callable, Iterator, Literal, Optional
 
 import numpy as np
 import torch
-from captum.attr import GradientShap, InputXGradient, IntegratedGradients, NoiseTunnel, Saliency
+from captum.attr import InputXGradient, IntegratedGradients, Saliency
 
 from ..types import AttributionMethod
 from . import MethodContext, RawAttribution, register_method
@@ -93,13 +94,30 @@ class _EmbeddingTask:
         return (values.square().sum(-1) @ membership.T).sqrt().numpy()
 
 
-@contextlib.contextmanager
-def _seeded(seed: Any, device: torch.device) -> Iterator[None]:
-    """Run with torch's RNG seeded, leaving the global RNG state as it was."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(seed))
-        yield
+def _sample_gradients(
+    fn: Callable[..., torch.Tensor], points: torch.Tensor, target: Optional[torch.Tensor], rows: int
+) -> torch.Tensor:
+    """Gradients of ``fn`` at (S, R, A, H) ``points`` (S samples of R inputs), ``rows`` points per model call."""
+    samples, inputs = points.shape[:2]
+    flat = points.reshape(samples * inputs, *points.shape[2:])
+    targets = None if target is None else target.repeat(samples)
+    saliency = Saliency(fn)
+    gradients = [
+        saliency.attribute(flat[i : i + rows].clone().requires_grad_(True), abs=False,
+                           target=None if targets is None else targets[i : i + rows])
+        for i in range(0, flat.shape[0], rows)
+    ]
+    return torch.cat(gradients).reshape(points.shape)
+
+
+def _gaussian(context: MethodContext, task: "_EmbeddingTask", shape: tuple[int, ...]) -> torch.Tensor:
+    """Noise of std ``noise_std`` x std(input embeddings), from a generator seeded by ``seed``.
+
+    Drawn on the CPU from its own generator: independent of the global RNG, of the device and of the batch size.
+    """
+    generator = torch.Generator().manual_seed(int(context.params["seed"]))
+    stdev = float(context.params["noise_std"]) * float(task.inputs.std())
+    return (torch.randn(shape, generator=generator) * stdev).to(task.inputs.device)
 
 
 def _collect(task: _EmbeddingTask, attribute: Callable[..., torch.Tensor], reduction: Reduction) -> RawAttribution:
@@ -139,22 +157,18 @@ def integrated_gradients(context: MethodContext) -> RawAttribution:
                  description="expected gradients at random points between baseline and (noisy) input")
 def gradient_shap(context: MethodContext) -> RawAttribution:
     n_samples = int(context.params["n_samples"])
-    noise_std = float(context.params["noise_std"])
     task = _EmbeddingTask(context)
     baseline = task.baseline(context.params["baseline"])
-    stdev = noise_std * float(task.inputs.std())
 
     def attribute(x: torch.Tensor, target: Optional[torch.Tensor], fn: Callable[..., torch.Tensor]) -> torch.Tensor:
-        # captum draws every sample of GradientShap in one batch; chunk the samples to honour batch_size
-        per_call = max(1, _batch_rows(context) // x.shape[0])
-        total = torch.zeros_like(x)
-        with _seeded(context.params["seed"], x.device):
-            for start in range(0, n_samples, per_call):
-                count = min(per_call, n_samples - start)
-                part = GradientShap(fn, multiply_by_inputs=True).attribute(
-                    x, baselines=baseline.expand_as(x), n_samples=count, stdevs=stdev, target=target)
-                total += part * count
-        return total / n_samples
+        # E[(x + noise - b) * grad f(b + alpha (x + noise - b))], alpha ~ U(0, 1): captum's GradientShap estimator,
+        # sampled from a seeded generator so that batch size and global RNG do not change the result
+        noisy = x.unsqueeze(0) + _gaussian(context, task, (n_samples, *x.shape))
+        generator = torch.Generator().manual_seed(int(context.params["seed"]) + 1)
+        alphas = torch.rand((n_samples, x.shape[0], 1, 1), generator=generator).to(x.device)
+        points = baseline + alphas * (noisy - baseline)
+        gradients = _sample_gradients(fn, points, target, _batch_rows(context))
+        return ((noisy - baseline) * gradients).mean(0)
 
     return _collect(task, attribute, "sum")
 
@@ -173,18 +187,15 @@ def saliency(context: MethodContext) -> RawAttribution:
     return _collect(task, lambda x, target, fn: Saliency(fn).attribute(x, target=target, abs=False), "l2")
 
 
-def _noise_tunnel(context: MethodContext, nt_type: str, reduction: Reduction) -> RawAttribution:
+def _noisy_gradients(context: MethodContext, reduction: Reduction,
+                     statistic: Callable[[torch.Tensor], torch.Tensor]) -> RawAttribution:
+    """``statistic`` over the sample axis of gradients at noisy copies of the input (SmoothGrad family)."""
     n_samples = int(context.params["n_samples"])
-    batch_size = _batch_rows(context)
-    noise_std = float(context.params["noise_std"])
     task = _EmbeddingTask(context)
-    stdev = noise_std * float(task.inputs.std())
 
     def attribute(x: torch.Tensor, target: Optional[torch.Tensor], fn: Callable[..., torch.Tensor]) -> torch.Tensor:
-        tunnel = NoiseTunnel(Saliency(fn))
-        with _seeded(context.params["seed"], x.device):
-            return tunnel.attribute(x, nt_type=nt_type, nt_samples=n_samples, stdevs=stdev, target=target,
-                                    nt_samples_batch_size=max(1, batch_size // x.shape[0]), abs=False)
+        points = x.unsqueeze(0) + _gaussian(context, task, (n_samples, *x.shape))
+        return statistic(_sample_gradients(fn, points, target, _batch_rows(context)))
 
     return _collect(task, attribute, reduction)
 
@@ -192,16 +203,16 @@ def _noise_tunnel(context: MethodContext, nt_type: str, reduction: Reduction) ->
 @register_method(AttributionMethod.SMOOTH_GRAD, kind="gradient", additive=False, defaults=_NOISE_PARAMS,
                  description="L2 norm of the gradient averaged over noisy copies of the input")
 def smooth_grad(context: MethodContext) -> RawAttribution:
-    return _noise_tunnel(context, "smoothgrad", "l2")
+    return _noisy_gradients(context, "l2", lambda g: g.mean(0))
 
 
 @register_method(AttributionMethod.SQUARE_GRAD, kind="gradient", additive=False, defaults=_NOISE_PARAMS,
                  description="mean squared gradient over noisy copies, summed over the hidden dimension")
 def square_grad(context: MethodContext) -> RawAttribution:
-    return _noise_tunnel(context, "smoothgrad_sq", "sum")
+    return _noisy_gradients(context, "sum", lambda g: g.square().mean(0))
 
 
 @register_method(AttributionMethod.VAR_GRAD, kind="gradient", additive=False, defaults=_NOISE_PARAMS,
                  description="variance of the gradient over noisy copies, summed over the hidden dimension")
 def var_grad(context: MethodContext) -> RawAttribution:
-    return _noise_tunnel(context, "vargrad", "sum")
+    return _noisy_gradients(context, "sum", lambda g: g.var(0, unbiased=False))

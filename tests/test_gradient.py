@@ -1,0 +1,178 @@
+"""Gradient methods: completeness, agreement with gradients computed by hand, batching and seeding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fair_forge.explainability import AttributionExplainer, AttributionMethod, Granularity
+from fair_forge.explainability.prompt import build_model_input
+
+MESSAGES = [{"role": "user", "content": "What is the capital of France? Tell me now."}]
+TARGET = "The capital of France is Paris."
+GRADIENT_METHODS = [
+    AttributionMethod.SALIENCY,
+    AttributionMethod.INTEGRATED_GRADIENTS,
+    AttributionMethod.GRADIENT_SHAP,
+    AttributionMethod.SMOOTH_GRAD,
+    AttributionMethod.SQUARE_GRAD,
+    AttributionMethod.VAR_GRAD,
+    AttributionMethod.INPUT_X_GRADIENT,
+]
+
+
+def explain(model, tokenizer, method, granularity=Granularity.TOKEN, **kwargs):
+    explainer = AttributionExplainer(model, tokenizer)
+    if tokenizer.chat_template:
+        return explainer.explain(MESSAGES, TARGET, method=method, granularity=granularity, **kwargs)
+    return explainer.explain(prompt=MESSAGES[0]["content"], target=TARGET, method=method, granularity=granularity, **kwargs)
+
+
+def gradient_by_hand(model, tokenizer):
+    """(x, d score / d x) at the attributable tokens, with plain autograd: the reference."""
+    if tokenizer.chat_template:
+        model_input = build_model_input(tokenizer, messages=MESSAGES, target=TARGET)
+    else:
+        model_input = build_model_input(tokenizer, prompt=MESSAGES[0]["content"], target=TARGET)
+    embeddings = model.get_input_embeddings()(model_input.input_ids).detach().requires_grad_(True)
+    log_probs = torch.log_softmax(model(inputs_embeds=embeddings.unsqueeze(0)).logits[0], -1)
+    positions = torch.arange(model_input.target_start, model_input.length)
+    score = log_probs[positions - 1, model_input.input_ids[positions]].sum()
+    (gradient,) = torch.autograd.grad(score, embeddings)
+    return embeddings.detach(), gradient
+
+
+def per_feature(result, per_token: torch.Tensor, combine) -> np.ndarray:
+    """Combine per-token reference values (indexed by input position) over each feature's tokens."""
+    return np.array([float(combine(per_token[list(a.token_positions)])) for a in result.attributions])
+
+
+def test_integrated_gradients_completeness(tiny_lm):
+    model, tokenizer = tiny_lm
+    result = explain(model, tokenizer, AttributionMethod.INTEGRATED_GRADIENTS, n_steps=128)
+    meta = result.metadata
+    difference = meta.score_input - meta.score_baseline
+    assert abs(difference) > 1e-3  # the check below is not vacuous
+    assert sum(result.scores) == pytest.approx(difference, rel=1e-3)
+    assert meta.convergence_delta == pytest.approx(abs(sum(result.scores) - difference), abs=1e-9)
+    assert meta.relative_convergence_delta < 1e-3
+    assert meta.n_backward_passes >= 1 and meta.n_forward_passes >= 2
+
+
+def test_input_x_gradient_and_saliency_equal_hand_computed_gradients(tiny_lm):
+    model, tokenizer = tiny_lm
+    x, gradient = gradient_by_hand(model, tokenizer)
+    ixg = explain(model, tokenizer, AttributionMethod.INPUT_X_GRADIENT)
+    expected = per_feature(ixg, (x * gradient).sum(-1), torch.sum)
+    np.testing.assert_allclose(ixg.scores, expected, rtol=1e-4, atol=1e-6)
+    saliency = explain(model, tokenizer, AttributionMethod.SALIENCY)
+    expected = per_feature(saliency, gradient.square().sum(-1), lambda v: v.sum().sqrt())
+    np.testing.assert_allclose(saliency.scores, expected, rtol=1e-4, atol=1e-6)
+    assert saliency.metadata.n_forward_passes == 1 and saliency.metadata.n_backward_passes == 1
+
+
+def test_word_scores_are_sums_of_token_scores(tiny_gpt2):
+    model, tokenizer = tiny_gpt2
+    tokens = explain(model, tokenizer, AttributionMethod.INPUT_X_GRADIENT, Granularity.TOKEN)
+    for granularity in (Granularity.WORD, Granularity.SENTENCE):
+        grouped = explain(model, tokenizer, AttributionMethod.INPUT_X_GRADIENT, granularity)
+        by_position = {tuple(a.token_positions): a.score for a in tokens.attributions}
+        for feature in grouped.attributions:
+            parts = [score for positions, score in by_position.items() if set(positions) <= set(feature.token_positions)]
+            assert feature.score == pytest.approx(sum(parts), rel=1e-6, abs=1e-9)
+        assert sum(grouped.scores) == pytest.approx(sum(tokens.scores), rel=1e-6)
+
+
+def test_saliency_words_are_norms_over_their_tokens(tiny_gpt2):
+    model, tokenizer = tiny_gpt2
+    tokens = {tuple(a.token_positions): a.score for a in explain(model, tokenizer, "saliency").attributions}
+    for word in explain(model, tokenizer, "saliency", Granularity.WORD).attributions:
+        parts = [s for positions, s in tokens.items() if set(positions) <= set(word.token_positions)]
+        assert word.score == pytest.approx(float(np.sqrt(np.sum(np.square(parts)))), rel=1e-6)
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_batch_size_does_not_change_results(tiny_gpt2, method):
+    model, tokenizer = tiny_gpt2
+    params = {"n_steps": 8} if method is AttributionMethod.INTEGRATED_GRADIENTS else {}
+    if method in (AttributionMethod.GRADIENT_SHAP, AttributionMethod.SMOOTH_GRAD, AttributionMethod.SQUARE_GRAD,
+                  AttributionMethod.VAR_GRAD):
+        params = {"n_samples": 6}
+    whole = explain(model, tokenizer, method, Granularity.WORD, **params)
+    pieces = explain(model, tokenizer, method, Granularity.WORD, batch_size=1, **params)
+    np.testing.assert_allclose(pieces.scores, whole.scores, rtol=1e-4, atol=1e-7)
+    assert any(abs(s) > 0 for s in whole.scores)  # never silently zero
+
+
+@pytest.mark.parametrize(
+    "method", [AttributionMethod.GRADIENT_SHAP, AttributionMethod.SMOOTH_GRAD, AttributionMethod.VAR_GRAD]
+)
+def test_same_seed_same_result_other_seed_other_result(tiny_gpt2, method):
+    model, tokenizer = tiny_gpt2
+    params = {"n_samples": 4, "noise_std": 0.5}
+    first = explain(model, tokenizer, method, seed=3, **params).scores
+    again = explain(model, tokenizer, method, seed=3, **params).scores
+    other = explain(model, tokenizer, method, seed=4, **params).scores
+    assert first == again
+    assert not np.allclose(first, other)
+
+
+def test_seeding_leaves_the_global_rng_alone(tiny_gpt2):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    explain(*tiny_gpt2, AttributionMethod.SMOOTH_GRAD, n_samples=2)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("method", [AttributionMethod.INTEGRATED_GRADIENTS, AttributionMethod.INPUT_X_GRADIENT])
+def test_per_target_matrix_rows_add_up_to_the_sequence_scores(tiny_lm, method):
+    model, tokenizer = tiny_lm
+    result = explain(model, tokenizer, method, Granularity.WORD, per_target=True)
+    matrix = result.matrix.to_numpy()
+    assert matrix.shape == (result.metadata.n_target_tokens, len(result.attributions))
+    assert "".join(result.matrix.row_labels).strip() == TARGET
+    assert result.matrix.column_labels == result.tokens
+    np.testing.assert_allclose(matrix.sum(0), result.scores, rtol=1e-3, atol=1e-5)
+
+
+def test_matrix_rows_equal_single_target_gradients(tiny_gpt2):
+    """Row t of the input x gradient matrix is x . d log p(target_t) / dx, computed by hand for t = 0."""
+    model, tokenizer = tiny_gpt2
+    result = explain(model, tokenizer, AttributionMethod.INPUT_X_GRADIENT, per_target=True)
+    model_input = build_model_input(tokenizer, messages=MESSAGES, target=TARGET)
+    embeddings = model.get_input_embeddings()(model_input.input_ids).detach().requires_grad_(True)
+    log_probs = torch.log_softmax(model(inputs_embeds=embeddings.unsqueeze(0)).logits[0], -1)
+    first = log_probs[model_input.target_start - 1, model_input.input_ids[model_input.target_start]]
+    (gradient,) = torch.autograd.grad(first, embeddings)
+    expected = per_feature(result, (embeddings.detach() * gradient).sum(-1), torch.sum)
+    np.testing.assert_allclose(result.matrix.to_numpy()[0], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_pad_and_token_baselines(tiny_gpt2):
+    model, tokenizer = tiny_gpt2
+    for baseline in ("pad", 5):
+        result = explain(model, tokenizer, AttributionMethod.INTEGRATED_GRADIENTS, baseline=baseline, n_steps=128)
+        difference = result.metadata.score_input - result.metadata.score_baseline
+        assert sum(result.scores) == pytest.approx(difference, rel=2e-3)
+
+
+def test_bfloat16_model_works_with_float32_gradients(tiny_gpt2):
+    model, tokenizer = tiny_gpt2
+    reference = explain(model, tokenizer, AttributionMethod.INPUT_X_GRADIENT).scores
+    result = explain(model.to(torch.bfloat16), tokenizer, AttributionMethod.INPUT_X_GRADIENT)
+    assert next(model.parameters()).dtype == torch.bfloat16  # the model is left in its dtype
+    assert np.corrcoef(result.scores, reference)[0, 1] > 0.9
+
+
+def test_float16_on_cpu_works_or_says_what_to_do(tiny_gpt2):
+    from fair_forge.explainability import UnsupportedModelError
+
+    model, tokenizer = tiny_gpt2
+    try:
+        result = explain(model.to(torch.float16), tokenizer, AttributionMethod.SALIENCY)
+    except UnsupportedModelError as error:
+        assert "model.float()" in str(error)
+    else:
+        assert all(np.isfinite(result.scores))
