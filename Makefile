@@ -22,10 +22,10 @@ export HF_HUB_OFFLINE := 1
 DEMO_PROMPT := What is the capital of France?
 DEMO_TARGET := The capital of France is Paris.
 
-.PHONY: help install dev demo test bench
+.PHONY: help install dev demo test bench browser-deps
 
 help:
-	@sed -n '2,8p' Makefile
+	@sed -n '3,5p' Makefile | sed 's/^#  *//'
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -61,3 +61,7 @@ test: $(VENV)/.stamp-dev
 
 bench: $(VENV)/.stamp-bench
 	$(PY) benchmarks/run_all.py
+
+# Optional: headless Chromium for tests/test_browser.py (skipped without it). Debian/Ubuntu, as root.
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update && apt-get install -y chromium chromium-driver; }
