@@ -108,3 +108,11 @@ def tiny_lm(request, gpt2_tokenizer, llama_tokenizer):
     if request.param == "gpt2":
         return make_tiny_gpt2(len(gpt2_tokenizer)), gpt2_tokenizer
     return make_tiny_llama(len(llama_tokenizer)), llama_tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer): the embedded SmolLM2-135M-Instruct, from the default cache (converted on first use)."""
+    from fair_forge.explainability import load_default_model
+
+    return load_default_model()
