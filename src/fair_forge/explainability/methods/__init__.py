@@ -75,11 +75,11 @@ def _is_int(value: Any) -> bool:
 
 def check_shared_params(params: Mapping[str, Any]) -> None:
     """Type and range checks for the parameter names shared across methods, so they fail before any model call."""
-    for name in ("n_steps", "n_samples"):
-        if name in params and not (_is_int(params[name]) and params[name] >= 1):
-            raise InvalidInputError(f"{name} must be a positive integer, got {params[name]!r}")
-    if params.get("batch_size") is not None and not (_is_int(params["batch_size"]) and params["batch_size"] >= 1):
-        raise InvalidInputError(f"batch_size must be a positive integer or None, got {params['batch_size']!r}")
+    if "n_steps" in params and not (_is_int(params["n_steps"]) and params["n_steps"] >= 1):
+        raise InvalidInputError(f"n_steps must be a positive integer, got {params['n_steps']!r}")
+    for name in ("n_samples", "batch_size"):  # None: the method picks (e.g. by feature count or memory)
+        if params.get(name) is not None and not (_is_int(params[name]) and params[name] >= 1):
+            raise InvalidInputError(f"{name} must be a positive integer or None, got {params[name]!r}")
     if "seed" in params and not _is_int(params["seed"]):
         raise InvalidInputError(f"seed must be an integer, got {params['seed']!r}")
     if "noise_std" in params:
