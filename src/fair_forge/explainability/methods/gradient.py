@@ -30,8 +30,9 @@ TOKENS_PER_BATCH = 4096  # default batch: as many rows (steps, samples) as fit t
 
 # batch_size=None sizes batches by TOKENS_PER_BATCH; noise_std is relative to the std of the input embeddings
 _STEP_PARAMS = {"n_steps": 64, "baseline": "zero", "batch_size": None}
-_NOISE_PARAMS = {"n_samples": 16, "noise_std": 0.1, "seed": 0, "batch_size": None}
-_SHAP_PARAMS = {"n_samples": 16, "noise_std": 0.0, "baseline": "zero", "seed": 0, "batch_size": None}
+NOISE_SAMPLES = 16  # default (and n_samples=None) number of noisy samples
+_NOISE_PARAMS = {"n_samples": NOISE_SAMPLES, "noise_std": 0.1, "seed": 0, "batch_size": None}
+_SHAP_PARAMS = {"n_samples": NOISE_SAMPLES, "noise_std": 0.0, "baseline": "zero", "seed": 0, "batch_size": None}
 _PLAIN_PARAMS = {"batch_size": None}
 
 
@@ -156,7 +157,7 @@ def integrated_gradients(context: MethodContext) -> RawAttribution:
 @register_method(AttributionMethod.GRADIENT_SHAP, kind="gradient", additive=True, defaults=_SHAP_PARAMS,
                  description="expected gradients at random points between baseline and (noisy) input")
 def gradient_shap(context: MethodContext) -> RawAttribution:
-    n_samples = int(context.params["n_samples"])
+    n_samples = int(context.params["n_samples"] or NOISE_SAMPLES)
     task = _EmbeddingTask(context)
     baseline = task.baseline(context.params["baseline"])
 
@@ -190,7 +191,7 @@ def saliency(context: MethodContext) -> RawAttribution:
 def _noisy_gradients(context: MethodContext, reduction: Reduction,
                      statistic: Callable[[torch.Tensor], torch.Tensor]) -> RawAttribution:
     """``statistic`` over the sample axis of gradients at noisy copies of the input (SmoothGrad family)."""
-    n_samples = int(context.params["n_samples"])
+    n_samples = int(context.params["n_samples"] or NOISE_SAMPLES)
     task = _EmbeddingTask(context)
 
     def attribute(x: torch.Tensor, target: Optional[torch.Tensor], fn: Callable[..., torch.Tensor]) -> torch.Tensor:
