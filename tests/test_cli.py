@@ -159,7 +159,8 @@ def recording(monkeypatch) -> type[_RecordingExplainer]:
 
 
 def test_prompt_goes_through_the_chat_template_as_a_user_message(recording, capsys) -> None:
-    assert cli.main(["--prompt", QUESTION, "--target", TARGET, "--granularity", "sentence", "--param", "n_steps=8"]) == 0
+    argv = ["--prompt", QUESTION, "--target", TARGET, "--granularity", "sentence", "--param", "n_steps=8"]
+    assert cli.main(argv) == 0
     (call,) = recording.calls
     assert call["messages"] == [{"role": "user", "content": QUESTION}]
     assert "prompt" not in call and "method" not in call  # the explainer's default method applies

@@ -100,7 +100,10 @@ def test_two_processes_racing_without_the_lock_both_get_one_complete_folder(tmp_
     cache = tmp_path / "cache"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _RACE_SCRIPT, name, str(cache)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [sys.executable, "-c", _RACE_SCRIPT, name, str(cache)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for name in ("a", "b")
     ]
@@ -140,7 +143,9 @@ def fresh_conversion(tmp_path_factory: pytest.TempPathFactory) -> dict:
     env["FAIR_FORGE_CACHE"] = str(cache)
     started = time.perf_counter()
     procs = [
-        subprocess.Popen([sys.executable, "-c", _LOAD_SCRIPT], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", _LOAD_SCRIPT], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         for _ in range(2)
     ]
     outputs = [p.communicate(timeout=600) for p in procs]

@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         help='a JSON list of {"role": ..., "content": ...} messages, or {"messages": [...], "target": ...}',
     )
     parser.add_argument("--target", metavar="TEXT", help="the response to explain (may also come from the JSON file)")
-    parser.add_argument("--method", metavar="M", default=None, help="attribution method (default: integrated_gradients)")
+    parser.add_argument(
+        "--method", metavar="M", default=None, help="attribution method (default: integrated_gradients)"
+    )
     parser.add_argument(
         "--granularity",
         metavar="G",
@@ -58,9 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[g.value for g in Granularity],
         help="token, word or sentence (default: word)",
     )
-    parser.add_argument("--model", metavar="PATH", default=None, help="a local transformers model folder (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--json", metavar="OUT", default=None, help="also write the full result as JSON to OUT ('-' = stdout, table omitted)")
-    parser.add_argument("--top", metavar="K", type=_non_negative_int, default=10, help="how many features to print (default: 10)")
+    parser.add_argument(
+        "--model", metavar="PATH", default=None,
+        help="a local transformers model folder (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument(
+        "--json", metavar="OUT", default=None,
+        help="also write the full result as JSON to OUT ('-': print only the JSON, no table)",
+    )
+    parser.add_argument(
+        "--top", metavar="K", type=_non_negative_int, default=10, help="how many features to print (default: 10)"
+    )
     parser.add_argument("--raw", action="store_true", help="explain --prompt as raw text, without the chat template")
     parser.add_argument(
         "--param",
@@ -112,7 +122,8 @@ def _read_messages(path: str) -> tuple[list[Any], Optional[str]]:
     if not isinstance(data, list) or not data:
         raise BadInput(f'messages file {path} must hold a non-empty list of {{"role": ..., "content": ...}} objects')
     for index, message in enumerate(data):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+        fields_ok = isinstance(message, dict) and all(isinstance(message.get(k), str) for k in ("role", "content"))
+        if not fields_ok:
             raise BadInput(f'messages file {path}: item {index} is not a {{"role": str, "content": str}} object')
     return data, target
 
@@ -172,14 +183,17 @@ def format_table(result: AttributionResult, top: int) -> str:
         extra = f" ({relative:.2%} of f(x) - f(baseline))" if relative is not None else ""
         lines.append(f"convergence delta: {meta.convergence_delta:.4g}{extra}")
     lines.append(f"target: {result.target!r}")
-    rows = [(str(rank), repr(a.text)[1:-1], f"{a.score:+.4f}", f"{a.normalized_score:+.3f}") for rank, a in enumerate(result.get_top_k(top), 1)]
+    rows = [
+        (str(rank), repr(a.text)[1:-1], f"{a.score:+.4f}", f"{a.normalized_score:+.3f}")  # repr: newlines stay visible
+        for rank, a in enumerate(result.get_top_k(top), 1)
+    ]
     header = ("rank", "text", "score", "normalized")
-    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) if rows else len(header[i]) for i in range(4)]
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
     lines.append("")
     lines.append(f"top {len(rows)} of {len(result.attributions)} {result.granularity}s by |score|:")
-    lines.append(f"{header[0]:>{widths[0]}}  {header[1]:<{widths[1]}}  {header[2]:>{widths[2]}}  {header[3]:>{widths[3]}}")
-    for row in rows:
-        lines.append(f"{row[0]:>{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]:>{widths[3]}}")
+    for row in (header, *rows):  # text left-aligned, numbers right-aligned
+        cells = [cell.ljust(w) if i == 1 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells))
     return "\n".join(lines)
 
 

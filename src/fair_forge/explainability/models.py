@@ -216,7 +216,8 @@ def _generation_config_of(model: Any, tokenizer: Any) -> Any:
     generation_config = model.generation_config
     if tokenizer.eos_token_id is not None:
         generation_config.eos_token_id = tokenizer.eos_token_id
-        generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id
+        generation_config.pad_token_id = pad if pad is not None else tokenizer.eos_token_id
     return generation_config
 
 
