@@ -70,6 +70,13 @@ def test_missing_package_raises_model_load_error_with_install_command(monkeypatc
         models.load_default_model()
 
 
+def test_unwritable_cache_raises_model_load_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ModelLoadError, match="FAIR_FORGE_CACHE"):
+        models.default_model_path(blocker / "cache")
+
+
 def test_cache_dir_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("FAIR_FORGE_CACHE", str(tmp_path / "ff"))
     assert models.cache_dir() == tmp_path / "ff"

@@ -108,11 +108,17 @@ def default_model_path(cache: Optional[Path] = None) -> Path:
     final = root / _converted_folder_name()
     if _is_complete(final):
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    with _conversion_lock(root / f"{final.name}.lock"):
-        if _is_complete(final):  # another process converted it while we waited for the lock
-            return final
-        _publish_atomically(final, lambda tmp: _convert_gguf(gguf, tmp))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with _conversion_lock(root / f"{final.name}.lock"):
+            if _is_complete(final):  # another process converted it while we waited for the lock
+                return final
+            _publish_atomically(final, lambda tmp: _convert_gguf(gguf, tmp))
+    except OSError as exc:
+        raise ModelLoadError(
+            f"could not write the converted default model under {root} ({exc}). Fix: free some disk space (it needs "
+            f"about 550 MB) or set {CACHE_ENV_VAR} to a writable folder."
+        ) from exc
     return final
 
 
