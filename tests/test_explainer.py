@@ -237,3 +237,13 @@ def test_visualize_returns_escaped_html(tiny_gpt2):
     result = explainer.explain(MESSAGES, "<img src=x onerror=alert(1)>", method="saliency")
     html = explainer.visualize(result, return_html=True)
     assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+
+
+def test_model_name_never_carries_a_local_path(tiny_gpt2, tmp_path):
+    model, tokenizer = tiny_gpt2
+    model.save_pretrained(tmp_path / "my-model")
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "my-model")
+    assert AttributionExplainer(loaded, tokenizer).model_name == "my-model"
+    assert AttributionExplainer(loaded, tokenizer, model_name="custom").model_name == "custom"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -41,6 +42,15 @@ def parse_granularity(granularity: GranularityLike) -> Granularity:
         except ValueError:
             pass
     raise InvalidInputError(f"unknown granularity {granularity!r}; use one of {[g.value for g in Granularity]}")
+
+
+def _model_name(model: Any) -> str:
+    """The hub-style name of ``model``; for a model loaded from a local folder, the folder's name, so that results
+    shared as JSON or HTML do not carry local paths."""
+    name = getattr(getattr(model, "config", None), "name_or_path", None)
+    if not name:
+        return type(model).__name__
+    return Path(name).name if Path(name).is_dir() else name
 
 
 def _method_label(name: str) -> Union[AttributionMethod, str]:
@@ -104,8 +114,7 @@ class AttributionExplainer:
         self.default_method = get_method(default_method).name
         self.default_granularity = parse_granularity(default_granularity)
         self.verbose = verbose
-        config = getattr(model, "config", None)
-        self.model_name = model_name or getattr(config, "name_or_path", None) or type(model).__name__
+        self.model_name = model_name or _model_name(model)
         TargetScorer(model, score=score, batch_size=batch_size)  # validates score and batch_size now
         self.score = score
         self.batch_size = batch_size
