@@ -145,12 +145,11 @@ def occlusion(
         masks[row, start : start + window] = False
     evaluator = MaskEvaluator(value_fn, n_features, batch_size)
     scores = evaluator(masks)
-    drops = scores[:1] - scores[1:]  # (windows,) or (windows, K)
-    covered = ~masks[1:]  # (windows, d)
-    per_feature = np.tensordot(covered.T.astype(np.float64), drops, axes=1) / covered.sum(0).reshape(
-        (-1,) + (1,) * (drops.ndim - 1)
-    )
-    return Estimate(_per_column(per_feature), evaluator.n_evaluations, {"n_windows": len(starts)})
+    drops = (scores[:1] - scores[1:]).reshape(len(starts), -1)  # (windows, K)
+    covered = ~masks[1:]  # (windows, d): which features each window hides
+    per_feature = covered.T.astype(np.float64) @ drops / covered.sum(0)[:, None]  # (d, K)
+    values = per_feature[:, 0] if scores.ndim == 1 else per_feature.T
+    return Estimate(values, evaluator.n_evaluations, {"n_windows": len(starts)})
 
 
 def kernel_shap(
