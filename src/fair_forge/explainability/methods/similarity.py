@@ -235,12 +235,12 @@ class IntegratedJacobians:
                 active = int((difference.abs().amax(-1) > 0).sum())
                 mode = "jvp" if JVP_COST * active <= ends.shape[-1] else "vjp"
             if mode == "vjp" or full_jacobian:
-                jacobian = self._integrated_jacobian(features, hidden[1], difference, counts, progress)
+                jacobian = self._integrated_jacobian(features, hidden[1], difference, ends.shape[-1], counts, progress)
                 weighted = jacobian * difference.to(jacobian.dtype)
                 projections = weighted.sum(-1).T.contiguous()
             else:
                 weighted = None
-                projections = self._jvp_projections(features, hidden[1], difference, counts, progress)
+                projections = self._jvp_projections(features, hidden[1], difference, ends.shape[-1], counts, progress)
         counts["n_tokens_processed"] = counts["n_forward_passes"] * difference.shape[0]
         return Projections(
             projections=projections,
@@ -268,11 +268,10 @@ class IntegratedJacobians:
             bar.close()
 
     def _jvp_projections(self, features: dict[str, Any], reference: torch.Tensor, difference: torch.Tensor,
-                         counts: dict[str, int], progress: Optional[ProgressFactory]) -> torch.Tensor:
-        length = difference.shape[0]
+                         out_dim: int, counts: dict[str, int], progress: Optional[ProgressFactory]) -> torch.Tensor:
+        """(S, D) float64: P[i] for every token i; tokens equal to their reference get exact zeros, no tangent."""
         active = torch.nonzero(difference.abs().amax(-1) > 0).flatten()
-        out_dim = None
-        projections: Optional[torch.Tensor] = None
+        full = torch.zeros((difference.shape[0], out_dim), dtype=torch.float64, device=difference.device)
         if len(active) > 0:
             tangents = torch.zeros((len(active),) + tuple(difference.shape), dtype=difference.dtype,
                                    device=difference.device)
@@ -286,26 +285,15 @@ class IntegratedJacobians:
                     tangent = tangents.unsqueeze(1).expand(-1, rows, -1, -1)
                     jvps = torch.func.vmap(lambda t: torch.func.jvp(encode, (points,), (t,))[1])(tangent)
                     weights = self.weights[chunk].to(jvps.device)
-                    part = torch.einsum("n,tnd->td", weights, jvps.double())
-                    projections = part if projections is None else projections + part
+                    full[active] += torch.einsum("n,tnd->td", weights, jvps.double())
                     counts["n_forward_passes"] += rows
                     counts["n_jvp_passes"] += rows * len(active)
-            out_dim = projections.shape[-1]
-        if out_dim is None:  # nothing differs from the reference: every projection is zero
-            with torch.no_grad():
-                out_dim = self._encode(features).shape[-1]
-            counts["n_forward_passes"] += 1
-        full = torch.zeros((length, out_dim), dtype=torch.float64, device=difference.device)
-        if projections is not None:
-            full[active] = projections
         return full
 
     def _integrated_jacobian(self, features: dict[str, Any], reference: torch.Tensor, difference: torch.Tensor,
-                             counts: dict[str, int], progress: Optional[ProgressFactory]) -> torch.Tensor:
+                             out_dim: int, counts: dict[str, int],
+                             progress: Optional[ProgressFactory]) -> torch.Tensor:
         """(D, S, H) float64: sum_n w_n dg/dx at x(alpha_n), by batched backward passes over D cotangents."""
-        with torch.no_grad():
-            out_dim = self._encode(features).shape[-1]
-        counts["n_forward_passes"] += 1
         jacobian = torch.zeros((out_dim,) + tuple(difference.shape), dtype=torch.float64, device=difference.device)
         eye = torch.eye(out_dim, dtype=difference.dtype, device=difference.device)
         for chunk in self._chunks(out_dim, progress):
