@@ -84,16 +84,19 @@ class _Task:
 def _baseline_id(spec: Any, context: MethodContext) -> int:
     if spec == "pad":
         return int(context.model_input.baseline_token_id)
-    if isinstance(spec, bool) or not isinstance(spec, (int, np.integer)) or spec < 0:
-        raise InvalidInputError(f"baseline must be 'pad' or a token id, got {spec!r}")
+    vocab_size = getattr(getattr(context.scorer.model, "config", None), "vocab_size", None)
+    if isinstance(spec, bool) or not isinstance(spec, (int, np.integer)) or spec < 0 or (
+        isinstance(vocab_size, int) and spec >= vocab_size
+    ):
+        raise InvalidInputError(f"baseline must be 'pad' or a token id of the model's vocabulary, got {spec!r}")
     return int(spec)
 
 
 def _seed(params: dict[str, Any]) -> Optional[int]:
     seed = params["seed"]
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32):
         raise InvalidInputError(f"seed must be None or an integer in [0, 2**32), got {seed!r}")
-    return seed
+    return None if seed is None else int(seed)
 
 
 def _sampled(params: dict[str, Any]) -> dict[str, Any]:
