@@ -69,7 +69,8 @@ def test_input_x_gradient_and_saliency_equal_hand_computed_gradients(tiny_lm):
     saliency = explain(model, tokenizer, AttributionMethod.SALIENCY)
     expected = per_feature(saliency, gradient.square().sum(-1), lambda v: v.sum().sqrt())
     np.testing.assert_allclose(saliency.scores, expected, rtol=1e-4, atol=1e-6)
-    assert saliency.metadata.n_forward_passes == 1 and saliency.metadata.n_backward_passes == 1
+    length = len(x)  # one pass over the sequence: the cached prefix once, then the rest with one backward
+    assert saliency.metadata.n_tokens_processed == length and saliency.metadata.n_backward_passes == 1
 
 
 def test_word_scores_are_sums_of_token_scores(tiny_gpt2):
@@ -176,3 +177,19 @@ def test_float16_on_cpu_works_or_says_what_to_do(tiny_gpt2):
         assert "model.float()" in str(error)
     else:
         assert all(np.isfinite(result.scores))
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_prefix_cache_does_not_change_gradient_results(tiny_lm, method):
+    model, tokenizer = tiny_lm
+    params = {"n_steps": 8} if method is AttributionMethod.INTEGRATED_GRADIENTS else {}
+    if method in (AttributionMethod.GRADIENT_SHAP, AttributionMethod.SMOOTH_GRAD, AttributionMethod.SQUARE_GRAD,
+                  AttributionMethod.VAR_GRAD):
+        params = {"n_samples": 4}
+    kwargs = {"prompt": MESSAGES[0]["content"]} if not tokenizer.chat_template else {"messages": MESSAGES}
+    cached = AttributionExplainer(model, tokenizer).explain(target=TARGET, method=method, per_target=True,
+                                                            **kwargs, **params)
+    plain = AttributionExplainer(model, tokenizer, prefix_cache=False).explain(
+        target=TARGET, method=method, per_target=True, **kwargs, **params)
+    np.testing.assert_allclose(cached.scores, plain.scores, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(cached.matrix.to_numpy(), plain.matrix.to_numpy(), rtol=1e-4, atol=1e-7)

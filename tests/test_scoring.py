@@ -67,7 +67,7 @@ def random_keeps(model_input, n: int, seed: int = 0) -> np.ndarray:
 def test_masked_scores_do_not_depend_on_batch_size(setup, remove):
     model, model_input = setup
     keep = random_keeps(model_input, 11)
-    one = TargetScorer(model, batch_size=1)
+    one = TargetScorer(model, batch_size=1, prefix_cache=False)  # pass counts without the prefix's own pass
     many = TargetScorer(model, batch_size=4)
     single = one.score_token_masks(model_input, keep, remove=remove, per_target=True)
     batched = many.score_token_masks(model_input, keep, remove=remove, per_target=True)
@@ -75,7 +75,7 @@ def test_masked_scores_do_not_depend_on_batch_size(setup, remove):
     distinct = len(np.unique(keep, axis=0))  # duplicates are scored once
     assert distinct < len(keep)
     assert one.count.forward_passes == distinct
-    assert many.count.forward_passes == -(-distinct // 4)
+    assert many.count.forward_passes == -(-distinct // 4) + (0 if remove else 1)  # + the cached prefix
 
 
 def test_replace_masking_equals_calling_the_model_on_replaced_ids(setup):
@@ -113,3 +113,22 @@ def test_bad_masks_are_rejected(setup):
 def test_bad_settings_are_rejected(tiny_gpt2, kwargs):
     with pytest.raises(InvalidInputError):
         TargetScorer(tiny_gpt2[0], **kwargs)
+
+
+def test_prefix_cache_gives_the_same_scores_with_fewer_tokens(setup):
+    model, model_input = setup
+    keep = random_keeps(model_input, 7)
+    cached = TargetScorer(model, batch_size=3)
+    plain = TargetScorer(model, batch_size=3, prefix_cache=False)
+    np.testing.assert_allclose(
+        cached.score_token_masks(model_input, keep, per_target=True),
+        plain.score_token_masks(model_input, keep, per_target=True),
+        atol=1e-5,
+    )
+    first = int(np.flatnonzero(model_input.attributable)[0])
+    assert first > 0
+    # the prefix runs once, then every row only its suffix
+    distinct = len(np.unique(keep, axis=0))
+    assert plain.count.tokens_processed == distinct * model_input.length
+    assert cached.count.tokens_processed == first + distinct * (model_input.length - first)
+    assert cached.count.forward_passes == plain.count.forward_passes + 1

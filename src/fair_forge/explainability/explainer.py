@@ -93,7 +93,8 @@ class AttributionExplainer:
 
     ``score`` picks the explained quantity (sum of target log-probs by default, or "mean", or "prob");
     ``include_template_tokens`` makes chat-template tokens attributable too; ``batch_size`` is the number of
-    sequences per model call for perturbation methods (gradient methods take their own ``batch_size`` parameter).
+    sequences per model call for perturbation methods (gradient methods take their own ``batch_size`` parameter);
+    ``prefix_cache`` runs the unchanging start of the input (system prompt, chat header) once per explanation.
     """
 
     def __init__(
@@ -108,6 +109,7 @@ class AttributionExplainer:
         score: ScoreKind = "sum",
         batch_size: int = DEFAULT_BATCH_SIZE,
         include_template_tokens: bool = False,
+        prefix_cache: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -119,6 +121,7 @@ class AttributionExplainer:
         self.score = score
         self.batch_size = batch_size
         self.include_template_tokens = include_template_tokens
+        self.prefix_cache = prefix_cache
 
     # ---- one explanation --------------------------------------------------------------------------------------
 
@@ -175,7 +178,7 @@ class AttributionExplainer:
         return _Request(spec, params, level, model_input, features)
 
     def _run(self, request: _Request, per_target: bool) -> AttributionResult:
-        scorer = TargetScorer(self.model, score=self.score, batch_size=self.batch_size)
+        scorer = TargetScorer(self.model, score=self.score, batch_size=self.batch_size, prefix_cache=self.prefix_cache)
         context = MethodContext(scorer, request.model_input, request.features, request.params, per_target)
         started = time.perf_counter()
         with borrowed(self.model):

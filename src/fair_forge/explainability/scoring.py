@@ -7,6 +7,7 @@ the model's device: the target log-probs are gathered there and only (batch, n_t
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Optional
@@ -41,14 +42,26 @@ def model_context_length(model: Any) -> Optional[int]:
     return None
 
 
+@dataclass(frozen=True)
+class Prefix:
+    """The model's key/value cache for the first ``length`` tokens, shared by every row of every batch."""
+
+    length: int
+    cache: Any
+
+
 class TargetScorer:
     """Scores the target of a ``ModelInput`` under masked ids or perturbed embeddings, in batches.
 
     ``score`` is the explained quantity: the sum of target-token log-probs (default), their mean, or the
-    probability of the whole target (exp of the sum).
+    probability of the whole target (exp of the sum). With ``prefix_cache`` (default), the tokens before the first
+    one a batch varies (system prompt, chat header) go through the model once and their key/value cache is reused
+    by every row; models whose forward returns no cache are scored without it.
     """
 
-    def __init__(self, model: Any, *, score: ScoreKind = "sum", batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+    def __init__(
+        self, model: Any, *, score: ScoreKind = "sum", batch_size: int = DEFAULT_BATCH_SIZE, prefix_cache: bool = True
+    ) -> None:
         if score not in SCORE_KINDS:
             raise InvalidInputError(f"score must be one of {SCORE_KINDS}, got {score!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -60,6 +73,8 @@ class TargetScorer:
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.prefix_cache = prefix_cache
+        self._prefixes: dict[tuple[int, ...], Optional[Prefix]] = {}
 
     # ---- the explained quantity -------------------------------------------------------------------------------
 
@@ -89,6 +104,21 @@ class TargetScorer:
         with torch.no_grad():
             return self.embedding_layer()(input_ids.to(self.device))
 
+    def prefix(self, input_ids: torch.Tensor, length: int) -> Optional[Prefix]:
+        """The cached first ``length`` tokens of ``input_ids`` (computed once per scorer), or None without caching."""
+        if not self.prefix_cache or length < 1:
+            return None
+        key = tuple(input_ids[:length].tolist())
+        if key not in self._prefixes:
+            with torch.no_grad():
+                output = self.model(input_ids=input_ids[:length].unsqueeze(0).to(self.device), use_cache=True)
+            self.count.forward_passes += 1
+            self.count.tokens_processed += length
+            cache = getattr(output, "past_key_values", None)
+            usable = cache is not None and hasattr(cache, "batch_repeat_interleave")
+            self._prefixes[key] = Prefix(length, cache) if usable else None
+        return self._prefixes[key]
+
     def target_log_probs(
         self,
         target_ids: torch.Tensor,
@@ -96,16 +126,22 @@ class TargetScorer:
         input_ids: Optional[torch.Tensor] = None,
         inputs_embeds: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
+        prefix: Optional[Prefix] = None,
     ) -> torch.Tensor:
         """(B, n_target) float32 log p(target_t | prefix) for a batch whose sequences end with ``target_ids``.
 
         Give ``input_ids`` (B, L) or ``inputs_embeds`` (B, L, H); gradients flow through ``inputs_embeds``.
-        With an ``attention_mask`` (B, L) (e.g. left padding), position ids count only attended tokens.
+        With a ``prefix``, the batch holds only the tokens after it. With an ``attention_mask`` (B, L) (e.g. left
+        padding; not with a prefix), position ids count only attended tokens.
         """
         n_target = int(target_ids.shape[-1])
         batch = input_ids if input_ids is not None else inputs_embeds
         size, length = int(batch.shape[0]), int(batch.shape[1])
         kwargs: dict[str, Any] = {"use_cache": False}
+        if prefix is not None:
+            cache = copy.deepcopy(prefix.cache)  # the forward appends to it
+            cache.batch_repeat_interleave(size)
+            kwargs.update(use_cache=True, past_key_values=cache)
         if input_ids is not None:
             kwargs["input_ids"] = input_ids.to(self.device)
         else:
@@ -156,6 +192,12 @@ class TargetScorer:
         unique, inverse = np.unique(keep, axis=0, return_inverse=True)
         baseline = model_input.baseline_token_id if baseline_id is None else int(baseline_id)
         ids = model_input.input_ids
+        # tokens before the first attributable (and first masked) one are the same in every row of every call:
+        # computed once per explanation (not with left padding, which shifts them)
+        varied = np.flatnonzero(~unique.all(axis=0))
+        start = min(np.flatnonzero(model_input.attributable)[:1].tolist() + varied[:1].tolist() + [model_input.target_start])
+        prefix = None if remove else self.prefix(ids, start)
+        start = prefix.length if prefix is not None else 0
         chunks = []
         with torch.no_grad():
             for rows in self._chunks(unique):
@@ -164,8 +206,8 @@ class TargetScorer:
                     batch_ids, attention = _delete_and_left_pad(ids, mask, baseline)
                     log_probs = self.target_log_probs(model_input.target_ids, input_ids=batch_ids, attention_mask=attention)
                 else:
-                    batch_ids = torch.where(mask, ids, torch.full_like(ids, baseline))
-                    log_probs = self.target_log_probs(model_input.target_ids, input_ids=batch_ids)
+                    batch_ids = torch.where(mask, ids, torch.full_like(ids, baseline))[:, start:]
+                    log_probs = self.target_log_probs(model_input.target_ids, input_ids=batch_ids, prefix=prefix)
                 chunks.append(log_probs if per_target else self.reduce(log_probs))
         scores = torch.cat(chunks).double().cpu().numpy()
         return scores[inverse.reshape(-1)]

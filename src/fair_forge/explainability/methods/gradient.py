@@ -51,11 +51,14 @@ class _EmbeddingTask:
         scorer, model_input = context.scorer, context.model_input
         self.positions = torch.from_numpy(np.flatnonzero(model_input.attributable))
         scorer.embedding_layer()  # typed error for models without input embeddings, before any model call
-        self.full = scorer.embed(model_input.input_ids).float()  # (L, H); gradients accumulate in float32
-        self.inputs = self.full[self.positions.to(self.full.device)].unsqueeze(0)  # (1, A, H)
+        # the tokens before the first attributable one never change: the scorer runs them once (prefix cache)
+        self.prefix = scorer.prefix(model_input.input_ids, int(self.positions[0]))
+        start = self.prefix.length if self.prefix is not None else 0
+        self.full = scorer.embed(model_input.input_ids[start:]).float()  # (L - start, H); float32 gradients
+        self._positions_on_device = (self.positions - start).to(self.full.device)
+        self.inputs = self.full[self._positions_on_device].unsqueeze(0)  # (1, A, H)
         self.target_ids = model_input.target_ids
         self.n_target = model_input.n_target
-        self._positions_on_device = self.positions.to(self.full.device)
 
     def forward(self, attributed: torch.Tensor, per_target: bool = False) -> torch.Tensor:
         """(B, A, H) attributable embeddings -> (B,) explained score, or (B, n_target) log-probs."""
@@ -64,7 +67,7 @@ class _EmbeddingTask:
         batch[:, self._positions_on_device] = attributed
         if torch.is_grad_enabled() and attributed.requires_grad:
             scorer.count.backward_passes += 1  # captum differentiates every forward it makes with grad enabled
-        log_probs = scorer.target_log_probs(self.target_ids, inputs_embeds=batch)
+        log_probs = scorer.target_log_probs(self.target_ids, inputs_embeds=batch, prefix=self.prefix)
         return log_probs if per_target else scorer.reduce(log_probs)
 
     def baseline(self, spec: Any) -> torch.Tensor:
