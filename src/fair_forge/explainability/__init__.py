@@ -15,7 +15,7 @@ from .errors import (
 )
 from .explainer import AttributionExplainer, compute_attributions
 from .methods import MethodContext, RawAttribution, available_methods, register_method
-from .models import load_default_encoder, load_default_model
+from .models import DEFAULT_ENCODER_NAME, DEFAULT_MODEL_NAME, default_model_path, load_default_encoder, load_default_model
 from .types import (
     AttributionBatchResult,
     AttributionMatrix,
@@ -27,7 +27,35 @@ from .types import (
     TokenAttribution,
 )
 
+# Imported on first use: sentence-transformers and matplotlib take seconds to import and most sessions need neither.
+_LAZY = {
+    "SimilarityExplainer": "similarity",
+    "IntJacobianExplainableTransformer": "similarity",
+    "render_html": "visualization",
+    "plot_attributions": "visualization",
+    "plot_matrix": "visualization",
+    "plot_connections": "visualization",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "DEFAULT_ENCODER_NAME",
+    "DEFAULT_MODEL_NAME",
+    "IntJacobianExplainableTransformer",
+    "SimilarityExplainer",
+    "default_model_path",
+    "plot_attributions",
+    "plot_connections",
+    "plot_matrix",
+    "render_html",
     "AttributionBatchResult",
     "AttributionExplainer",
     "AttributionMatrix",
