@@ -177,12 +177,14 @@ class TargetScorer:
         baseline_id: Optional[int] = None,
         remove: bool = False,
         per_target: bool = False,
+        batch_size: Optional[int] = None,
     ) -> np.ndarray:
         """Score ``model_input`` with the tokens where ``keep`` (n, L) is False masked out.
 
         Masked tokens are replaced by ``baseline_id`` (default: the input's baseline token), or deleted with
-        ``remove=True`` (rows left-padded and attention-masked, positions counted over the kept tokens only). Identical rows are scored once. Returns (n,) explained scores, or (n, n_target)
-        target log-probs with ``per_target=True``.
+        ``remove=True`` (rows left-padded and attention-masked, positions counted over the kept tokens only).
+        Identical rows are scored once, ``batch_size`` rows per model call (default: the scorer's). Returns (n,)
+        explained scores, or (n, n_target) target log-probs with ``per_target=True``.
         """
         keep = np.asarray(keep, dtype=bool)
         if keep.ndim != 2 or keep.shape[1] != model_input.length:
@@ -200,7 +202,7 @@ class TargetScorer:
         start = prefix.length if prefix is not None else 0
         chunks = []
         with torch.no_grad():
-            for rows in self._chunks(unique):
+            for rows in self._chunks(unique, batch_size or self.batch_size):
                 mask = torch.from_numpy(rows)
                 if remove:
                     batch_ids, attention = _delete_and_left_pad(ids, mask, baseline)
@@ -212,9 +214,10 @@ class TargetScorer:
         scores = torch.cat(chunks).double().cpu().numpy()
         return scores[inverse.reshape(-1)]
 
-    def _chunks(self, rows: np.ndarray) -> Iterator[np.ndarray]:
-        for start in range(0, len(rows), self.batch_size):
-            yield rows[start : start + self.batch_size]
+    @staticmethod
+    def _chunks(rows: np.ndarray, size: int) -> Iterator[np.ndarray]:
+        for start in range(0, len(rows), size):
+            yield rows[start : start + size]
 
 
 def _delete_and_left_pad(ids: torch.Tensor, keep: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,8 +11,8 @@ f(input) - f(all features masked); occlusion is the per-feature drop). LIME is *
 coefficients belong to a Ridge surrogate with an intercept, so they add up to the surrogate's prediction, not to
 f(input) - f(baseline). SOBOL indices are non-negative variance shares and not additive.
 
-Shared parameters: ``n_samples`` (LIME, KERNEL_SHAP: 100 coalitions, raise it to >= 4 per feature for long
-inputs; SOBOL: 32 quasi-Monte-Carlo base points, costing 32 * (d + 2) evaluations), ``seed``,
+Shared parameters: ``n_samples`` (LIME, KERNEL_SHAP: default max(100, 4 x features) coalitions;
+SOBOL: 32 quasi-Monte-Carlo base points, costing 32 * (d + 2) evaluations), ``seed``,
 ``batch_size`` (masks per model call; None: the explainer's batch size), ``baseline`` ("pad": the input's pad/unk
 token, or a token id), ``remove``, ``max_evaluations`` (refuse larger jobs with BudgetError).
 """
@@ -30,9 +30,8 @@ from . import MethodContext, RawAttribution, register_method
 from . import _coalitions as core
 
 _COMMON = {"batch_size": None, "baseline": "pad", "remove": False}
-# n_samples must be an int under the registry's shared checks, so the registered default is the rule's value for
-# up to 25 features; the per-feature rule of ``_coalitions.default_n_samples`` applies when None is allowed there.
-_SAMPLED = {**_COMMON, "n_samples": 100, "seed": 0, "max_evaluations": core.DEFAULT_MAX_EVALUATIONS}
+# n_samples=None: LIME and KERNEL_SHAP sample max(100, 4 x features) coalitions (``_coalitions.default_n_samples``)
+_SAMPLED = {**_COMMON, "n_samples": None, "seed": 0, "max_evaluations": core.DEFAULT_MAX_EVALUATIONS}
 
 
 class _Task:
@@ -60,14 +59,10 @@ class _Task:
         """(n, d) feature masks -> (n,) explained scores, or (n, 1 + T) [score, target log-probs] with per_target."""
         keep = ~(~masks @ self.membership)
         scorer = self.context.scorer
-        saved, scorer.batch_size = scorer.batch_size, self.batch_size or scorer.batch_size
-        try:
-            scores = scorer.score_token_masks(
-                self.context.model_input, keep, baseline_id=self.baseline_id, remove=self.remove,
-                per_target=self.context.per_target,
-            )
-        finally:
-            scorer.batch_size = saved
+        scores = scorer.score_token_masks(
+            self.context.model_input, keep, baseline_id=self.baseline_id, remove=self.remove,
+            per_target=self.context.per_target, batch_size=self.batch_size,
+        )
         if not self.context.per_target:
             return scores
         total = scorer.reduce(torch.from_numpy(scores)).numpy()
