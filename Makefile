@@ -1,8 +1,9 @@
 # Set-up and entry points. Works from a clean clone: every target creates .venv and installs what it needs.
 #
 #   make demo   explain SmolLM2-135M-Instruct's answer to "What is the capital of France?"
-#   make test   install the dev extras and run the whole test suite
+#   make test   install the dev extras and run the whole test suite (also builds the docs strictly, runs the notebooks)
 #   make bench  install the bench extras and run benchmarks/run_all.py
+#   make docs   build the documentation site into site/ (mkdocs build --strict)
 #
 # Install steps are recorded by stamp files in .venv and redone only when pyproject.toml changes.
 
@@ -22,10 +23,10 @@ export HF_HUB_OFFLINE := 1
 DEMO_PROMPT := What is the capital of France?
 DEMO_TARGET := The capital of France is Paris.
 
-.PHONY: help install dev demo test bench browser-deps
+.PHONY: help install dev demo test bench docs browser-deps
 
 help:
-	@sed -n '3,5p' Makefile | sed 's/^#  *//'
+	@sed -n '3,6p' Makefile | sed 's/^#  *//'
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +62,9 @@ test: $(VENV)/.stamp-dev browser-deps
 
 bench: $(VENV)/.stamp-bench
 	$(PY) benchmarks/run_all.py
+
+docs: $(VENV)/.stamp-dev
+	$(PY) -m mkdocs build --strict
 
 # Headless Chromium for tests/test_browser.py (Debian/Ubuntu, as root; skipped where it cannot be installed).
 browser-deps:
