@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from .errors import ContextLengthError, ExplainabilityError, InvalidInputError
 from .methods import MethodContext, MethodSpec, RawAttribution, get_method
+from .models import display_name
 from .prompt import ModelInput, build_model_input
 from .scoring import DEFAULT_BATCH_SIZE, ScoreKind, TargetScorer, model_context_length
 from .segment import Feature, build_features
@@ -42,15 +42,6 @@ def parse_granularity(granularity: GranularityLike) -> Granularity:
         except ValueError:
             pass
     raise InvalidInputError(f"unknown granularity {granularity!r}; use one of {[g.value for g in Granularity]}")
-
-
-def _model_name(model: Any) -> str:
-    """The hub-style name of ``model``; for a model loaded from a local folder, the folder's name, so that results
-    shared as JSON or HTML do not carry local paths."""
-    name = getattr(getattr(model, "config", None), "name_or_path", None)
-    if not name:
-        return type(model).__name__
-    return Path(name).name if Path(name).is_dir() else name
 
 
 def _method_label(name: str) -> Union[AttributionMethod, str]:
@@ -116,7 +107,8 @@ class AttributionExplainer:
         self.default_method = get_method(default_method).name
         self.default_granularity = parse_granularity(default_granularity)
         self.verbose = verbose
-        self.model_name = model_name or _model_name(model)
+        config = getattr(model, "config", None)
+        self.model_name = model_name or display_name(getattr(config, "name_or_path", None), type(model).__name__)
         TargetScorer(model, score=score, batch_size=batch_size)  # validates score and batch_size now
         self.score = score
         self.batch_size = batch_size

