@@ -2,8 +2,8 @@
 INTEGRATED_GRADIENTS at 10 steps side by side with interpreto and captum ``LLMGradientAttribution``.
 
 The floor of a method is the time of the bare model calls it needs, measured in the same run: one explain call is
-recorded with a forward pre-hook (rows, sequence length, ids or embeddings, ``logits_to_keep``, whether grad was
-enabled with an input requiring grad) and those calls are replayed directly on the model, each gradient call
+recorded with a forward pre-hook (rows, sequence length, ids or embeddings, ``logits_to_keep``, the length of a
+cached prefix it continued, whether grad was enabled with an input requiring grad) and those calls are replayed directly on the model, each gradient call
 followed by a backward of its summed gathered target logits, parameters frozen as the explainer freezes them.
 Replays are interleaved with the timed explain calls, so both see the same machine load; on a shared machine
 compare medians and ratios, never single absolute numbers.
@@ -66,11 +66,14 @@ class ModelCall:
     grad: bool  # grad enabled and the input requires grad -> a backward of the target logits follows
     logits_to_keep: Optional[int]
     attention_mask: bool
+    use_cache: bool
+    past_length: int  # tokens in the past_key_values given (a cached prefix), 0 without
     sample: torch.Tensor  # row 0 of the input (detached), replayed for every row
 
     def describe(self) -> dict[str, Any]:
         return {"rows": self.rows, "length": self.length, "inputs": "embeds" if self.embeds else "ids",
-                "grad": self.grad, "logits_to_keep": self.logits_to_keep, "attention_mask": self.attention_mask}
+                "grad": self.grad, "logits_to_keep": self.logits_to_keep, "attention_mask": self.attention_mask,
+                "use_cache": self.use_cache, "past_length": self.past_length}
 
 
 @contextlib.contextmanager
@@ -82,10 +85,13 @@ def recording(model: torch.nn.Module) -> Iterator[list[ModelCall]]:
         embeds = kwargs.get("inputs_embeds")
         ids = kwargs.get("input_ids", args[0] if args else None)
         x = embeds if embeds is not None else ids
+        past = kwargs.get("past_key_values")
         calls.append(ModelCall(
             rows=int(x.shape[0]), length=int(x.shape[1]), embeds=embeds is not None,
             grad=bool(torch.is_grad_enabled() and embeds is not None and embeds.requires_grad),
             logits_to_keep=kwargs.get("logits_to_keep"), attention_mask=kwargs.get("attention_mask") is not None,
+            use_cache=bool(kwargs.get("use_cache", False)),
+            past_length=int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0,
             sample=x[:1].detach().clone(),
         ))
 
@@ -112,22 +118,36 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def _prefix_cache(model: torch.nn.Module, length: int, rows: int) -> Any:
+    """A ``rows``-row KV cache of ``length`` tokens, like the scorer's cached prefix (built off the clock)."""
+    hidden = model.get_input_embeddings().weight.shape[1]
+    with torch.no_grad():
+        cache = model(inputs_embeds=torch.zeros(1, length, hidden), use_cache=True).past_key_values
+    cache.batch_repeat_interleave(rows)
+    return cache
+
+
 def replay(model: torch.nn.Module, calls: Sequence[ModelCall]) -> tuple[float, float]:
-    """(wall, process CPU) seconds for the bare forward (+ backward of the summed gathered target logits) of each recorded call."""
+    """(wall, process CPU) seconds for the bare forward (+ backward of the summed gathered target logits) of each
+    recorded call; a call that continued a cached prefix gets a cache of the same length and rows."""
     prepared = []
-    for call in calls:  # inputs built before the clock starts: the floor is the model's work only
-        kwargs: dict[str, Any] = {"use_cache": False}
-        if call.logits_to_keep is not None:
-            kwargs["logits_to_keep"] = call.logits_to_keep
-        if call.embeds:
-            embeds = call.sample.expand(call.rows, *call.sample.shape[1:]).clone()
-            kwargs["inputs_embeds"] = embeds.requires_grad_(call.grad)
-        else:
-            kwargs["input_ids"] = call.sample.expand(call.rows, -1).clone()
-        if call.attention_mask:
-            kwargs["attention_mask"] = torch.ones(call.rows, call.length, dtype=torch.long)
-        prepared.append((call.grad, kwargs))
     with frozen(model):
+        for call in calls:  # inputs (and prefix caches) built before the clock starts: the floor is the model's work
+            kwargs: dict[str, Any] = {"use_cache": call.use_cache}
+            if call.logits_to_keep is not None:
+                kwargs["logits_to_keep"] = call.logits_to_keep
+            if call.embeds:
+                embeds = call.sample.expand(call.rows, *call.sample.shape[1:]).clone()
+                kwargs["inputs_embeds"] = embeds.requires_grad_(call.grad)
+            else:
+                kwargs["input_ids"] = call.sample.expand(call.rows, -1).clone()
+            if call.attention_mask:
+                kwargs["attention_mask"] = torch.ones(call.rows, call.past_length + call.length, dtype=torch.long)
+            if call.past_length:
+                kwargs["past_key_values"] = _prefix_cache(model, call.past_length, call.rows)
+                kwargs["position_ids"] = torch.arange(call.past_length, call.past_length + call.length).expand(
+                    call.rows, -1)
+            prepared.append((call.grad, kwargs))
         started, cpu_started = time.perf_counter(), time.process_time()
         for grad, kwargs in prepared:
             with torch.set_grad_enabled(grad):
