@@ -110,8 +110,9 @@ class TargetScorer:
             return None
         key = tuple(input_ids[:length].tolist())
         if key not in self._prefixes:
+            kwargs = {"logits_to_keep": 1} if self._keeps_logits else {}  # the prefix's logits are never used
             with torch.no_grad():
-                output = self.model(input_ids=input_ids[:length].unsqueeze(0).to(self.device), use_cache=True)
+                output = self.model(input_ids=input_ids[:length].unsqueeze(0).to(self.device), use_cache=True, **kwargs)
             self.count.forward_passes += 1
             self.count.tokens_processed += length
             cache = getattr(output, "past_key_values", None)
