@@ -30,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from fair_forge.explainability import AttributionExplainer, load_default_model  # noqa: E402
+from fair_forge.explainability.explainer import borrowed  # noqa: E402  (eval mode, frozen parameters)
 
 THREADS = 2
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -102,22 +103,6 @@ def recording(model: torch.nn.Module) -> Iterator[list[ModelCall]]:
         handle.remove()
 
 
-@contextlib.contextmanager
-def frozen(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and ``requires_grad=False`` on every parameter (as the explainer does), restored afterwards."""
-    was_training = model.training
-    flags = [p.requires_grad for p in model.parameters()]
-    try:
-        model.eval()
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        yield
-    finally:
-        for parameter, flag in zip(model.parameters(), flags):
-            parameter.requires_grad_(flag)
-        model.train(was_training)
-
-
 def _prefix_cache(model: torch.nn.Module, length: int, rows: int) -> Any:
     """A ``rows``-row KV cache of ``length`` tokens, like the scorer's cached prefix (built off the clock)."""
     hidden = model.get_input_embeddings().weight.shape[1]
@@ -131,7 +116,7 @@ def replay(model: torch.nn.Module, calls: Sequence[ModelCall]) -> tuple[float, f
     """(wall, process CPU) seconds for the bare forward (+ backward of the summed gathered target logits) of each
     recorded call; a call that continued a cached prefix gets a cache of the same length and rows."""
     prepared = []
-    with frozen(model):
+    with borrowed(model):
         for call in calls:  # inputs (and prefix caches) built before the clock starts: the floor is the model's work
             kwargs: dict[str, Any] = {"use_cache": call.use_cache}
             if call.logits_to_keep is not None:
@@ -296,7 +281,7 @@ class Peer:
         self._run: Optional[Callable[[int], Any]] = None
         try:
             run, describe = setup(model, tokenizer)
-            with frozen(model):
+            with borrowed(model):
                 self.info = describe(run(1))  # warm-up: one step, same input
             self._run = run
         except Exception as error:  # noqa: BLE001 - a missing or failing peer is reported, never fatal
@@ -311,7 +296,7 @@ class Peer:
         if self._run is None:
             return
         try:
-            with frozen(self.model):
+            with borrowed(self.model):
                 self.times.append(_timed(lambda: self._run(PEER_N_STEPS))[0])
         except Exception as error:  # noqa: BLE001
             self._fail(error)

@@ -93,13 +93,20 @@ def test_saliency_words_are_norms_over_their_tokens(tiny_gpt2):
         assert word.score == pytest.approx(float(np.sqrt(np.sum(np.square(parts)))), rel=1e-6)
 
 
+def few_rows(method: AttributionMethod) -> dict:
+    """Small step/sample counts that keep a test fast."""
+    if method is AttributionMethod.INTEGRATED_GRADIENTS:
+        return {"n_steps": 8}
+    if method in (AttributionMethod.GRADIENT_SHAP, AttributionMethod.SMOOTH_GRAD, AttributionMethod.SQUARE_GRAD,
+                  AttributionMethod.VAR_GRAD):
+        return {"n_samples": 6}
+    return {}
+
+
 @pytest.mark.parametrize("method", GRADIENT_METHODS)
 def test_batch_size_does_not_change_results(tiny_gpt2, method):
     model, tokenizer = tiny_gpt2
-    params = {"n_steps": 8} if method is AttributionMethod.INTEGRATED_GRADIENTS else {}
-    if method in (AttributionMethod.GRADIENT_SHAP, AttributionMethod.SMOOTH_GRAD, AttributionMethod.SQUARE_GRAD,
-                  AttributionMethod.VAR_GRAD):
-        params = {"n_samples": 6}
+    params = few_rows(method)
     whole = explain(model, tokenizer, method, Granularity.WORD, **params)
     pieces = explain(model, tokenizer, method, Granularity.WORD, batch_size=1, **params)
     np.testing.assert_allclose(pieces.scores, whole.scores, rtol=1e-4, atol=1e-7)
@@ -182,10 +189,7 @@ def test_float16_on_cpu_works_or_says_what_to_do(tiny_gpt2):
 @pytest.mark.parametrize("method", GRADIENT_METHODS)
 def test_prefix_cache_does_not_change_gradient_results(tiny_lm, method):
     model, tokenizer = tiny_lm
-    params = {"n_steps": 8} if method is AttributionMethod.INTEGRATED_GRADIENTS else {}
-    if method in (AttributionMethod.GRADIENT_SHAP, AttributionMethod.SMOOTH_GRAD, AttributionMethod.SQUARE_GRAD,
-                  AttributionMethod.VAR_GRAD):
-        params = {"n_samples": 4}
+    params = few_rows(method)
     kwargs = {"prompt": MESSAGES[0]["content"]} if not tokenizer.chat_template else {"messages": MESSAGES}
     cached = AttributionExplainer(model, tokenizer).explain(target=TARGET, method=method, per_target=True,
                                                             **kwargs, **params)
