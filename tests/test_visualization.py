@@ -341,7 +341,7 @@ def test_plot_connections_rejects_mismatched_tokens_and_shapes() -> None:
 
 def test_display_html_shows_the_fragment_in_an_ipython_session(monkeypatch: pytest.MonkeyPatch) -> None:
     IPython = pytest.importorskip("IPython")
-    import IPython.display
+    pytest.importorskip("IPython.display")  # the submodule, loaded so it can be patched
 
     shown = []
     monkeypatch.setattr(IPython, "get_ipython", lambda: object())

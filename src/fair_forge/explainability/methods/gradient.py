@@ -16,7 +16,7 @@ Reduction over the hidden dimension, per method (and the same reduction over a f
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -114,7 +114,7 @@ def _sample_gradients(
     return torch.cat(gradients).reshape(points.shape)
 
 
-def _gaussian(context: MethodContext, task: "_EmbeddingTask", shape: tuple[int, ...]) -> torch.Tensor:
+def _gaussian(context: MethodContext, task: _EmbeddingTask, shape: tuple[int, ...]) -> torch.Tensor:
     """Noise of std ``noise_std`` x std(input embeddings), from a generator seeded by ``seed``.
 
     Drawn on the CPU from its own generator: independent of the global RNG, of the device and of the batch size.
