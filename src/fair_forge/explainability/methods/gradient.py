@@ -84,7 +84,8 @@ class _EmbeddingTask:
         yield self.inputs.clone().requires_grad_(True), None, self.forward
         if self.context.per_target:
             repeated = self.inputs.expand(self.n_target, -1, -1).clone().requires_grad_(True)
-            yield repeated, torch.arange(self.n_target), lambda x: self.forward(x, per_target=True)
+            targets = torch.arange(self.n_target, device=repeated.device)  # captum gathers on the output's device
+            yield repeated, targets, lambda x: self.forward(x, per_target=True)
 
     def feature_scores(self, attributions: torch.Tensor, reduction: Reduction) -> np.ndarray:
         """(..., A, H) attributions -> (..., n_features): sum, or L2 norm over each feature's tokens and dims."""
