@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -140,3 +141,42 @@ def test_wordpiece_tokenizer_words():
     features = build_features(model_input, Granularity.WORD)
     assert [f.text for f in features] == ["Unbelievably", ",", "tokenization", "works", "."]
     assert any(len(f.token_positions) > 1 for f in features)  # '##' pieces grouped into their word
+
+
+def test_content_is_located_in_its_message_not_in_template_text(gpt2_tokenizer):
+    # a template that adds a default system prompt containing the user's word must not capture it
+    tokenizer = copy.deepcopy(gpt2_tokenizer)
+    tokenizer.chat_template = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" + gpt2_tokenizer.chat_template
+    )
+    model_input = build_model_input(tokenizer, messages=[{"role": "user", "content": "helpful"}], target=TARGET)
+    (source,) = model_input.sources
+    assert model_input.text.index("helpful") < source.start  # the template's "helpful" comes first
+    assert model_input.text[source.start : source.end] == "helpful"
+    (feature,) = build_features(model_input, Granularity.WORD)
+    assert feature.text == "helpful" and min(feature.token_positions) > 10
+
+
+def test_a_template_that_strips_content_is_still_located(gpt2_tokenizer):
+    tokenizer = copy.deepcopy(gpt2_tokenizer)
+    tokenizer.chat_template = gpt2_tokenizer.chat_template.replace("message['content']", "message['content'] | trim")
+    model_input = build_model_input(tokenizer, messages=[{"role": "user", "content": "  What now?  "}], target=TARGET)
+    (source,) = model_input.sources
+    assert model_input.text[source.start : source.end] == "What now?" and source.content_offset == 2
+    words = build_features(model_input, Granularity.WORD)
+    assert [(w.text, w.start, w.end) for w in words] == [("What", 2, 6), ("now", 7, 10), ("?", 10, 11)]
+
+
+def test_stripped_messages_before_others_do_not_shift_them(gpt2_tokenizer):
+    tokenizer = copy.deepcopy(gpt2_tokenizer)
+    tokenizer.chat_template = gpt2_tokenizer.chat_template.replace("message['content']", "message['content'] | trim")
+    messages = [
+        {"role": "system", "content": "   Be brief.   "},
+        {"role": "user", "content": "  \n "},
+        {"role": "user", "content": " Be what? "},
+    ]
+    model_input = build_model_input(tokenizer, messages=messages, target=TARGET)
+    assert [(s.message_index, model_input.text[s.start : s.end]) for s in model_input.sources] == [
+        (0, "Be brief."),
+        (2, "Be what?"),
+    ]

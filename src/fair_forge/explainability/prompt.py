@@ -112,27 +112,54 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
 
 
-def _locate_sources(rendered: str, messages: list[dict[str, str]]) -> list[SourceSpan]:
+def _template_gaps(tokenizer: Any, messages: list[dict[str, str]]) -> Optional[list[int]]:
+    """Length of the template text before each message's content (after the previous content), or None.
+
+    Searching the rendered text for a content string could match template text first (a default system prompt
+    saying "You are a helpful assistant" holds the word "helpful"), so the template is rendered once more with a
+    unique placeholder per message, and the template text around the placeholders is measured instead.
+    """
+    marks = [f"\ue000ffslot{index}\ue000" for index in range(len(messages))]
+    try:
+        shaped = render_chat(tokenizer, [{**m, "content": mark} for m, mark in zip(messages, marks)])
+    except Exception:  # noqa: BLE001 - a template may reject placeholders; then fall back to searching
+        return None
+    gaps, cursor = [], 0
+    for mark in marks:
+        found = shaped.find(mark, cursor)
+        if found < 0:
+            return None
+        gaps.append(found - cursor)
+        cursor = found + len(mark)
+    return gaps
+
+
+def _locate_sources(tokenizer: Any, rendered: str, messages: list[dict[str, str]]) -> list[SourceSpan]:
     """Find each message's content in the rendered template, in order (templates may strip whitespace)."""
+    gaps = _template_gaps(tokenizer, messages)
     sources, cursor = [], 0
     for index, message in enumerate(messages):
         content = message["content"]
         core = content.strip()
-        if not core:
-            continue  # nothing to attribute in a whitespace-only message
-        found = rendered.find(content, cursor)
-        if found >= 0:
-            sources.append(SourceSpan(index, found, found + len(content), content, 0))
-            cursor = found + len(content)
+        expected = cursor + gaps[index] if gaps is not None else None
+        if expected is not None and rendered.startswith(content, expected):
+            start, end = expected, expected + len(content)  # inserted as is
+        elif expected is not None and rendered.startswith(core, expected):
+            start, end = expected, expected + len(core)  # inserted stripped (or dropped, when empty)
+        elif not core:
             continue
-        found = rendered.find(core, cursor)
-        if found < 0:
-            raise InvalidInputError(
-                f"the chat template changed the content of message {index}, so its tokens cannot be located; "
-                "pass include_template_tokens=True to attribute to every prompt token instead"
-            )
-        sources.append(SourceSpan(index, found, found + len(core), content, content.index(core)))
-        cursor = found + len(core)
+        else:
+            start = rendered.find(core, cursor)
+            if start < 0:
+                raise InvalidInputError(
+                    f"the chat template changed the content of message {index}, so its tokens cannot be located; "
+                    "pass include_template_tokens=True to attribute to every prompt token instead"
+                )
+            end = start + len(core)
+        cursor = end
+        if core:  # nothing to attribute in a whitespace-only message
+            offset = 0 if end - start == len(content) else content.index(core)
+            sources.append(SourceSpan(index, start, end, content, offset))
     return sources
 
 
@@ -182,7 +209,7 @@ def build_model_input(
     if messages is not None:
         checked = validate_messages(messages)
         rendered = render_chat(tokenizer, checked)
-        sources = _locate_sources(rendered, checked)
+        sources = _locate_sources(tokenizer, rendered, checked)
         user_prompt = "\n".join(m["content"] for m in checked)
         add_special = False  # chat templates spell out their special tokens
     else:
