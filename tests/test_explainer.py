@@ -67,6 +67,7 @@ def assert_untouched(model, before):
 def test_the_model_is_borrowed_not_changed(tiny_gpt2, method):
     model, tokenizer = tiny_gpt2
     model.train()
+    model.transformer.h[1].eval()  # mixed module modes must come back as they were
     model.transformer.h[0].mlp.c_fc.weight.requires_grad_(False)  # a mixed set of flags must come back as it was
     vocabulary = dict(tokenizer.get_vocab())
     before = snapshot(model)
@@ -75,6 +76,7 @@ def test_the_model_is_borrowed_not_changed(tiny_gpt2, method):
         params = {}
     AttributionExplainer(model, tokenizer).explain(MESSAGES, TARGET, method=method, **params)
     assert_untouched(model, before)
+    assert model.transformer.h[0].training and not model.transformer.h[1].training
     assert tokenizer.get_vocab() == vocabulary
 
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from .errors import ContextLengthError, ExplainabilityError, InvalidInputError
 from .methods import MethodContext, MethodSpec, RawAttribution, get_method
-from .models import display_name
+from .models import borrowed, display_name
 from .prompt import ModelInput, build_model_input
 from .scoring import DEFAULT_BATCH_SIZE, ScoreKind, TargetScorer, model_context_length
 from .segment import Feature, build_features
@@ -50,22 +49,6 @@ def _method_label(name: str) -> Union[AttributionMethod, str]:
         return AttributionMethod(name)
     except ValueError:
         return name
-
-
-@contextlib.contextmanager
-def borrowed(model: Any) -> Iterator[None]:
-    """Eval mode and frozen parameters for the duration; mode and ``requires_grad`` flags restored afterwards."""
-    was_training = model.training
-    flags = [p.requires_grad for p in model.parameters()]
-    try:
-        model.eval()
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        yield
-    finally:
-        for parameter, flag in zip(model.parameters(), flags):
-            parameter.requires_grad_(flag)
-        model.train(was_training)
 
 
 @dataclass(frozen=True)

@@ -164,6 +164,24 @@ def load_default_encoder(device: Optional[str] = None) -> "SentenceTransformer":
     return encoder
 
 
+@contextlib.contextmanager
+def borrowed(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and frozen parameters for the duration (gradients are taken w.r.t. inputs only); every module's own
+    train/eval mode and every parameter's ``requires_grad`` flag are restored afterwards, also after an error."""
+    modes = [(module, module.training) for module in model.modules()]
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    try:
+        model.eval()
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
 def display_name(name_or_path: Optional[str], fallback: str) -> str:
     """A model's name for results: a hub-style name as it is, a local folder by its name only (results are shared
     as JSON and HTML and must not carry local paths), ``fallback`` when there is none."""

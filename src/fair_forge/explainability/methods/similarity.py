@@ -17,7 +17,6 @@ Jacobian, which is computed with batched backward passes (D cotangents).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError, UnsupportedModelError
+from ..models import borrowed
 
 Integration = Literal["gauss_legendre", "midpoint", "riemann"]
 INTEGRATION_RULES: tuple[str, ...] = ("gauss_legendre", "midpoint", "riemann")
@@ -90,23 +90,6 @@ def find_encoder_layers(hf_model: nn.Module, path: Optional[str] = None) -> nn.M
         f"could not find the encoder layers of {type(hf_model).__name__} (looked at {list(ENCODER_LAYER_PATHS)}); "
         "pass encoder_layers_path='path.to.layers'"
     )
-
-
-@contextlib.contextmanager
-def borrowed(model: nn.Module) -> Iterator[None]:
-    """Eval mode and frozen parameters for the duration; every module's mode and flag restored afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
-    try:
-        model.eval()
-        for parameter, _ in flags:
-            parameter.requires_grad_(False)
-        yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
 
 
 @dataclass(eq=False)
