@@ -75,7 +75,7 @@ def test_masked_scores_do_not_depend_on_batch_size(setup, remove):
     distinct = len(np.unique(keep, axis=0))  # duplicates are scored once
     assert distinct < len(keep)
     assert one.count.forward_passes == distinct
-    assert many.count.forward_passes == -(-distinct // 4) + (0 if remove else 1)  # + the cached prefix
+    assert many.count.forward_passes == -(-distinct // 4) + 1  # + the cached prefix (removal keeps it too)
 
 
 def test_replace_masking_equals_calling_the_model_on_replaced_ids(setup):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -11,6 +12,7 @@ import numpy as np
 from .errors import ContextLengthError, ExplainabilityError, InvalidInputError
 from .methods import MethodContext, MethodSpec, RawAttribution, get_method
 from .models import borrowed, display_name
+from .packing import PACKED_ITEMS, Coordinator
 from .prompt import ModelInput, build_model_input
 from .scoring import DEFAULT_BATCH_SIZE, ScoreKind, TargetScorer, model_context_length
 from .segment import Feature, build_features
@@ -117,7 +119,8 @@ class AttributionExplainer:
         ``n_samples``, ``baseline``, ``noise_std``, ``seed``, ``batch_size``, ...) are passed as keywords.
         """
         request = self._prepare(messages, prompt, target, method, granularity, method_params)
-        return self._run(request, per_target)
+        with borrowed(self.model):
+            return self._run(request, per_target)
 
     def _prepare(
         self,
@@ -152,12 +155,14 @@ class AttributionExplainer:
             TargetScorer(self.model).embedding_layer()  # typed error for models without input embeddings
         return _Request(spec, params, level, model_input, features)
 
-    def _run(self, request: _Request, per_target: bool) -> AttributionResult:
-        scorer = TargetScorer(self.model, score=self.score, batch_size=self.batch_size, prefix_cache=self.prefix_cache)
+    def _run(self, request: _Request, per_target: bool, scorer: Optional[TargetScorer] = None) -> AttributionResult:
+        """Run the request's method; the caller borrows the model (see ``models.borrowed``)."""
+        if scorer is None:
+            scorer = TargetScorer(self.model, score=self.score, batch_size=self.batch_size,
+                                  prefix_cache=self.prefix_cache)
         context = MethodContext(scorer, request.model_input, request.features, request.params, per_target)
         started = time.perf_counter()
-        with borrowed(self.model):
-            raw = request.spec.run(context)
+        raw = request.spec.run(context)
         elapsed = time.perf_counter() - started
         return self._result(request, raw, scorer, elapsed)
 
@@ -228,24 +233,60 @@ class AttributionExplainer:
 
         Items are ``(messages_or_prompt, target)`` pairs, dicts with ``messages`` or ``prompt`` (or ``question``,
         sent as one user message) and ``target`` (or ``answer``), or a pandas DataFrame with those columns.
-        This is a pure map over items: the same settings and item always give the same result.
+        This is a pure map over items: an item's result depends only on the settings and the item. Underneath,
+        perturbation methods explain up to ``PACKED_ITEMS`` items side by side and pack their masked inputs into
+        shared model batches (rows of similar length together, a shared system prompt computed once), which gives
+        the same scores as explaining them one by one up to float rounding; gradient methods, whose steps and
+        samples already fill the batches, run one item at a time. With packing, an item's ``compute_time_seconds``
+        is the time it was in flight and its pass counts are the model calls its rows took part in.
         """
         spec = get_method(method if method is not None else self.default_method)
-        spec.resolve_params(method_params)  # parameter errors concern every item: raise them once, now
+        params = spec.resolve_params(method_params)  # parameter errors concern every item: raise them once, now
         level = parse_granularity(granularity if granularity is not None else self.default_granularity)
         records = _records(items)
+        started = time.perf_counter()
+        requests: dict[int, _Request] = {}
+        errors: dict[int, BaseException] = {}
+        for index, record in enumerate(records):  # every item checked and tokenized before any model call
+            try:
+                messages, prompt, target = _item_fields(record)
+                requests[index] = self._prepare(messages, prompt, target, spec.name, level, method_params)
+            except Exception as error:  # noqa: BLE001 - recorded per item; nothing the user gave is lost
+                errors[index] = error
+        outcomes: dict[int, tuple[bool, Any]] = {}
+        progress = _progress(len(records), show_progress)
+        progress.update(len(errors))
+        with borrowed(self.model):
+            if spec.kind == "perturbation" and len(requests) > 1:
+                coordinator = Coordinator(batch_size=params.get("batch_size") or self.batch_size,
+                                          max_workers=PACKED_ITEMS)
+                order = list(requests)
+                tasks = [
+                    partial(self._run, requests[index], per_target,
+                            coordinator.scorer(self.model, score=self.score, prefix_cache=self.prefix_cache))
+                    for index in order
+                ]
+                packed = coordinator.run(tasks, on_done=lambda _: progress.update(1))
+                outcomes = dict(zip(order, packed))
+            else:
+                for index, request in requests.items():
+                    try:
+                        outcomes[index] = (True, self._run(request, per_target))
+                    except Exception as error:  # noqa: BLE001 - recorded per item
+                        outcomes[index] = (False, error)
+                    progress.update(1)
+        progress.close()
+        outcomes.update((index, (False, error)) for index, error in errors.items())
         results: list[AttributionResult] = []
         indices: list[int] = []
         failures: list[BatchFailure] = []
-        started = time.perf_counter()
-        for index, record in _progress(enumerate(records), len(records), show_progress):
-            try:
-                messages, prompt, target = _item_fields(record)
-                request = self._prepare(messages, prompt, target, spec.name, level, method_params)
-                results.append(self._run(request, per_target))
+        for index in sorted(outcomes):
+            ok, value = outcomes[index]
+            if ok:
+                results.append(value)
                 indices.append(index)
-            except Exception as error:  # noqa: BLE001 - recorded per item; nothing the user gave is lost
-                failures.append(BatchFailure(index=index, error_type=type(error).__name__, message=str(error)))
+            else:
+                failures.append(BatchFailure(index=index, error_type=type(value).__name__, message=str(value)))
         return AttributionBatchResult(
             results=results,
             indices=indices,
@@ -293,12 +334,21 @@ def _item_fields(item: Any) -> tuple[Optional[Messages], Optional[str], Any]:
     raise InvalidInputError(f"item must be a (messages_or_prompt, target) pair or a dict, got {item!r}")
 
 
-def _progress(iterable: Iterable[Any], total: int, show: bool) -> Iterable[Any]:
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, show: bool) -> Any:
+    """A tqdm bar over ``total`` items, or a silent stand-in."""
     if not show:
-        return iterable
+        return _NoProgress()
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc="explaining", unit="item")
+    return tqdm(total=total, desc="explaining", unit="item")
 
 
 def compute_attributions(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -128,13 +128,29 @@ class TargetScorer:
         inputs_embeds: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         prefix: Optional[Prefix] = None,
+        count: bool = True,
     ) -> torch.Tensor:
         """(B, n_target) float32 log p(target_t | prefix) for a batch whose sequences end with ``target_ids``.
 
         Give ``input_ids`` (B, L) or ``inputs_embeds`` (B, L, H); gradients flow through ``inputs_embeds``.
-        With a ``prefix``, the batch holds only the tokens after it. With an ``attention_mask`` (B, L) (e.g. left
-        padding; not with a prefix), position ids count only attended tokens.
+        ``target_ids`` is (n_target,) for every row or (B, n_target) per row. With a ``prefix``, the batch holds only
+        the tokens after it. With an ``attention_mask`` (B, [prefix +] L) (0 for padding or removed tokens),
+        position ids count only attended tokens. ``count=False`` leaves the counting to the caller.
         """
+        return self._forward(target_ids, input_ids=input_ids, inputs_embeds=inputs_embeds,
+                             attention_mask=attention_mask, prefix=prefix, count=count)
+
+    def _forward(
+        self,
+        target_ids: torch.Tensor,
+        *,
+        input_ids: Optional[torch.Tensor],
+        inputs_embeds: Optional[torch.Tensor],
+        attention_mask: Optional[torch.Tensor],
+        prefix: Optional[Prefix],
+        count: bool,
+    ) -> torch.Tensor:
+        """The model call behind ``target_log_probs``, made in the calling thread."""
         n_target = int(target_ids.shape[-1])
         batch = input_ids if input_ids is not None else inputs_embeds
         size, length = int(batch.shape[0]), int(batch.shape[1])
@@ -150,7 +166,7 @@ class TargetScorer:
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
             kwargs["attention_mask"] = attention_mask
-            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
         if self._keeps_logits:
             kwargs["logits_to_keep"] = n_target + 1
         try:
@@ -162,10 +178,11 @@ class TargetScorer:
                     "model.to(torch.bfloat16), or run on a GPU"
                 ) from error
             raise
-        self.count.forward_passes += 1
-        self.count.tokens_processed += size * length
+        if count:
+            self.count.forward_passes += 1
+            self.count.tokens_processed += size * length
         logits = logits[:, -(n_target + 1) : -1].float()  # positions that predict the target tokens
-        targets = target_ids.to(self.device).reshape(1, n_target, 1).expand(size, n_target, 1)
+        targets = target_ids.to(self.device).reshape(-1, n_target, 1).expand(size, n_target, 1)
         return logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)
 
     # ---- masked ids (perturbation methods) --------------------------------------------------------------------
@@ -183,7 +200,7 @@ class TargetScorer:
         """Score ``model_input`` with the tokens where ``keep`` (n, L) is False masked out.
 
         Masked tokens are replaced by ``baseline_id`` (default: the input's baseline token), or deleted with
-        ``remove=True`` (rows left-padded and attention-masked, positions counted over the kept tokens only).
+        ``remove=True`` (the kept tokens move right and the freed slots are left out of attention and positions).
         Identical rows are scored once, ``batch_size`` rows per model call (default: the scorer's). Returns (n,)
         explained scores, or (n, n_target) target log-probs with ``per_target=True``.
         """
@@ -193,41 +210,91 @@ class TargetScorer:
         if not keep[:, model_input.target_start :].all():
             raise InvalidInputError("target tokens cannot be masked")
         unique, inverse = np.unique(keep, axis=0, return_inverse=True)
-        baseline = model_input.baseline_token_id if baseline_id is None else int(baseline_id)
         ids = model_input.input_ids
         # tokens before the first attributable (and first masked) one are the same in every row of every call:
-        # computed once per explanation (not with left padding, which shifts them)
+        # computed once per explanation
         varied = np.flatnonzero(~unique.all(axis=0))
         start = min(np.flatnonzero(model_input.attributable)[:1].tolist() + varied[:1].tolist() + [model_input.target_start])
-        prefix = None if remove else self.prefix(ids, start)
+        prefix = self.prefix(ids, start)
         start = prefix.length if prefix is not None else 0
-        chunks = []
-        with torch.no_grad():
-            for rows in self._chunks(unique, batch_size or self.batch_size):
-                mask = torch.from_numpy(rows)
-                if remove:
-                    batch_ids, attention = _delete_and_left_pad(ids, mask, baseline)
-                    log_probs = self.target_log_probs(model_input.target_ids, input_ids=batch_ids, attention_mask=attention)
-                else:
-                    batch_ids = torch.where(mask, ids, torch.full_like(ids, baseline))[:, start:]
-                    log_probs = self.target_log_probs(model_input.target_ids, input_ids=batch_ids, prefix=prefix)
-                chunks.append(log_probs if per_target else self.reduce(log_probs))
-        scores = torch.cat(chunks).double().cpu().numpy()
+        mask = torch.from_numpy(unique[:, start:])
+        rows = ids[start:].expand(len(unique), -1)
+        if remove:  # kept tokens moved right, so the last kept one predicts the first target token
+            order = torch.sort(mask.long(), dim=1, stable=True).indices  # removed positions first, order kept
+            request = RowRequest(rows.gather(1, order), model_input.target_ids, prefix,
+                                 attention=mask.long().gather(1, order))
+        else:
+            baseline = model_input.baseline_token_id if baseline_id is None else int(baseline_id)
+            request = RowRequest(torch.where(mask, rows, torch.full_like(rows, baseline)), model_input.target_ids, prefix)
+        log_probs = self.score_rows(request, batch_size or self.batch_size)
+        scores = (log_probs if per_target else self.reduce(log_probs)).double().cpu().numpy()
         return scores[inverse.reshape(-1)]
 
-    @staticmethod
-    def _chunks(rows: np.ndarray, size: int) -> Iterator[np.ndarray]:
-        for start in range(0, len(rows), size):
-            yield rows[start : start + size]
+    def score_rows(self, request: RowRequest, batch_size: int) -> torch.Tensor:
+        """(n, n_target) target log-probs of the request's rows, ``batch_size`` rows per model call."""
+        return score_row_requests([(self, request)], batch_size)[0]
 
 
-def _delete_and_left_pad(ids: torch.Tensor, keep: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row of ``keep`` applied to ``ids`` as a deletion, left-padded so every row ends with the target."""
-    lengths = keep.sum(-1)
-    width = int(lengths.max())
-    batch = torch.full((keep.shape[0], width), pad_id, dtype=ids.dtype)
-    attention = torch.zeros((keep.shape[0], width), dtype=torch.long)
-    for row, (mask, length) in enumerate(zip(keep, lengths.tolist())):
-        batch[row, width - length :] = ids[mask]
-        attention[row, width - length :] = 1
-    return batch, attention
+@dataclass(frozen=True)
+class RowRequest:
+    """Rows of one input to score without gradients, every row ending with ``target_ids``.
+
+    ``ids`` (n, l) are the tokens after ``prefix`` (the whole sequence without one); ``attention`` (n, l), if
+    given, is 0 for tokens removed from attention.
+    """
+
+    ids: torch.Tensor
+    target_ids: torch.Tensor
+    prefix: Optional[Prefix]
+    attention: Optional[torch.Tensor] = None
+
+
+def score_row_requests(requests: Sequence[tuple[TargetScorer, RowRequest]], batch_size: int) -> list[torch.Tensor]:
+    """Score every request's rows, packing rows of different requests (inputs) into the same model calls.
+
+    Rows that share a prefix (the same cached object) go through the model together, shortest first, at most
+    ``batch_size`` per call. Rows shorter than the longest in their call are padded between the prefix and their
+    own tokens and the padding is removed from attention, so every row ends at the last position and its target
+    log-probs are read from the end. Each scorer counts the calls its rows took part in. Returns one
+    (n_i, n_target_i) float32 tensor per request, in request order.
+    """
+    results = [torch.empty(len(r.ids), int(r.target_ids.shape[-1])) for _, r in requests]
+    groups: dict[int, list[tuple[int, int]]] = {}  # prefix identity -> (request, row) pairs
+    for index, (_, request) in enumerate(requests):
+        groups.setdefault(id(request.prefix), []).extend((index, row) for row in range(len(request.ids)))
+    for entries in groups.values():
+        entries.sort(key=lambda entry: int(requests[entry[0]][1].ids.shape[1]))  # stable: less padding per call
+        for start in range(0, len(entries), batch_size):
+            chunk = entries[start : start + batch_size]
+            with torch.no_grad():
+                log_probs = _score_packed([(requests[i], row) for i, row in chunk])
+            for (index, row), values in zip(chunk, log_probs):
+                results[index][row] = values[len(values) - results[index].shape[1] :].cpu()
+    return results
+
+
+def _score_packed(rows: Sequence[tuple[tuple[TargetScorer, RowRequest], int]]) -> list[torch.Tensor]:
+    """One model call over ``rows`` (all with the same prefix); per row its right-aligned target log-probs."""
+    scorer, first = rows[0][0]
+    prefix = first.prefix
+    width = max(int(request.ids.shape[1]) for (_, request), _ in rows)
+    n_target = max(int(request.target_ids.shape[-1]) for (_, request), _ in rows)
+    size = len(rows)
+    ids = torch.zeros((size, width), dtype=first.ids.dtype)  # padding id: never attended
+    attention = torch.zeros((size, width), dtype=torch.long)
+    targets = torch.zeros((size, n_target), dtype=first.target_ids.dtype)
+    padded = False
+    for position, ((_, request), row) in enumerate(rows):
+        length, tail = int(request.ids.shape[1]), int(request.target_ids.shape[-1])
+        ids[position, width - length :] = request.ids[row]
+        attention[position, width - length :] = 1 if request.attention is None else request.attention[row]
+        targets[position, n_target - tail :] = request.target_ids
+        padded = padded or length < width or request.attention is not None
+    if padded and prefix is not None:
+        attention = torch.cat([torch.ones((size, prefix.length), dtype=torch.long), attention], dim=1)
+    log_probs = scorer._forward(targets, input_ids=ids, inputs_embeds=None, prefix=prefix, count=False,
+                                attention_mask=attention if padded else None)
+    for owner in {id(s): s for (s, _), _ in rows}.values():
+        owner.count.forward_passes += 1
+        owner.count.tokens_processed += width * sum(1 for (s, _), _ in rows if s is owner)
+    return list(log_probs)

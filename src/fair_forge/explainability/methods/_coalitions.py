@@ -185,19 +185,31 @@ def kernel_shap(
     everything, nothing = np.ones((1, n_features), dtype=bool), np.zeros((1, n_features), dtype=bool)
     references = evaluator(np.concatenate([everything, nothing]))  # one batch; shap's own calls then hit the cache
 
-    def model(coalitions: np.ndarray) -> np.ndarray:
-        return evaluator(coalitions > 0.5)
+    run_seed = int(np.random.default_rng().integers(2**32)) if seed is None else seed  # both passes draw alike
 
-    with _GLOBAL_RNG_LOCK:
-        state = np.random.get_state()
-        try:
-            if seed is not None:
-                np.random.seed(seed)
-            explainer = shap.KernelExplainer(model, nothing.astype(np.float64))
-            phi = explainer.shap_values(everything[0].astype(np.float64), nsamples=max(n_samples, 1), l1_reg=False,
-                                        silent=True)
-        finally:
-            np.random.set_state(state)
+    def shap_values(model: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        with _GLOBAL_RNG_LOCK:
+            state = np.random.get_state()
+            try:
+                np.random.seed(run_seed)
+                explainer = shap.KernelExplainer(model, nothing.astype(np.float64))
+                return explainer.shap_values(everything[0].astype(np.float64), nsamples=max(n_samples, 1),
+                                             l1_reg=False, silent=True)
+            finally:
+                np.random.set_state(state)
+
+    # shap picks its coalitions before it sees any value, so a first pass with placeholder values finds them; they
+    # are scored outside the lock (the value function may wait on a model shared with other explanations), and the
+    # second pass, with the same seed, reads every value from the evaluator's cache
+    asked: list[np.ndarray] = []
+
+    def record(coalitions: np.ndarray) -> np.ndarray:
+        asked.append(coalitions > 0.5)
+        return np.zeros((len(coalitions), *references.shape[1:]))
+
+    shap_values(record)
+    evaluator(np.concatenate(asked))
+    phi = shap_values(lambda coalitions: evaluator(coalitions > 0.5))
     extras = {
         "exact": n_samples >= n_coalitions,
         "n_coalitions": n_samples,
