@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from fair_forge.explainability import AttributionExplainer, load_default_model  # noqa: E402
 from fair_forge.explainability.models import borrowed  # noqa: E402  (eval mode, frozen parameters)
+from fair_forge.explainability.scoring import contiguous_head_input  # noqa: E402
 
 THREADS = 2
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -114,7 +115,9 @@ def _prefix_cache(model: torch.nn.Module, length: int, rows: int) -> Any:
 
 def replay(model: torch.nn.Module, calls: Sequence[ModelCall]) -> tuple[float, float]:
     """(wall, process CPU) seconds for the bare forward (+ backward of the summed gathered target logits) of each
-    recorded call; a call that continued a cached prefix gets a cache of the same length and rows."""
+    recorded call; a call that continued a cached prefix gets a cache of the same length and rows. The output layer
+    gets a contiguous input, as in the scorer (``scoring.contiguous_head_input``), so the floor is the fastest bare
+    way to make those calls."""
     prepared = []
     with borrowed(model):
         for call in calls:  # inputs (and prefix caches) built before the clock starts: the floor is the model's work
@@ -135,7 +138,7 @@ def replay(model: torch.nn.Module, calls: Sequence[ModelCall]) -> tuple[float, f
             prepared.append((call.grad, kwargs))
         started, cpu_started = time.perf_counter(), time.process_time()
         for grad, kwargs in prepared:
-            with torch.set_grad_enabled(grad):
+            with torch.set_grad_enabled(grad), contiguous_head_input(model):
                 logits = model(**kwargs).logits
                 if grad:
                     kept = logits[:, :-1]

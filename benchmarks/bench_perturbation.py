@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from fair_forge.explainability.explainer import AttributionExplainer  # noqa: E402
 from fair_forge.explainability.models import load_default_model  # noqa: E402
 from fair_forge.explainability.prompt import build_model_input  # noqa: E402
+from fair_forge.explainability.scoring import contiguous_head_input  # noqa: E402
 
 THREADS = 2  # like bench_gradient; on a busy machine, 1 thread avoids oversubscription stalls
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -47,10 +48,11 @@ def _median_time(run: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 def forward_floor(model: Any, input_ids: torch.Tensor, n_target: int, n_sequences: int, batch_size: int,
                   repeats: int) -> float:
     """Median time of bare forward passes over ``n_sequences`` copies of ``input_ids`` in batches of ``batch_size``,
-    computing logits only where target tokens are predicted (as any scorer needs)."""
+    computing logits only where target tokens are predicted (as any scorer needs), the output layer fed a contiguous
+    input as in the scorer."""
 
     def run() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), contiguous_head_input(model):
             for start in range(0, n_sequences, batch_size):
                 batch = input_ids.expand(min(batch_size, n_sequences - start), -1)
                 model(batch, use_cache=False, logits_to_keep=n_target + 1)

@@ -132,3 +132,16 @@ def test_prefix_cache_gives_the_same_scores_with_fewer_tokens(setup):
     assert plain.count.tokens_processed == distinct * model_input.length
     assert cached.count.tokens_processed == first + distinct * (model_input.length - first)
     assert cached.count.forward_passes == plain.count.forward_passes + 1
+
+
+def test_the_output_layer_hook_is_gone_after_every_call(setup):
+    """The scorer feeds the output layer a contiguous input through a pre-hook that lives only inside one call."""
+    model, model_input = setup
+    scorer = TargetScorer(model)
+    head = model.get_output_embeddings()
+    batch = model_input.input_ids.unsqueeze(0).expand(3, -1)
+    scorer.target_log_probs(model_input.target_ids, input_ids=batch)
+    assert not head._forward_pre_hooks
+    with pytest.raises(Exception):
+        scorer.target_log_probs(model_input.target_ids, input_ids=torch.full_like(batch, 10**6))  # out of vocab
+    assert not head._forward_pre_hooks

@@ -7,10 +7,11 @@ the model's device: the target log-probs are gathered there and only (batch, n_t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Iterator, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +41,28 @@ def model_context_length(model: Any) -> Optional[int]:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+@contextlib.contextmanager
+def contiguous_head_input(model: Any) -> Iterator[None]:
+    """Hand the output layer a contiguous input while the model runs.
+
+    With ``logits_to_keep`` the model slices the last positions of every row before its output layer; for more
+    than one row that slice is strided, and torch runs a strided 3-d input through a vocab-sized linear layer as a
+    batched matmul over a broadcast weight: 5.6x slower than on a contiguous copy (forward + backward, SmolLM2's
+    576 x 49152 head, 10 rows, 1 thread), about a third of an integrated-gradients call. Same values either way.
+    """
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if not isinstance(head, torch.nn.Module):
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda module, args: tuple(
+        a.contiguous() if isinstance(a, torch.Tensor) else a for a in args))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @dataclass(frozen=True)
@@ -170,7 +193,8 @@ class TargetScorer:
         if self._keeps_logits:
             kwargs["logits_to_keep"] = n_target + 1
         try:
-            logits = self.model(**kwargs).logits
+            with contiguous_head_input(self.model):
+                logits = self.model(**kwargs).logits
         except RuntimeError as error:
             if self.dtype == torch.float16 and self.device.type == "cpu":
                 raise UnsupportedModelError(
