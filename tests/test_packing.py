@@ -1,4 +1,4 @@
-"""explain_batch packs the masked inputs of several items into shared model batches, without changing any result."""
+"""explain_batch packs the model inputs of several items into shared model calls, without changing any result."""
 
 from __future__ import annotations
 
@@ -77,6 +77,52 @@ def test_packed_batch_equals_one_by_one_with_fewer_model_calls(tiny_lm, method):
     assert max(rows for rows, _ in counter.calls[single_calls:]) <= 16
 
 
+GRADIENT_METHODS = {
+    "saliency": {},
+    "input_x_gradient": {},
+    "integrated_gradients": {"n_steps": 4},
+    "smooth_grad": {"n_samples": 3},
+    "gradient_shap": {"n_samples": 3},
+}
+
+
+@pytest.mark.parametrize("per_target", [False, True])
+@pytest.mark.parametrize("method", sorted(GRADIENT_METHODS))
+def test_packed_gradients_equal_one_by_one(tiny_lm, method, per_target):
+    """Embedding rows of several items share one forward and one backward; each row still gets its own gradient."""
+    model, tokenizer = tiny_lm
+    items = _items(tokenizer)
+    explainer = AttributionExplainer(model, tokenizer)
+    params = GRADIENT_METHODS[method]
+    counter = CallCounter(model)
+    try:
+        single = [_explain(explainer, item, method=method, per_target=per_target, **params) for item in items]
+        single_calls = len(counter.calls)
+        batch = explainer.explain_batch(items, method=method, per_target=per_target, show_progress=False, **params)
+        packed_calls = len(counter.calls) - single_calls
+    finally:
+        counter.handle.remove()
+    assert not batch.failures
+    for one, packed in zip(single, batch):
+        np.testing.assert_allclose(packed.scores, one.scores, atol=1e-5, rtol=1e-4)
+        if per_target:
+            np.testing.assert_allclose(packed.matrix.values, one.matrix.values, atol=1e-5, rtol=1e-4)
+        if method == "integrated_gradients":
+            assert packed.metadata.convergence_delta == pytest.approx(one.metadata.convergence_delta, abs=1e-5)
+    assert packed_calls < single_calls
+
+
+def test_packed_gradients_do_not_depend_on_the_callers_grad_mode(tiny_gpt2):
+    """Per-target gradients run as calls in the coordinating thread, with the worker's grad mode, not the caller's."""
+    model, tokenizer = tiny_gpt2
+    explainer = AttributionExplainer(model, tokenizer)
+    with torch.no_grad():
+        batch = explainer.explain_batch(ITEMS[:2], method="saliency", per_target=True, show_progress=False)
+    assert not batch.failures
+    one = explainer.explain(*ITEMS[1], method="saliency", per_target=True)
+    np.testing.assert_allclose(batch[1].matrix.values, one.matrix.values, atol=1e-5)
+
+
 def test_a_shared_system_prompt_runs_once_for_the_whole_batch(tiny_gpt2):
     model, tokenizer = tiny_gpt2
     explainer = AttributionExplainer(model, tokenizer)
@@ -122,7 +168,7 @@ def test_the_model_is_untouched_after_a_packed_batch(tiny_gpt2):
 
 
 def test_coordinator_runs_calls_in_its_own_thread_and_keeps_failures_apart():
-    coordinator = Coordinator(batch_size=4, max_workers=3)
+    coordinator = Coordinator(batch_size=4, max_workers=3, tokens_per_call=4096)
     main = threading.get_ident()
     seen: list[int] = []
 

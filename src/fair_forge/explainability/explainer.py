@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import ContextLengthError, ExplainabilityError, InvalidInputError
 from .methods import MethodContext, MethodSpec, RawAttribution, get_method
+from .methods.gradient import TOKENS_PER_BATCH
 from .models import borrowed, display_name
 from .packing import PACKED_ITEMS, Coordinator
 from .prompt import ModelInput, build_model_input
@@ -233,12 +234,12 @@ class AttributionExplainer:
 
         Items are ``(messages_or_prompt, target)`` pairs, dicts with ``messages`` or ``prompt`` (or ``question``,
         sent as one user message) and ``target`` (or ``answer``), or a pandas DataFrame with those columns.
-        This is a pure map over items: an item's result depends only on the settings and the item. Underneath,
-        perturbation methods explain up to ``PACKED_ITEMS`` items side by side and pack their masked inputs into
-        shared model batches (rows of similar length together, a shared system prompt computed once), which gives
-        the same scores as explaining them one by one up to float rounding; gradient methods, whose steps and
-        samples already fill the batches, run one item at a time. With packing, an item's ``compute_time_seconds``
-        is the time it was in flight and its pass counts are the model calls its rows took part in.
+        This is a pure map over items: an item's result depends only on the settings and the item. Underneath, up
+        to ``PACKED_ITEMS`` items are explained side by side and their model inputs packed into shared model calls
+        (``packing.py``: masked rows, or embedding rows with their gradients; rows of similar length together; a
+        system prompt shared by the items computed once), which gives the same scores as explaining them one by
+        one up to float rounding. An item's ``compute_time_seconds`` is then the time it was in flight and its pass
+        counts are the model calls its rows took part in.
         """
         spec = get_method(method if method is not None else self.default_method)
         params = spec.resolve_params(method_params)  # parameter errors concern every item: raise them once, now
@@ -253,28 +254,17 @@ class AttributionExplainer:
                 requests[index] = self._prepare(messages, prompt, target, spec.name, level, method_params)
             except Exception as error:  # noqa: BLE001 - recorded per item; nothing the user gave is lost
                 errors[index] = error
-        outcomes: dict[int, tuple[bool, Any]] = {}
         progress = _progress(len(records), show_progress)
         progress.update(len(errors))
+        coordinator = self._coordinator(spec, params, requests.values())
+        order = list(requests)
+        tasks = [
+            partial(self._run, requests[index], per_target,
+                    coordinator.scorer(self.model, score=self.score, prefix_cache=self.prefix_cache))
+            for index in order
+        ]
         with borrowed(self.model):
-            if spec.kind == "perturbation" and len(requests) > 1:
-                coordinator = Coordinator(batch_size=params.get("batch_size") or self.batch_size,
-                                          max_workers=PACKED_ITEMS)
-                order = list(requests)
-                tasks = [
-                    partial(self._run, requests[index], per_target,
-                            coordinator.scorer(self.model, score=self.score, prefix_cache=self.prefix_cache))
-                    for index in order
-                ]
-                packed = coordinator.run(tasks, on_done=lambda _: progress.update(1))
-                outcomes = dict(zip(order, packed))
-            else:
-                for index, request in requests.items():
-                    try:
-                        outcomes[index] = (True, self._run(request, per_target))
-                    except Exception as error:  # noqa: BLE001 - recorded per item
-                        outcomes[index] = (False, error)
-                    progress.update(1)
+            outcomes = dict(zip(order, coordinator.run(tasks, on_done=lambda _: progress.update(1))))
         progress.close()
         outcomes.update((index, (False, error)) for index, error in errors.items())
         results: list[AttributionResult] = []
@@ -294,6 +284,17 @@ class AttributionExplainer:
             total_compute_time_seconds=time.perf_counter() - started,
             failures=failures,
         )
+
+    def _coordinator(self, spec: MethodSpec, params: Mapping[str, Any], requests: Iterable[_Request]) -> Coordinator:
+        """The packer for one batch: masked rows per call as for one item; gradient rows per forward + backward pass
+        as many as the method's batches hold (``batch_size`` rows of the longest item, or its token budget)."""
+        rows = params.get("batch_size")
+        if spec.kind == "gradient" and rows is not None:
+            tokens = int(rows) * max(request.model_input.length for request in requests)
+        else:
+            tokens = TOKENS_PER_BATCH
+        masked_rows = rows if spec.kind == "perturbation" and rows is not None else self.batch_size
+        return Coordinator(batch_size=masked_rows, max_workers=PACKED_ITEMS, tokens_per_call=tokens)
 
     # ---- display ----------------------------------------------------------------------------------------------
 

@@ -1,11 +1,14 @@
-"""Several explanations side by side, their masked rows packed into shared model batches (``explain_batch``).
+"""Several explanations side by side, their model inputs packed into shared model calls (``explain_batch``).
 
 Each item's method runs unchanged in a worker thread, with a scorer whose model calls are handed to the
 coordinator (the thread that called ``run``): it waits until every running worker is blocked on a model call (or
-finished), then runs all of them, packing the masked-row requests of different items into the same model batches
-(``scoring.score_row_requests``) and running any other call one by one. Only the coordinator touches the model, so
-grad mode, torch threads and the borrowed model behave as in a plain loop, and workers only do their methods' own
-bookkeeping (sampling coalitions, fitting surrogates) between calls.
+finished), then runs all of them. Masked-row requests of different items go into the same model batches
+(``scoring.score_row_requests``); embedding rows whose gradient a method needs go into one forward and one backward
+pass (``scoring.score_embedding_requests``) and come back to the worker as scores carrying that gradient
+(``_KnownGradient``), so captum differentiates them as usual. Any other call runs one by one, as it would alone
+(a per-target matrix's backward then runs in its worker). Only the coordinator runs forward passes, so the
+borrowed model and torch's settings behave as in a plain loop; workers do their methods' own bookkeeping
+(sampling coalitions, fitting surrogates, captum's arithmetic) between calls.
 """
 
 from __future__ import annotations
@@ -16,7 +19,15 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .scoring import RowRequest, ScoreKind, TargetScorer, score_row_requests
+from .scoring import (
+    EmbeddingRequest,
+    Prefix,
+    RowRequest,
+    ScoreKind,
+    TargetScorer,
+    score_embedding_requests,
+    score_row_requests,
+)
 
 _PENDING = object()  # a job's result before it ran
 _NO_INPUTS = {"input_ids": None, "inputs_embeds": None, "attention_mask": None, "prefix": None}
@@ -26,10 +37,12 @@ Outcome = tuple[bool, Any]  # (True, result) or (False, the exception it raised)
 
 @dataclass(eq=False)
 class _Job:
-    """One model call waiting for the coordinator: packable ``rows`` of ``scorer``, or an opaque ``call``."""
+    """One model call waiting for the coordinator: packable ``rows`` or ``embeddings`` of ``scorer``, or an opaque
+    ``call``."""
 
     scorer: Optional[TargetScorer] = None
     rows: Optional[RowRequest] = None
+    embeddings: Optional[EmbeddingRequest] = None
     call: Optional[Callable[[], Any]] = None
     result: Any = _PENDING
     error: Optional[BaseException] = None
@@ -44,22 +57,51 @@ class PackedScorer(TargetScorer):
         self._coordinator = coordinator
         self._prefixes = coordinator.prefixes  # a dataset's shared system prompt / chat header runs once for all items
 
-    def prefix(self, input_ids: torch.Tensor, length: int):  # noqa: ANN201 - same as TargetScorer.prefix
+    def prefix(self, input_ids: torch.Tensor, length: int) -> Optional[Prefix]:
         return self._coordinator.submit(_Job(call=lambda: TargetScorer.prefix(self, input_ids, length)))
 
     def target_log_probs(self, target_ids: torch.Tensor, *, count: bool = True, **inputs: Any) -> torch.Tensor:
-        call = lambda: self._forward(target_ids, count=count, **{**_NO_INPUTS, **inputs})  # noqa: E731
+        grad = torch.is_grad_enabled()  # grad mode is per thread: the call runs in the coordinator's, with this one
+
+        def call() -> torch.Tensor:
+            with torch.set_grad_enabled(grad):
+                return self._forward(target_ids, count=count, **{**_NO_INPUTS, **inputs})
+
         return self._coordinator.submit(_Job(call=call))
 
     def score_rows(self, request: RowRequest, batch_size: int) -> torch.Tensor:
         return self._coordinator.submit(_Job(scorer=self, rows=request))
 
+    def score_embeddings(self, target_ids: torch.Tensor, inputs_embeds: torch.Tensor,
+                         prefix: Optional[Prefix] = None) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and inputs_embeds.requires_grad):
+            return super().score_embeddings(target_ids, inputs_embeds, prefix)  # through target_log_probs: a call
+        request = EmbeddingRequest(inputs_embeds.detach(), target_ids, prefix)
+        scores, gradients = self._coordinator.submit(_Job(scorer=self, embeddings=request))
+        return _KnownGradient.apply(inputs_embeds, scores, gradients)
+
+
+class _KnownGradient(torch.autograd.Function):
+    """Scores computed in the coordinator's packed pass, whose gradient w.r.t. the input came back with them: the
+    worker's autograd (captum's) differentiates through them as if the model had run in its own graph."""
+
+    @staticmethod
+    def forward(ctx: Any, inputs: torch.Tensor, scores: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gradients)
+        return scores.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_scores: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (gradients,) = ctx.saved_tensors
+        return grad_scores.reshape(-1, *[1] * (gradients.dim() - 1)) * gradients, None, None
+
 
 class Coordinator:
     """Runs tasks in worker threads and their model calls in the calling thread, packed across tasks."""
 
-    def __init__(self, batch_size: int, max_workers: int) -> None:
-        self.batch_size = batch_size
+    def __init__(self, batch_size: int, max_workers: int, tokens_per_call: int) -> None:
+        self.batch_size = batch_size  # masked rows per model call
+        self.tokens_per_call = tokens_per_call  # embedding rows x length per forward + backward pass
         self.max_workers = max_workers
         self._condition = threading.Condition()
         self._jobs: list[_Job] = []
@@ -133,17 +175,12 @@ class Coordinator:
         return bool(self._running) and len(self._jobs) == self._running
 
     def _execute(self, jobs: list[_Job]) -> None:
-        """Run the waiting calls: row requests packed together (retried one by one if that fails), calls alone."""
+        """Run the waiting calls: row and embedding requests packed together, other calls one by one."""
         try:
-            packable = [job for job in jobs if job.rows is not None]
-            if packable:
-                try:
-                    results = score_row_requests([(job.scorer, job.rows) for job in packable], self.batch_size)
-                    for job, result in zip(packable, results):
-                        job.result = result
-                except Exception:  # noqa: BLE001 - find which item's rows fail, so the others still get their scores
-                    for job in packable:
-                        self._settle(job, lambda job=job: score_row_requests([(job.scorer, job.rows)], self.batch_size)[0])
+            self._packed([job for job in jobs if job.embeddings is not None], lambda job: job.embeddings,
+                         lambda requests: score_embedding_requests(requests, self.tokens_per_call))
+            self._packed([job for job in jobs if job.rows is not None], lambda job: job.rows,
+                         lambda requests: score_row_requests(requests, self.batch_size))
             for job in jobs:
                 if job.call is not None:
                     self._settle(job, job.call)
@@ -154,6 +191,18 @@ class Coordinator:
                         job.error = RuntimeError("the packed run was stopped")
                     job.done = True
                 self._condition.notify_all()
+
+    def _packed(self, jobs: list[_Job], request: Callable[[_Job], Any],
+                score: Callable[[list[tuple[TargetScorer, Any]]], list[Any]]) -> None:
+        """Score the requests of ``jobs`` together; if that fails, one by one, so only the failing job gets the error."""
+        if not jobs:
+            return
+        try:
+            for job, result in zip(jobs, score([(job.scorer, request(job)) for job in jobs])):
+                job.result = result
+        except Exception:  # noqa: BLE001 - retried per job below
+            for job in jobs:
+                self._settle(job, lambda job=job: score([(job.scorer, request(job))])[0])
 
     @staticmethod
     def _settle(job: _Job, call: Callable[[], Any]) -> None:

@@ -209,6 +209,11 @@ class TargetScorer:
         targets = target_ids.to(self.device).reshape(-1, n_target, 1).expand(size, n_target, 1)
         return logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)
 
+    def score_embeddings(self, target_ids: torch.Tensor, inputs_embeds: torch.Tensor,
+                         prefix: Optional[Prefix] = None) -> torch.Tensor:
+        """(B,) explained score of rows of input embeddings (after ``prefix``), differentiable w.r.t. them."""
+        return self.reduce(self.target_log_probs(target_ids, inputs_embeds=inputs_embeds, prefix=prefix))
+
     # ---- masked ids (perturbation methods) --------------------------------------------------------------------
 
     def score_token_masks(
@@ -322,3 +327,85 @@ def _score_packed(rows: Sequence[tuple[tuple[TargetScorer, RowRequest], int]]) -
         owner.count.forward_passes += 1
         owner.count.tokens_processed += width * sum(1 for (s, _), _ in rows if s is owner)
     return list(log_probs)
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    """Rows of input embeddings (n, l, H) after ``prefix``, each ending with ``target_ids``, whose explained score and
+    its gradient w.r.t. the embeddings are wanted."""
+
+    embeds: torch.Tensor
+    target_ids: torch.Tensor
+    prefix: Optional[Prefix]
+
+
+def score_embedding_requests(
+    requests: Sequence[tuple[TargetScorer, EmbeddingRequest]], tokens_per_call: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(scores (n_i,), gradients (n_i, l_i, H)) per request, several requests per forward + backward pass.
+
+    Whole requests sharing a prefix are packed into one call while it holds at most ``tokens_per_call`` tokens
+    (a request larger than that runs alone). Rows are padded between the prefix and their own embeddings, the
+    padding out of attention and positions; the rows of a call are independent, so the gradient of the sum of
+    their scores gives each row exactly its own gradient. Each scorer counts the passes its rows took part in.
+    """
+    results: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * len(requests)
+    groups: dict[int, list[int]] = {}
+    for index, (_, request) in enumerate(requests):
+        groups.setdefault(id(request.prefix), []).append(index)
+    for indices in groups.values():
+        indices.sort(key=lambda index: int(requests[index][1].embeds.shape[1]))
+        calls: list[list[int]] = [[]]
+        for index in indices:
+            call = calls[-1] + [index]
+            rows = sum(int(requests[i][1].embeds.shape[0]) for i in call)
+            width = max(int(requests[i][1].embeds.shape[1]) for i in call)
+            if calls[-1] and rows * width > tokens_per_call:
+                calls.append([index])
+            else:
+                calls[-1] = call
+        for call in calls:
+            for index, result in zip(call, _score_embeddings_packed([requests[i] for i in call])):
+                results[index] = result
+    return results  # type: ignore[return-value]
+
+
+def _score_embeddings_packed(
+    requests: Sequence[tuple[TargetScorer, EmbeddingRequest]]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One forward and one backward over the rows of ``requests`` (same prefix)."""
+    scorer, first = requests[0]
+    prefix = first.prefix
+    width = max(int(request.embeds.shape[1]) for _, request in requests)
+    n_target = max(int(request.target_ids.shape[-1]) for _, request in requests)
+    size = sum(int(request.embeds.shape[0]) for _, request in requests)
+    embeds = torch.zeros((size, width, first.embeds.shape[-1]), dtype=torch.float32, device=first.embeds.device)
+    attention = torch.zeros((size, width), dtype=torch.long)
+    targets = torch.zeros((size, n_target), dtype=first.target_ids.dtype)
+    spans = []
+    start = 0
+    for _, request in requests:
+        rows, length, tail = (int(request.embeds.shape[0]), int(request.embeds.shape[1]),
+                              int(request.target_ids.shape[-1]))
+        embeds[start : start + rows, width - length :] = request.embeds
+        attention[start : start + rows, width - length :] = 1
+        targets[start : start + rows, n_target - tail :] = request.target_ids
+        spans.append((start, rows, length, tail))
+        start += rows
+    padded = any(length < width for _, _, length, _ in spans)
+    if padded and prefix is not None:
+        attention = torch.cat([torch.ones((size, prefix.length), dtype=torch.long), attention], dim=1)
+    embeds.requires_grad_(True)
+    with torch.enable_grad():
+        log_probs = scorer._forward(targets, input_ids=None, inputs_embeds=embeds, prefix=prefix, count=False,
+                                    attention_mask=attention if padded else None)
+        scores = [owner.reduce(log_probs[begin : begin + rows, n_target - tail :])
+                  for (owner, _), (begin, rows, _, tail) in zip(requests, spans)]
+        (gradients,) = torch.autograd.grad(torch.cat(scores).sum(), embeds)
+    for owner in {id(owner): owner for owner, _ in requests}.values():
+        owner.count.forward_passes += 1
+        owner.count.tokens_processed += width * sum(rows for (o, _), (_, rows, _, _) in zip(requests, spans) if o is owner)
+    return [
+        (score.detach(), gradients[begin : begin + rows, width - length :])
+        for score, (begin, rows, length, _) in zip(scores, spans)
+    ]

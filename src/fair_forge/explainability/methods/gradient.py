@@ -67,8 +67,9 @@ class _EmbeddingTask:
         batch[:, self._positions_on_device] = attributed
         if torch.is_grad_enabled() and attributed.requires_grad:
             scorer.count.backward_passes += 1  # captum differentiates every forward it makes with grad enabled
-        log_probs = scorer.target_log_probs(self.target_ids, inputs_embeds=batch, prefix=self.prefix)
-        return log_probs if per_target else scorer.reduce(log_probs)
+        if per_target:
+            return scorer.target_log_probs(self.target_ids, inputs_embeds=batch, prefix=self.prefix)
+        return scorer.score_embeddings(self.target_ids, batch, self.prefix)
 
     def baseline(self, spec: Any) -> torch.Tensor:
         """(1, A, H) baseline: "zero", "pad" (the input's baseline token) or a token id, at every attributed token."""
