@@ -305,28 +305,50 @@ def score_row_requests(requests: Sequence[tuple[TargetScorer, RowRequest]], batc
 def _score_packed(rows: Sequence[tuple[tuple[TargetScorer, RowRequest], int]]) -> list[torch.Tensor]:
     """One model call over ``rows`` (all with the same prefix); per row its right-aligned target log-probs."""
     scorer, first = rows[0][0]
-    prefix = first.prefix
-    width = max(int(request.ids.shape[1]) for (_, request), _ in rows)
-    n_target = max(int(request.target_ids.shape[-1]) for (_, request), _ in rows)
-    size = len(rows)
-    ids = torch.zeros((size, width), dtype=first.ids.dtype)  # padding id: never attended
-    attention = torch.zeros((size, width), dtype=torch.long)
-    targets = torch.zeros((size, n_target), dtype=first.target_ids.dtype)
-    padded = False
+    width, attention, targets = _layout(
+        [int(request.ids.shape[1]) for (_, request), _ in rows],
+        [request.target_ids for (_, request), _ in rows],
+        [None if request.attention is None else request.attention[row] for (_, request), row in rows],
+        first.prefix,
+    )
+    ids = torch.zeros((len(rows), width), dtype=first.ids.dtype)  # padding id: never attended
     for position, ((_, request), row) in enumerate(rows):
-        length, tail = int(request.ids.shape[1]), int(request.target_ids.shape[-1])
-        ids[position, width - length :] = request.ids[row]
-        attention[position, width - length :] = 1 if request.attention is None else request.attention[row]
-        targets[position, n_target - tail :] = request.target_ids
-        padded = padded or length < width or request.attention is not None
-    if padded and prefix is not None:
-        attention = torch.cat([torch.ones((size, prefix.length), dtype=torch.long), attention], dim=1)
-    log_probs = scorer._forward(targets, input_ids=ids, inputs_embeds=None, prefix=prefix, count=False,
-                                attention_mask=attention if padded else None)
-    for owner in {id(s): s for (s, _), _ in rows}.values():
-        owner.count.forward_passes += 1
-        owner.count.tokens_processed += width * sum(1 for (s, _), _ in rows if s is owner)
+        ids[position, width - request.ids.shape[1] :] = request.ids[row]
+    log_probs = scorer._forward(targets, input_ids=ids, inputs_embeds=None, attention_mask=attention,
+                                prefix=first.prefix, count=False)
+    _count_call([owner for (owner, _), _ in rows], width)
     return list(log_probs)
+
+
+def _layout(
+    lengths: Sequence[int], row_targets: Sequence[torch.Tensor], row_attention: Sequence[Optional[torch.Tensor]],
+    prefix: Optional[Prefix],
+) -> tuple[int, Optional[torch.Tensor], torch.Tensor]:
+    """Width, attention mask and (rows, max n_target) right-aligned target ids of a packed call.
+
+    Rows are right-aligned; the slots before a shorter row (and its own removed tokens) are out of attention. The
+    mask covers the prefix too, and is None when every row fills the width and attends to every token.
+    """
+    width, n_target, size = max(lengths), max(int(t.shape[-1]) for t in row_targets), len(lengths)
+    attention = torch.zeros((size, width), dtype=torch.long)
+    targets = torch.zeros((size, n_target), dtype=row_targets[0].dtype)
+    padded = False
+    for row, (length, target, attended) in enumerate(zip(lengths, row_targets, row_attention)):
+        attention[row, width - length :] = 1 if attended is None else attended
+        targets[row, n_target - int(target.shape[-1]) :] = target
+        padded = padded or length < width or attended is not None
+    if not padded:
+        return width, None, targets
+    if prefix is not None:
+        attention = torch.cat([torch.ones((size, prefix.length), dtype=torch.long), attention], dim=1)
+    return width, attention, targets
+
+
+def _count_call(owners: Sequence[TargetScorer], width: int) -> None:
+    """Every scorer with rows (``owners``, one per row) in a call of ``width`` counts the call and its rows' tokens."""
+    for owner in {id(owner): owner for owner in owners}.values():
+        owner.count.forward_passes += 1
+        owner.count.tokens_processed += width * sum(1 for other in owners if other is owner)
 
 
 @dataclass(frozen=True)
@@ -375,36 +397,29 @@ def _score_embeddings_packed(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One forward and one backward over the rows of ``requests`` (same prefix)."""
     scorer, first = requests[0]
-    prefix = first.prefix
-    width = max(int(request.embeds.shape[1]) for _, request in requests)
-    n_target = max(int(request.target_ids.shape[-1]) for _, request in requests)
-    size = sum(int(request.embeds.shape[0]) for _, request in requests)
-    embeds = torch.zeros((size, width, first.embeds.shape[-1]), dtype=torch.float32, device=first.embeds.device)
-    attention = torch.zeros((size, width), dtype=torch.long)
-    targets = torch.zeros((size, n_target), dtype=first.target_ids.dtype)
-    spans = []
-    start = 0
-    for _, request in requests:
-        rows, length, tail = (int(request.embeds.shape[0]), int(request.embeds.shape[1]),
-                              int(request.target_ids.shape[-1]))
+    owners = [owner for owner, request in requests for _ in range(request.embeds.shape[0])]
+    width, attention, targets = _layout(
+        [int(request.embeds.shape[1]) for owner, request in requests for _ in range(request.embeds.shape[0])],
+        [request.target_ids for owner, request in requests for _ in range(request.embeds.shape[0])],
+        [None] * len(owners),
+        first.prefix,
+    )
+    embeds = torch.zeros((len(owners), width, first.embeds.shape[-1]), dtype=torch.float32, device=first.embeds.device)
+    spans, start = [], 0
+    for owner, request in requests:
+        rows, length = int(request.embeds.shape[0]), int(request.embeds.shape[1])
         embeds[start : start + rows, width - length :] = request.embeds
-        attention[start : start + rows, width - length :] = 1
-        targets[start : start + rows, n_target - tail :] = request.target_ids
-        spans.append((start, rows, length, tail))
+        spans.append((start, rows, length, int(request.target_ids.shape[-1])))
         start += rows
-    padded = any(length < width for _, _, length, _ in spans)
-    if padded and prefix is not None:
-        attention = torch.cat([torch.ones((size, prefix.length), dtype=torch.long), attention], dim=1)
     embeds.requires_grad_(True)
     with torch.enable_grad():
-        log_probs = scorer._forward(targets, input_ids=None, inputs_embeds=embeds, prefix=prefix, count=False,
-                                    attention_mask=attention if padded else None)
+        log_probs = scorer._forward(targets, input_ids=None, inputs_embeds=embeds, attention_mask=attention,
+                                    prefix=first.prefix, count=False)
+        n_target = log_probs.shape[-1]
         scores = [owner.reduce(log_probs[begin : begin + rows, n_target - tail :])
                   for (owner, _), (begin, rows, _, tail) in zip(requests, spans)]
         (gradients,) = torch.autograd.grad(torch.cat(scores).sum(), embeds)
-    for owner in {id(owner): owner for owner, _ in requests}.values():
-        owner.count.forward_passes += 1
-        owner.count.tokens_processed += width * sum(rows for (o, _), (_, rows, _, _) in zip(requests, spans) if o is owner)
+    _count_call(owners, width)
     return [
         (score.detach(), gradients[begin : begin + rows, width - length :])
         for score, (begin, rows, length, _) in zip(scores, spans)
