@@ -1,9 +1,12 @@
 """Perturbation methods on the embedded model: wall time, model evaluations, ratio to the bare forward floor, and
 interpreto / captum ``LLMAttribution`` side by side with the same number of samples.
 
-The floor is the time the bare model needs for the same number of distinct masked sequences at the same batch size
-and length (no masking, no attribution, no caching): what any method that scores those masks must at least pay
-unless it reuses the unchanged prefix. Run: ``python benchmarks/bench_perturbation.py [--threads 1] [--json out]``.
+The floor is the time the bare model needs for the same number of distinct masked sequences at their full length
+(no masking, no attribution, no caching), as many rows per call as the library's sizing gives whole sequences:
+what any method that scores those masks must at least pay unless it reuses the unchanged prefix. interpreto gets
+the same rows per call. A second table times ``explain_batch`` over 8 Q&A items (their masked inputs packed into
+shared model calls) against a loop of ``explain``.
+Run: ``python benchmarks/bench_perturbation.py [--threads 1] [--batch-size N] [--json out]``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,11 @@ import torch  # noqa: E402
 from fair_forge.explainability.explainer import AttributionExplainer  # noqa: E402
 from fair_forge.explainability.models import load_default_model  # noqa: E402
 from fair_forge.explainability.prompt import build_model_input  # noqa: E402
-from fair_forge.explainability.scoring import contiguous_head_input  # noqa: E402
+from fair_forge.explainability.scoring import (  # noqa: E402
+    TargetScorer,
+    contiguous_head_input,
+    masked_rows_per_call,
+)
 
 THREADS = 2  # like bench_gradient; on a busy machine, 1 thread avoids oversubscription stalls
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -60,7 +67,15 @@ def forward_floor(model: Any, input_ids: torch.Tensor, n_target: int, n_sequence
     return _median_time(run, repeats)[0]
 
 
-def ours(model: Any, tokenizer: Any, batch_size: int, repeats: int) -> list[dict[str, Any]]:
+def full_length_rows(model: Any, tokenizer: Any, batch_size: Optional[int]) -> int:
+    """Rows per call for whole (uncached) sequences: ``batch_size``, or the library's default sizing for them; the
+    floor and interpreto get this many."""
+    model_input = build_model_input(tokenizer, target=TARGET, messages=MESSAGES)
+    vocab_size = TargetScorer(model).vocab_size
+    return batch_size or masked_rows_per_call(model_input.length, model_input.n_target, vocab_size)
+
+
+def ours(model: Any, tokenizer: Any, batch_size: Optional[int], repeats: int) -> list[dict[str, Any]]:
     explainer = AttributionExplainer(model, tokenizer, batch_size=batch_size)
     explainer.explain(MESSAGES, TARGET, method="occlusion")  # warm-up (allocator)
     import lime.lime_base, scipy.stats.qmc, shap  # noqa: E401, F401 - imported once, outside the timings
@@ -70,12 +85,45 @@ def ours(model: Any, tokenizer: Any, batch_size: int, repeats: int) -> list[dict
     for method, params in METHODS.items():
         seconds, result = _median_time(lambda: explainer.explain(MESSAGES, TARGET, method=method, **params), repeats)
         meta = result.metadata
-        floor = forward_floor(model, input_ids, model_input.n_target, meta.n_evaluations, batch_size, repeats)
+        floor = forward_floor(model, input_ids, model_input.n_target, meta.n_evaluations,
+                              full_length_rows(model, tokenizer, batch_size), repeats)
         rows.append({
             "library": "fair_forge", "method": method, "params": params, "seconds": seconds,
             "n_features": meta.n_features, "n_evaluations": meta.n_evaluations,
             "n_forward_passes": meta.n_forward_passes, "floor_seconds": floor, "ratio_to_floor": seconds / floor,
         })
+    return rows
+
+
+DATASET = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("What is the capital of Italy?", "The capital of Italy is Rome."),
+    ("Who wrote Hamlet?", "Hamlet was written by William Shakespeare."),
+    ("What colour is the sky on a clear day?", "The sky is blue."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+    ("What is the boiling point of water at sea level?", "Water boils at 100 degrees Celsius."),
+    ("Which planet is known as the red planet?", "Mars is known as the red planet."),
+    ("What is the largest ocean on Earth?", "The Pacific Ocean is the largest ocean."),
+]
+
+
+def batch_rows(model: Any, tokenizer: Any, batch_size: Optional[int], repeats: int) -> list[dict[str, Any]]:
+    """``explain_batch`` (items packed into shared model calls) against a loop of ``explain`` over the same items."""
+    explainer = AttributionExplainer(model, tokenizer, batch_size=batch_size)
+    items = [{"question": question, "answer": answer} for question, answer in DATASET]
+    rows = []
+    for method in ("occlusion", "lime"):
+        params = METHODS[method]
+        loop = lambda: [explainer.explain([{"role": "user", "content": q}], a, method=method, **params)  # noqa: E731
+                        for q, a in DATASET]
+        loop_seconds, _ = _median_time(loop, repeats)
+        packed_seconds, _ = _median_time(
+            lambda: explainer.explain_batch(items, method=method, show_progress=False, **params), repeats)
+        rows.append({"library": "fair_forge", "method": f"{method} x{len(DATASET)} items", "params": params,
+                     "loop_seconds": loop_seconds, "seconds": packed_seconds,
+                     "packed_speedup": loop_seconds / packed_seconds})
+        print(f"{'batch':>10} {rows[-1]['method']:>20}  loop {loop_seconds:6.2f}s  explain_batch "
+              f"{packed_seconds:6.2f}s  x{rows[-1]['packed_speedup']:.2f}", flush=True)
     return rows
 
 
@@ -127,7 +175,7 @@ def _printed(rows: list[dict[str, Any]], mine: dict[str, float]) -> list[dict[st
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the benchmark and return its rows (``argv`` defaults to none, as ``run_all`` calls it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per call (default: the library's sizing)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peer-repeats", type=int, default=1, help="captum is slow; one run each by default")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch.set_num_threads")
@@ -136,11 +184,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parser.parse_args(list(argv) if argv is not None else [])
     torch.set_num_threads(args.threads)
     model, tokenizer = load_default_model()
-    print(f"perturbation methods, SmolLM2-135M, WORD, batch {args.batch_size}, {torch.get_num_threads()} threads")
+    peer_rows = full_length_rows(model, tokenizer, args.batch_size)
+    print(f"perturbation methods, SmolLM2-135M, WORD, batch {args.batch_size or 'default'} (floor and interpreto: "
+          f"{peer_rows} whole sequences), {torch.get_num_threads()} threads")
     rows = _printed(ours(model, tokenizer, args.batch_size, args.repeats), {})
     mine = {row["method"]: row["seconds"] for row in rows}
+    rows += batch_rows(model, tokenizer, args.batch_size, args.repeats)
     if not args.no_peers:
-        rows += _printed(interpreto_rows(args.batch_size, args.peer_repeats), mine)
+        rows += _printed(interpreto_rows(peer_rows, args.peer_repeats), mine)
         rows += _printed(captum_rows(model, tokenizer, args.peer_repeats), mine)
     result = {"rows": rows, "threads": torch.get_num_threads(), "batch_size": args.batch_size}
     if args.json:

@@ -145,3 +145,21 @@ def test_the_output_layer_hook_is_gone_after_every_call(setup):
     with pytest.raises(Exception):
         scorer.target_log_probs(model_input.target_ids, input_ids=torch.full_like(batch, 10**6))  # out of vocab
     assert not head._forward_pre_hooks
+
+
+def test_default_calls_are_sized_by_tokens_and_by_logits(setup, monkeypatch):
+    """batch_size=None: as many rows per call as fit the token budget and the logits budget, whichever is smaller."""
+    from fair_forge.explainability import scoring
+
+    model, model_input = setup
+    keep = random_keeps(model_input, 11)
+    distinct = len(np.unique(keep, axis=0))
+    width = model_input.length - int(np.flatnonzero(model_input.attributable)[0])  # the rows after the cached prefix
+    reference = TargetScorer(model, batch_size=1).score_token_masks(model_input, keep, per_target=True)
+    vocab = TargetScorer(model).vocab_size
+    for tokens, logits, rows in [(3 * width, 10**9, 3), (10**6, 2 * (model_input.n_target + 1) * vocab, 2)]:
+        monkeypatch.setattr(scoring, "MASKED_TOKENS_PER_CALL", tokens)
+        monkeypatch.setattr(scoring, "LOGITS_PER_CALL", logits)
+        scorer = TargetScorer(model)
+        np.testing.assert_allclose(scorer.score_token_masks(model_input, keep, per_target=True), reference, atol=1e-5)
+        assert scorer.count.forward_passes == 1 + -(-distinct // rows)  # the prefix, then full calls

@@ -15,7 +15,7 @@ from .methods.gradient import TOKENS_PER_BATCH
 from .models import borrowed, display_name
 from .packing import PACKED_ITEMS, Coordinator
 from .prompt import ModelInput, build_model_input
-from .scoring import DEFAULT_BATCH_SIZE, ScoreKind, TargetScorer, model_context_length
+from .scoring import ScoreKind, TargetScorer, model_context_length
 from .segment import Feature, build_features
 from .types import (
     AttributionBatchResult,
@@ -70,7 +70,8 @@ class AttributionExplainer:
 
     ``score`` picks the explained quantity (sum of target log-probs by default, or "mean", or "prob");
     ``include_template_tokens`` makes chat-template tokens attributable too; ``batch_size`` is the number of
-    sequences per model call for perturbation methods (gradient methods take their own ``batch_size`` parameter);
+    sequences per model call for perturbation methods (None: sized by a token and a logits budget, see
+    ``scoring.masked_rows_per_call``; gradient methods take their own ``batch_size`` parameter);
     ``prefix_cache`` runs the unchanging start of the input (system prompt, chat header) once per explanation.
     """
 
@@ -84,7 +85,7 @@ class AttributionExplainer:
         *,
         model_name: Optional[str] = None,
         score: ScoreKind = "sum",
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: Optional[int] = None,
         include_template_tokens: bool = False,
         prefix_cache: bool = True,
     ) -> None:

@@ -99,8 +99,8 @@ class _KnownGradient(torch.autograd.Function):
 class Coordinator:
     """Runs tasks in worker threads and their model calls in the calling thread, packed across tasks."""
 
-    def __init__(self, batch_size: int, max_workers: int, tokens_per_call: int) -> None:
-        self.batch_size = batch_size  # masked rows per model call
+    def __init__(self, batch_size: Optional[int], max_workers: int, tokens_per_call: int) -> None:
+        self.batch_size = batch_size  # masked rows per model call (None: sized by scoring.masked_rows_per_call)
         self.tokens_per_call = tokens_per_call  # embedding rows x length per forward + backward pass
         self.max_workers = max_workers
         self._condition = threading.Condition()

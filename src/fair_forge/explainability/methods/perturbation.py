@@ -13,7 +13,7 @@ f(input) - f(baseline). SOBOL indices are non-negative variance shares and not a
 
 Shared parameters: ``n_samples`` (LIME, KERNEL_SHAP: default max(100, 4 x features) coalitions;
 SOBOL: 32 quasi-Monte-Carlo base points, costing 32 * (d + 2) evaluations), ``seed``,
-``batch_size`` (masks per model call; None: the explainer's batch size), ``baseline`` ("pad": the input's pad/unk
+``batch_size`` (masks per model call; None: the explainer's, by default sized by ``scoring.masked_rows_per_call``), ``baseline`` ("pad": the input's pad/unk
 token, or a token id), ``remove``, ``max_evaluations`` (refuse larger jobs with BudgetError).
 """
 
