@@ -191,3 +191,10 @@ def test_coordinator_runs_calls_in_its_own_thread_and_keeps_failures_apart():
     assert [value for ok, value in outcomes if ok] == [1, 11, 31, 41]
     assert isinstance(outcomes[2][1], ValueError) and isinstance(outcomes[5][1], KeyError)
     assert set(seen) == {main} and sorted(finished) == list(range(6))
+
+
+def test_a_batch_whose_items_all_fail_validation_returns_only_failures(tiny_gpt2):
+    model, tokenizer = tiny_gpt2
+    batch = AttributionExplainer(model, tokenizer).explain_batch(
+        [("", "x"), {"question": "Why?", "answer": " "}], method="saliency", batch_size=2, show_progress=False)
+    assert len(batch) == 0 and [f.index for f in batch.failures] == [0, 1]

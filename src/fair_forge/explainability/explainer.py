@@ -291,7 +291,7 @@ class AttributionExplainer:
         as many as the method's batches hold (``batch_size`` rows of the longest item, or its token budget)."""
         rows = params.get("batch_size")
         if spec.kind == "gradient" and rows is not None:
-            tokens = int(rows) * max(request.model_input.length for request in requests)
+            tokens = int(rows) * max((request.model_input.length for request in requests), default=1)
         else:
             tokens = TOKENS_PER_BATCH
         masked_rows = rows if spec.kind == "perturbation" and rows is not None else self.batch_size
