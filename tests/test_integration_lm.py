@@ -1,4 +1,4 @@
-"""Integration: the gradient path on the real embedded SmolLM2-135M-Instruct and the demo question."""
+"""Integration on the real embedded SmolLM2-135M-Instruct: the gradient path, batched scoring, packed batches."""
 
 from __future__ import annotations
 
@@ -54,3 +54,19 @@ def test_sentence_level_input_x_gradient_adds_up_its_words(smollm2):
     sentences = explainer.explain(messages, TARGET, granularity=Granularity.SENTENCE)
     assert sentences.tokens == ["I live in Paris.", "What is the capital of France?"]
     assert sum(sentences.scores) == pytest.approx(sum(words.scores), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["input_x_gradient", "occlusion"])
+def test_packed_batch_equals_one_by_one_on_the_real_model(smollm2, method):
+    """explain_batch packs items of different lengths into shared calls; on SmolLM2 the scores do not move."""
+    model, tokenizer = smollm2
+    items = [(MESSAGES, TARGET),
+             ([{"role": "user", "content": "Which planet is known as the red planet?"}], "Mars."),
+             ([{"role": "system", "content": "Answer briefly."},
+               {"role": "user", "content": "Who wrote Hamlet?"}], "William Shakespeare wrote Hamlet.")]
+    explainer = AttributionExplainer(model, tokenizer)
+    batch = explainer.explain_batch(items, method=method, show_progress=False)
+    assert not batch.failures
+    for (messages, target), packed in zip(items, batch):
+        one = explainer.explain(messages, target, method=method)
+        np.testing.assert_allclose(packed.scores, one.scores, atol=1e-4, rtol=1e-4)
