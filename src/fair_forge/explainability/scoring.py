@@ -1,6 +1,8 @@
 """TargetScorer: teacher-forced log p(target_t | prefix) for batches of inputs, the one way methods call the model.
 
 Batching, dtype handling and the counting of model evaluations live here so every method gets them for free.
+``score_row_requests`` and ``score_embedding_requests`` pack rows of one or several inputs into shared model calls
+(``packing.py`` uses them to run the items of ``explain_batch`` together).
 Only the logits of the positions that predict target tokens are computed (``logits_to_keep``) and they never leave
 the model's device: the target log-probs are gathered there and only (batch, n_target) floats come back.
 """
