@@ -336,21 +336,11 @@ def _item_fields(item: Any) -> tuple[Optional[Messages], Optional[str], Any]:
     raise InvalidInputError(f"item must be a (messages_or_prompt, target) pair or a dict, got {item!r}")
 
 
-class _NoProgress:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(total: int, show: bool) -> Any:
-    """A tqdm bar over ``total`` items, or a silent stand-in."""
-    if not show:
-        return _NoProgress()
+    """A tqdm bar over ``total`` items (silent with ``show=False``)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="explaining", unit="item")
+    return tqdm(total=total, desc="explaining", unit="item", disable=not show)
 
 
 def compute_attributions(

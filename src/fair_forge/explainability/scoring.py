@@ -13,7 +13,7 @@ import contextlib
 import copy
 import inspect
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from .errors import InvalidInputError, UnsupportedModelError
 from .prompt import ModelInput
 
 ScoreKind = Literal["sum", "mean", "prob"]
+T = TypeVar("T")
 SCORE_KINDS: tuple[str, ...] = ("sum", "mean", "prob")
 # batch_size=None: masked rows per model call fill MASKED_TOKENS_PER_CALL tokens (after the cached prefix) and at most
 # LOGITS_PER_CALL float32 logits (rows x (n_target + 1) x vocab, 128 MB), whichever allows fewer rows. On 2 CPU threads
@@ -49,6 +50,13 @@ def model_context_length(model: Any) -> Optional[int]:
     return None
 
 
+def _output_layer(model: Any) -> Optional[torch.nn.Module]:
+    """The model's output (vocabulary) layer, if it exposes one through ``get_output_embeddings``."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return head if isinstance(head, torch.nn.Module) else None
+
+
 @contextlib.contextmanager
 def contiguous_head_input(model: Any) -> Iterator[None]:
     """Hand the output layer a contiguous input while the model runs.
@@ -58,9 +66,8 @@ def contiguous_head_input(model: Any) -> Iterator[None]:
     batched matmul over a broadcast weight: 5.6x slower than on a contiguous copy (forward + backward, SmolLM2's
     576 x 49152 head, 10 rows, 1 thread), about a third of an integrated-gradients call. Same values either way.
     """
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    if not isinstance(head, torch.nn.Module):
+    head = _output_layer(model)
+    if head is None:
         yield
         return
     handle = head.register_forward_pre_hook(lambda module, args: tuple(
@@ -111,9 +118,7 @@ class TargetScorer:
         value = getattr(getattr(self.model, "config", None), "vocab_size", None)
         if isinstance(value, int) and value > 0:
             return value
-        getter = getattr(self.model, "get_output_embeddings", None)
-        head = getter() if callable(getter) else None
-        weight = getattr(head, "weight", None)
+        weight = getattr(_output_layer(self.model), "weight", None)
         return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else 1
 
     # ---- the explained quantity -------------------------------------------------------------------------------
@@ -310,14 +315,12 @@ def score_row_requests(
     """
     results = [torch.empty(len(r.ids), int(r.target_ids.shape[-1])) for _, r in requests]
     vocab_size = requests[0][0].vocab_size if requests else 1
-    groups: dict[int, list[tuple[int, int]]] = {}  # prefix identity -> (request, row) pairs
-    for index, (_, request) in enumerate(requests):
-        groups.setdefault(id(request.prefix), []).extend((index, row) for row in range(len(request.ids)))
-    for entries in groups.values():
-        entries.sort(key=lambda entry: int(requests[entry[0]][1].ids.shape[1]))  # stable: less padding per call
+    entries = [(index, row) for index, (_, request) in enumerate(requests) for row in range(len(request.ids))]
+    for group in _by_prefix_then_width(entries, lambda entry: requests[entry[0]][1].prefix,
+                                       lambda entry: int(requests[entry[0]][1].ids.shape[1])):
         calls: list[list[tuple[int, int]]] = [[]]
         n_target = 0  # the current call's longest target
-        for entry in entries:
+        for entry in group:
             request = requests[entry[0]][1]
             width, tail = int(request.ids.shape[1]), int(request.target_ids.shape[-1])  # width: the longest (sorted)
             limit = batch_size or masked_rows_per_call(width, max(n_target, tail), vocab_size)
@@ -332,6 +335,17 @@ def score_row_requests(
             for (index, row), values in zip(call, log_probs):
                 results[index][row] = values[len(values) - results[index].shape[1] :].cpu()
     return results
+
+
+def _by_prefix_then_width(
+    entries: Iterable[T], prefix: Callable[[T], Optional[Prefix]], width: Callable[[T], int]
+) -> list[list[T]]:
+    """``entries`` grouped by the prefix object they continue (rows of one call share it), each group ordered by
+    width (stable), so that consecutive entries cut into calls need little padding."""
+    groups: dict[int, list[T]] = {}
+    for entry in entries:
+        groups.setdefault(id(prefix(entry)), []).append(entry)
+    return [sorted(group, key=width) for group in groups.values()]
 
 
 def masked_rows_per_call(width: int, n_target: int, vocab_size: int) -> int:
@@ -409,11 +423,8 @@ def score_embedding_requests(
     their scores gives each row exactly its own gradient. Each scorer counts the passes its rows took part in.
     """
     results: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * len(requests)
-    groups: dict[int, list[int]] = {}
-    for index, (_, request) in enumerate(requests):
-        groups.setdefault(id(request.prefix), []).append(index)
-    for indices in groups.values():
-        indices.sort(key=lambda index: int(requests[index][1].embeds.shape[1]))
+    for indices in _by_prefix_then_width(range(len(requests)), lambda index: requests[index][1].prefix,
+                                         lambda index: int(requests[index][1].embeds.shape[1])):
         calls: list[list[int]] = [[]]
         for index in indices:
             call = calls[-1] + [index]
