@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -285,6 +285,35 @@ class AttributionExplainer:
             total_compute_time_seconds=time.perf_counter() - started,
             failures=failures,
         )
+
+    def iter_explain(
+        self,
+        items: Iterable[Any],
+        *,
+        method: Optional[MethodLike] = None,
+        granularity: Optional[GranularityLike] = None,
+        per_target: bool = False,
+        **method_params: Any,
+    ) -> Iterator[tuple[int, Union[AttributionResult, BatchFailure]]]:
+        """Stream ``(index, result or failure)`` over ``items`` (any iterable, read lazily), as items finish.
+
+        Items are those of ``explain_batch``. Settings errors (unknown method, bad parameter) are raised before
+        the first item is read; an item that fails yields a ``BatchFailure`` and the stream goes on.
+        """
+        spec = get_method(method if method is not None else self.default_method)
+        spec.resolve_params(method_params)
+        level = parse_granularity(granularity if granularity is not None else self.default_granularity)
+        if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
+            raise InvalidInputError("items must be an iterable of (messages_or_prompt, target) pairs or dicts")
+        for index, record in enumerate(items):
+            try:
+                messages, prompt, target = _item_fields(record)
+                request = self._prepare(messages, prompt, target, spec.name, level, method_params)
+                with borrowed(self.model):
+                    result: Union[AttributionResult, BatchFailure] = self._run(request, per_target)
+            except Exception as error:  # noqa: BLE001 - recorded per item; nothing the user gave is lost
+                result = BatchFailure(index=index, error_type=type(error).__name__, message=str(error))
+            yield index, result
 
     def _coordinator(self, spec: MethodSpec, params: Mapping[str, Any], requests: Iterable[_Request]) -> Coordinator:
         """The packer for one batch: masked rows per call as for one item; gradient rows per forward + backward pass
