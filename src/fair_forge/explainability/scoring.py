@@ -222,7 +222,7 @@ class TargetScorer:
         if key not in self._prefixes:
             kwargs = {"logits_to_keep": 1} if self._keeps_logits else {}  # the prefix's logits are never used
             started = time.perf_counter()
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors: gradient calls will attend to them
                 output = self.model(input_ids=input_ids[:length].unsqueeze(0).to(self.device), use_cache=True, **kwargs)
             self.count.forward_passes += 1
             self.count.tokens_processed += length
@@ -466,7 +466,13 @@ def _by_prefix_then_width(
 
 def _call(rows: Sequence[tuple[_Rows, int]], gradients: bool) -> tuple[np.ndarray, Optional[torch.Tensor]]:
     """One model call over ``rows`` (one prefix): right-aligned (rows, max n_target) float64 log-probs, and with
-    ``gradients`` each row's (A, H) gradient of its own scalar."""
+    ``gradients`` each row's (A, H) gradient of its own scalar. Runs outside ``torch.inference_mode`` (a caller's
+    inference mode would forbid the gradient) and with gradients enabled only where asked for."""
+    with torch.inference_mode(False):
+        return _call_model(rows, gradients)
+
+
+def _call_model(rows: Sequence[tuple[_Rows, int]], gradients: bool) -> tuple[np.ndarray, Optional[torch.Tensor]]:
     first = rows[0][0]
     scorer, prefix = first.scorer, first.prefix
     lengths = [laid.width for laid, _ in rows]

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Generator, Literal, 
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
-from ..errors import InvalidInputError, UnknownMethodError
+from ..errors import BudgetError, InvalidInputError, UnknownMethodError
 from ._coalitions import DEFAULT_MAX_EVALUATIONS
 from ..types import AttributionMethod
 
@@ -82,6 +82,10 @@ class MethodParams(BaseModel):
     batch_size: Optional[Count] = Field(
         None, description="rows per model call; None: as many as the token and logits budgets allow (packed)")
 
+    def planned_evaluations(self) -> int:
+        """Model evaluations these settings need for any item, known before seeing one (0: depends on the item)."""
+        return 0
+
 
 class SampledParams(MethodParams):
     """Parameters of methods that draw random samples within an evaluation budget."""
@@ -120,12 +124,17 @@ class MethodSpec:
             raise InvalidInputError(
                 f"{self.name} does not take parameter(s) {unknown}; it accepts {sorted(self.params.model_fields)}")
         try:
-            params = self.params.model_validate(dict(given)).model_dump()
+            model = self.params.model_validate(dict(given))
         except ValidationError as error:
             problems = "; ".join(
                 f"{'.'.join(str(part) for part in issue['loc']) or 'parameters'}: {issue['msg']} "
                 f"(got {issue.get('input')!r})" for issue in error.errors())
             raise InvalidInputError(f"{self.name}: {problems}") from None
+        params = model.model_dump()
+        planned, budget = getattr(model, "planned_evaluations", lambda: 0)(), params.get("max_evaluations")
+        if isinstance(budget, int) and planned > budget:
+            raise BudgetError(f"{self.name} would need {planned} model evaluations, more than max_evaluations="
+                              f"{budget}; lower the steps or samples, or raise max_evaluations")
         baseline = params.get("baseline")
         if vocab_size is not None and isinstance(baseline, int) and baseline >= vocab_size:
             raise InvalidInputError(

@@ -52,12 +52,18 @@ class StepParams(MethodParams):
     max_steps: Count = Field(1024, description="most integration nodes an adaptive rule may use")
     baseline: Baseline = Field("zero", description=BASELINE_HELP)
     max_evaluations: Count = Field(
-        DEFAULT_MAX_EVALUATIONS, description="refuse (BudgetError) explanations that would need more gradient rows")
+        DEFAULT_MAX_EVALUATIONS, description="refuse (BudgetError) explanations that would need more model evaluations")
+
+    def planned_evaluations(self) -> int:
+        return (self.n_steps or self.max_steps) + 2  # the path's points and its two ends
 
 
 class NoiseParams(SampledParams):
     n_samples: Count = Field(NOISE_SAMPLES, description="noisy samples (rows) per output")
     noise_std: FiniteFloat = Field(0.1, ge=0, description="noise standard deviation, relative to std(input embeddings)")
+
+    def planned_evaluations(self) -> int:
+        return self.n_samples
 
 
 class ShapParams(NoiseParams):
@@ -90,8 +96,10 @@ class _Embeddings:
         token = self.context.model_input.baseline_token_id if spec == "pad" else int(spec)
         return self.context.scorer.embed(torch.tensor([token])).expand_as(self.inputs).clone()
 
-    def check_budget(self, method: str, rows_per_output: int, max_evaluations: int, hint: str) -> None:
-        planned = rows_per_output * len(self.outputs)
+    def check_budget(self, method: str, rows_per_output: int, max_evaluations: int, hint: str, fixed: int = 0) -> None:
+        """BudgetError before any model call when this item's rows (``rows_per_output`` per output, + ``fixed``)
+        exceed ``max_evaluations`` (with per_target, every target token is an output)."""
+        planned = rows_per_output * len(self.outputs) + fixed
         if planned > max_evaluations:
             raise BudgetError(f"{method} would need {planned} gradient rows, more than "
                               f"max_evaluations={max_evaluations}; {hint}")
@@ -137,7 +145,7 @@ def integrated_gradients(context: MethodContext) -> Plan:
     params = context.params
     embeddings = _Embeddings(context)
     embeddings.check_budget("integrated gradients", params["n_steps"] or params["max_steps"],
-                            params["max_evaluations"], "lower n_steps or max_steps")
+                            params["max_evaluations"], "lower n_steps or max_steps", fixed=2)
     x, b = embeddings.inputs, embeddings.baseline(params["baseline"])
     ends = yield EmbeddingRows(torch.stack([x, b]), gradients=False)
     log_probs = torch.from_numpy(ends.log_probs)
