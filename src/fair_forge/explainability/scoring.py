@@ -334,20 +334,31 @@ class _Rows:
     scorer: TargetScorer
     prefix: Optional[Prefix]
     target_ids: torch.Tensor
-    ids: Optional[torch.Tensor] = None  # (n, l) token ids, or
+    ids: Optional[torch.Tensor] = None  # (l,) token ids after the prefix, masked where ...
+    keep: Optional[torch.Tensor] = None  # ... (n, l) is False: replaced by ...
+    baseline_id: int = 0  # ... this token, or
+    remove: bool = False  # ... deleted (built one row at a time: memory stays with the call, not the request)
     base: Optional[torch.Tensor] = None  # (l, H) embeddings of the tokens after the prefix, whose ...
     positions: Optional[torch.Tensor] = None  # ... attributable positions (relative to the prefix) take ...
     embeds: Optional[torch.Tensor] = None  # ... (n, A, H) embeddings
-    attention: Optional[torch.Tensor] = None  # (n, l): 0 for removed tokens
     outputs: Optional[np.ndarray] = None  # (n,) scalar to differentiate per row
 
     @property
     def size(self) -> int:
-        return int((self.ids if self.ids is not None else self.embeds).shape[0])
+        return int((self.keep if self.keep is not None else self.embeds).shape[0])
 
     @property
     def width(self) -> int:
-        return int(self.ids.shape[1]) if self.ids is not None else int(self.base.shape[0])
+        return int((self.ids if self.ids is not None else self.base).shape[0])
+
+    def token_row(self, row: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Masked row ``row``: its token ids and, with ``remove``, its attention (0 for removed tokens, which move
+        left so that the kept ones stay in order and the last kept one predicts the first target token)."""
+        kept = self.keep[row]
+        if self.remove:
+            order = torch.sort(kept.long(), stable=True).indices
+            return self.ids[order], kept.long()[order]
+        return torch.where(kept, self.ids, torch.full_like(self.ids, self.baseline_id)), None
 
 
 def _masked_rows(scorer: TargetScorer, model_input: ModelInput, request: MaskedRows) -> tuple[_Rows, np.ndarray]:
@@ -364,15 +375,8 @@ def _masked_rows(scorer: TargetScorer, model_input: ModelInput, request: MaskedR
     start = min(np.flatnonzero(model_input.attributable)[:1].tolist() + varied[:1].tolist() + [model_input.target_start])
     prefix = scorer.prefix(ids, start)
     start = prefix.length if prefix is not None else 0
-    mask = torch.from_numpy(unique[:, start:])
-    rows = ids[start:].expand(len(unique), -1)
-    if request.remove:  # kept tokens moved right, so the last kept one predicts the first target token
-        order = torch.sort(mask.long(), dim=1, stable=True).indices  # removed positions first, order kept
-        laid = _Rows(scorer, prefix, model_input.target_ids, ids=rows.gather(1, order),
-                     attention=mask.long().gather(1, order))
-    else:
-        laid = _Rows(scorer, prefix, model_input.target_ids,
-                     ids=torch.where(mask, rows, torch.full_like(rows, int(request.baseline_id))))
+    laid = _Rows(scorer, prefix, model_input.target_ids, ids=ids[start:], keep=torch.from_numpy(unique[:, start:]),
+                 baseline_id=int(request.baseline_id), remove=bool(request.remove))
     return laid, inverse.reshape(-1)
 
 
@@ -479,8 +483,12 @@ def _call_model(rows: Sequence[tuple[_Rows, int]], gradients: bool) -> tuple[np.
     width, n_target, size = max(lengths), max(int(laid.target_ids.shape[-1]) for laid, _ in rows), len(rows)
     attention = torch.zeros((size, width), dtype=torch.long)
     targets = torch.zeros((size, n_target), dtype=first.target_ids.dtype)
+    ids = torch.zeros((size, width), dtype=torch.long)  # padding id: never attended
     for position, (laid, row) in enumerate(rows):
-        attention[position, width - laid.width :] = 1 if laid.attention is None else laid.attention[row]
+        attended = None
+        if laid.ids is not None:
+            ids[position, width - laid.width :], attended = laid.token_row(row)
+        attention[position, width - laid.width :] = 1 if attended is None else attended
         targets[position, n_target - int(laid.target_ids.shape[-1]) :] = laid.target_ids
     padded = bool((attention == 0).any())
     if padded and prefix is not None:
@@ -488,9 +496,6 @@ def _call_model(rows: Sequence[tuple[_Rows, int]], gradients: bool) -> tuple[np.
     mask = attention if padded else None
     started = time.perf_counter()
     if first.ids is not None:
-        ids = torch.zeros((size, width), dtype=first.ids.dtype)  # padding id: never attended
-        for position, (laid, row) in enumerate(rows):
-            ids[position, width - laid.width :] = laid.ids[row]
         with torch.no_grad():
             log_probs = scorer.target_log_probs(targets, input_ids=ids, attention_mask=mask, prefix=prefix,
                                                 count=False)
