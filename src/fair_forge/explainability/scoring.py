@@ -35,7 +35,7 @@ MASKED_TOKENS_PER_CALL = 1024
 GRADIENT_TOKENS_PER_CALL = 4096
 LOGITS_PER_CALL = 2**25
 GRADIENT_LOGITS_COPIES = 4
-EXPLAINED_SCORE = -1  # EmbeddingRows.outputs: differentiate the explained score (else: a target token's index)
+EXPLAINED_SCORE = -1  # in EmbeddingRows.outputs: the explained score (else: a target token's index, its log-prob)
 
 
 @dataclass
@@ -125,19 +125,18 @@ class MaskedRows:
 @dataclass(frozen=True)
 class EmbeddingRows:
     """Score the input with the attributable tokens' embeddings replaced by ``embeds`` (n, A, H), A = the input's
-    attributable tokens in order. ``outputs`` (n,) says per row which scalar to differentiate: ``EXPLAINED_SCORE``
-    or the index of a target token (its log-prob); None: the explained score for every row. Answer:
-    ``EmbeddingAnswer``."""
+    attributable tokens in order. ``outputs`` are the scalars whose gradient every row wants: ``EXPLAINED_SCORE``
+    and/or target-token indices (their log-probs). Answer: ``EmbeddingAnswer``."""
 
     embeds: torch.Tensor
-    outputs: Optional[np.ndarray] = None
+    outputs: tuple[int, ...] = (EXPLAINED_SCORE,)
     gradients: bool = True
 
 
 @dataclass(frozen=True)
 class EmbeddingAnswer:
-    """(n, n_target) float64 target log-probs of the rows, and the (n, A, H) float32 gradient of each row's scalar
-    w.r.t. its own embeddings (None when not asked for)."""
+    """(n, n_target) float64 target log-probs of the rows, and the (n, outputs, A, H) float32 gradients of each
+    row's outputs w.r.t. its own embeddings (None when not asked for)."""
 
     log_probs: np.ndarray
     gradients: Optional[torch.Tensor]
@@ -341,7 +340,7 @@ class _Rows:
     base: Optional[torch.Tensor] = None  # (l, H) embeddings of the tokens after the prefix, whose ...
     positions: Optional[torch.Tensor] = None  # ... attributable positions (relative to the prefix) take ...
     embeds: Optional[torch.Tensor] = None  # ... (n, A, H) embeddings
-    outputs: Optional[np.ndarray] = None  # (n,) scalar to differentiate per row
+    outputs: tuple[int, ...] = ()  # the scalars every row differentiates
 
     @property
     def size(self) -> int:
@@ -388,9 +387,8 @@ def _embedding_rows(scorer: TargetScorer, model_input: ModelInput, request: Embe
         raise InvalidInputError(f"embeds must have shape (n, {len(positions)}, H), got {tuple(embeds.shape)}")
     prefix = scorer.prefix(model_input.input_ids, int(positions[0]))
     start = prefix.length if prefix is not None else 0
-    outputs = request.outputs if request.outputs is not None else np.full(len(embeds), EXPLAINED_SCORE)
     return _Rows(scorer, prefix, model_input.target_ids, base=scorer.embed(model_input.input_ids[start:]),
-                 positions=(positions - start).to(scorer.device), embeds=embeds, outputs=np.asarray(outputs))
+                 positions=(positions - start).to(scorer.device), embeds=embeds, outputs=tuple(request.outputs))
 
 
 def score_row_requests(
@@ -411,8 +409,9 @@ def score_embedding_requests(
     requests: Sequence[tuple[TargetScorer, ModelInput, EmbeddingRows]], batch_size: Optional[int] = None
 ) -> list[EmbeddingAnswer]:
     """The answers of embedding requests of one or many inputs, rows packed into shared calls as for masked rows:
-    one forward (and, where a request asks for gradients, one backward) pass per call. The rows of a call are
-    independent, so the gradient of the sum of their scalars gives each row exactly its own gradient."""
+    one forward pass per call and, where gradients are asked for, one backward pass per output (the forward is
+    shared by a row's outputs, e.g. the target tokens of a per-target matrix). The rows of a call are independent,
+    so the gradient of the sum of their scalars gives each row exactly its own gradient."""
     laid = [_embedding_rows(scorer, model_input, request) for scorer, model_input, request in requests]
     answers: list[Optional[EmbeddingAnswer]] = [None] * len(requests)
     for wanted in (False, True):
@@ -426,7 +425,8 @@ def _score(requests: Sequence[_Rows], batch_size: Optional[int], gradients: bool
            ) -> list[tuple[np.ndarray, Optional[torch.Tensor]]]:
     """(log-probs, gradients or None) per request, its rows cut into calls by prefix, then width."""
     results = [(np.empty((r.size, int(r.target_ids.shape[-1]))), None) for r in requests]
-    grads = [torch.empty(tuple(r.embeds.shape), device=r.base.device) if gradients else None for r in requests]
+    grads = [torch.empty((r.size, len(r.outputs), *r.embeds.shape[1:]), device=r.base.device) if gradients else None
+             for r in requests]
     entries = [(index, row) for index, rows in enumerate(requests) for row in range(rows.size)]
     for group in _by_prefix_then_width(entries, lambda entry: requests[entry[0]].prefix,
                                        lambda entry: requests[entry[0]].width):
@@ -468,15 +468,16 @@ def _by_prefix_then_width(
     return [sorted(group, key=width) for group in groups.values()]
 
 
-def _call(rows: Sequence[tuple[_Rows, int]], gradients: bool) -> tuple[np.ndarray, Optional[torch.Tensor]]:
+def _call(rows: Sequence[tuple[_Rows, int]], gradients: bool) -> tuple[np.ndarray, Optional[list[torch.Tensor]]]:
     """One model call over ``rows`` (one prefix): right-aligned (rows, max n_target) float64 log-probs, and with
-    ``gradients`` each row's (A, H) gradient of its own scalar. Runs outside ``torch.inference_mode`` (a caller's
+    ``gradients`` each row's (outputs, A, H) gradients of its own scalars. Runs outside ``torch.inference_mode`` (a caller's
     inference mode would forbid the gradient) and with gradients enabled only where asked for."""
     with torch.inference_mode(False):
         return _call_model(rows, gradients)
 
 
-def _call_model(rows: Sequence[tuple[_Rows, int]], gradients: bool) -> tuple[np.ndarray, Optional[torch.Tensor]]:
+def _call_model(rows: Sequence[tuple[_Rows, int]], gradients: bool
+                ) -> tuple[np.ndarray, Optional[list[torch.Tensor]]]:
     first = rows[0][0]
     scorer, prefix = first.scorer, first.prefix
     lengths = [laid.width for laid, _ in rows]
@@ -507,7 +508,7 @@ def _call_model(rows: Sequence[tuple[_Rows, int]], gradients: bool) -> tuple[np.
 
 
 def _embedding_call(rows: Sequence[tuple[_Rows, int]], targets: torch.Tensor, mask: Optional[torch.Tensor],
-                    width: int, gradients: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                    width: int, gradients: bool) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
     """The forward (and backward) pass of a call of embedding rows, written into their inputs' full sequences."""
     first = rows[0][0]
     embeds = torch.zeros((len(rows), width, first.base.shape[-1]), dtype=torch.float32, device=first.base.device)
@@ -522,15 +523,20 @@ def _embedding_call(rows: Sequence[tuple[_Rows, int]], targets: torch.Tensor, ma
         if not gradients:
             return log_probs, None
         n_target = log_probs.shape[-1]
-        scalars = []
-        for position, (laid, row) in enumerate(rows):
-            own = log_probs[position, n_target - int(laid.target_ids.shape[-1]) :]
-            output = int(laid.outputs[row])
-            scalars.append(laid.scorer.reduce(own) if output == EXPLAINED_SCORE else own[output])
-        (grads,) = torch.autograd.grad(torch.stack(scalars).sum(), embeds)
-    rows_grads = torch.stack([grads[position, width - laid.width + laid.positions]
-                              for position, (laid, _) in enumerate(rows)])
-    return log_probs, rows_grads.detach()
+        n_outputs = max(len(laid.outputs) for laid, _ in rows)
+        per_output = []
+        for index in range(n_outputs):  # one backward per output through the shared forward
+            scalars = []
+            for position, (laid, _) in enumerate(rows):
+                if index < len(laid.outputs):
+                    own = log_probs[position, n_target - int(laid.target_ids.shape[-1]) :]
+                    output = laid.outputs[index]
+                    scalars.append(laid.scorer.reduce(own) if output == EXPLAINED_SCORE else own[output])
+            (grads,) = torch.autograd.grad(torch.stack(scalars).sum(), embeds, retain_graph=index < n_outputs - 1)
+            per_output.append(grads.detach())
+    grads = torch.stack(per_output, dim=1)  # (rows, outputs, width, H)
+    return log_probs, [grads[position, : len(laid.outputs), width - laid.width + laid.positions]
+                       for position, (laid, _) in enumerate(rows)]
 
 
 def _account(rows: Sequence[tuple[_Rows, int]], width: int, gradients: bool, seconds: float) -> None:
@@ -539,7 +545,8 @@ def _account(rows: Sequence[tuple[_Rows, int]], width: int, gradients: bool, sec
     for key, owner in owners.items():
         own_rows = sum(1 for laid, _ in rows if id(laid.scorer) == key)
         owner.count.forward_passes += 1
-        owner.count.backward_passes += int(gradients)
+        owner.count.backward_passes += max(len(laid.outputs) for laid, _ in rows if id(laid.scorer) == key) \
+            if gradients else 0
         owner.count.tokens_processed += width * own_rows
         owner.count.seconds += seconds * own_rows / len(rows)
 
