@@ -1,0 +1,378 @@
+"""The architecture zoo: tiny random causal LMs of the families users bring, built from configs (no downloads).
+
+Each entry pairs a 2-layer model of hidden size 32 with a tokenizer trained in memory (milliseconds) that has the
+special tokens its family's chat template needs, and that template copied verbatim from the family's released
+tokenizer_config.json (GPT-2 and GPT-NeoX/Pythia ship none: they are explained from a raw prompt). Tests
+(tests/test_zoo.py), the benchmarks and docs/own-model.md's table all read the zoo from here::
+
+    from zoo import ARCHITECTURES, build_zoo_model
+    zoo_model = build_zoo_model("gemma3")            # ZooModel: model, tokenizer, example inputs
+    explainer.explain(**zoo_model.example)          # messages=... (or prompt=...) and target=...
+
+Outside pytest, put ``tests/`` on ``sys.path`` first (pytest does it for the test files).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Optional
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+# ---- chat templates, verbatim from each family's released tokenizer_config.json ------------------------------------
+
+#: Meta-Llama-3-8B-Instruct
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+#: gemma-3 (the system prompt is folded into the first user turn)
+GEMMA3_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+
+#: Qwen3 (tools, reasoning content and the enable_thinking switch included)
+QWEN3_TEMPLATE = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\\n\\n' }}
+    {%- endif %}
+    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for forward_message in messages %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- set message = messages[index] %}
+    {%- set tool_start = '<tool_response>' %}
+    {%- set tool_start_length = tool_start|length %}
+    {%- set start_of_message = message.content[:tool_start_length] %}
+    {%- set tool_end = '</tool_response>' %}
+    {%- set tool_end_length = tool_end|length %}
+    {%- set start_pos = (message.content|length) - tool_end_length %}
+    {%- if start_pos < 0 %}
+        {%- set start_pos = 0 %}
+    {%- endif %}
+    {%- set end_of_message = message.content[start_pos:] %}
+    {%- if ns.multi_step_tool and message.role == "user" and not(start_of_message == tool_start and end_of_message == tool_end) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set content = message.content %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is defined and message.reasoning_content is not none %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in message.content %}
+                {%- set content = (message.content.split('</think>')|last).lstrip('\\n') %}
+                {%- set reasoning_content = (message.content.split('</think>')|first).rstrip('\\n') %}
+                {%- set reasoning_content = (reasoning_content.split('<think>')|last).lstrip('\\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- message.content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}
+{%- endif %}"""
+
+#: Phi-3-mini-4k-instruct
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+    "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif "
+    "message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+#: Mistral-7B-Instruct-v0.1/v0.2 (no system role; "[INST]" is plain text, not a special token)
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == "
+    "'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles "
+    "are supported!') }}{% endif %}{% endfor %}"
+)
+
+#: OLMo-2-1124-7B-Instruct (the Tülu template)
+OLMO2_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}{{ '<|system|>\n' + "
+    "message['content'] + '\n' }}{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}{% if not loop.last %}{{ '<|assistant|>\n'  + message['content'] + "
+    "eos_token + '\n' }}{% else %}{{ '<|assistant|>\n'  + message['content'] + eos_token }}{% endif %}{% endif %}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}{% endfor %}"
+)
+
+# ---- tokenizers trained in memory ------------------------------------------------------------------------------------
+
+CORPUS = [
+    "You are a helpful assistant. Answer the question in one short sentence.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Why is the sky blue? Light scatters in the atmosphere; blue light scatters more.",
+    "Name a fast animal. The cheetah is the fastest land animal.",
+    "The quick brown fox jumps over the lazy dog.",
+]
+
+TokenizerStyle = Literal["byte", "metaspace"]
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The special tokens of one family's tokenizer and which of them play the named roles."""
+
+    special: tuple[str, ...]
+    bos: Optional[str] = None
+    eos: Optional[str] = None
+    unk: Optional[str] = None
+    pad: Optional[str] = None
+    add_bos: bool = False  # prepend BOS when encoding raw text (SentencePiece families)
+
+
+def train_tokenizer(style: TokenizerStyle, vocabulary: Vocabulary, chat_template: Optional[str]) -> PreTrainedTokenizerFast:
+    """A BPE tokenizer trained on ``CORPUS``: GPT-2 style byte-level ("Ġ" marks a space) or SentencePiece style
+    ("▁"), with ``vocabulary``'s special tokens (ids 0, 1, ... in order) and ``chat_template``."""
+    if style == "byte":
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tokenizer = Tokenizer(models.BPE(unk_token=vocabulary.unk))
+        tokenizer.normalizer = normalizers.NFKC()
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        alphabet = []
+    trainer = trainers.BpeTrainer(vocab_size=360, special_tokens=list(vocabulary.special), initial_alphabet=alphabet)
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    if vocabulary.add_bos:
+        bos_id = tokenizer.token_to_id(vocabulary.bos)
+        tokenizer.post_processor = processors.TemplateProcessing(single=f"{vocabulary.bos} $A",
+                                                                 special_tokens=[(vocabulary.bos, bos_id)])
+    elif style == "byte":
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    roles = {f"{name}_token": getattr(vocabulary, name) for name in ("bos", "eos", "unk", "pad")}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **{k: v for k, v in roles.items() if v is not None})
+    fast.chat_template = chat_template
+    return fast
+
+
+# ---- the zoo ---------------------------------------------------------------------------------------------------------
+
+#: The size every zoo model shares: small enough that a forward + backward pass costs about a millisecond.
+HIDDEN, LAYERS, HEADS, KV_HEADS = 32, 2, 4, 2
+TINY = dict(hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+            max_position_embeddings=128)
+
+
+def _config(name: str, tokenizer: PreTrainedTokenizerFast) -> Any:
+    """The transformers config of the zoo's ``name`` model, with the tokenizer's vocabulary and special ids."""
+    import transformers
+
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    grouped = dict(TINY, num_key_value_heads=KV_HEADS, head_dim=HIDDEN // HEADS)
+    if name == "gpt2":
+        return transformers.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=128, **ids)
+    if name == "gpt_neox":
+        return transformers.GPTNeoXConfig(**TINY, **ids)
+    if name == "llama":
+        return transformers.LlamaConfig(**grouped, **ids)
+    if name == "gemma3":  # embeddings scaled by sqrt(hidden), (1 + w) RMSNorms, a sliding-window layer
+        return transformers.Gemma3TextConfig(**grouped, **ids, query_pre_attn_scalar=HIDDEN // HEADS, sliding_window=8,
+                                             layer_types=["sliding_attention", "full_attention"])
+    if name == "qwen3":  # q/k RMSNorms
+        return transformers.Qwen3Config(**grouped, **ids, tie_word_embeddings=True)
+    if name == "phi3":  # fused qkv and gate/up projections
+        return transformers.Phi3Config(**TINY, num_key_value_heads=HEADS, original_max_position_embeddings=128, **ids)
+    if name == "mistral":
+        return transformers.MistralConfig(**grouped, **ids)
+    if name == "olmo2":  # RMSNorms after attention and MLP, q/k RMSNorms
+        return transformers.Olmo2Config(**TINY, num_key_value_heads=HEADS, **ids)
+    raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One architecture of the zoo: its model class, tokenizer and chat template, as its family ships them."""
+
+    name: str
+    model_class: str  # a transformers class name
+    style: TokenizerStyle
+    vocabulary: Vocabulary
+    chat_template: Optional[str]
+    system_role: bool = True  # whether the template takes a system message
+
+    @property
+    def has_template(self) -> bool:
+        return self.chat_template is not None
+
+
+_ENTRIES = (
+    ZooEntry("gpt2", "GPT2LMHeadModel", "byte",
+             Vocabulary(("<|endoftext|>",), bos="<|endoftext|>", eos="<|endoftext|>", unk="<|endoftext|>"), None),
+    ZooEntry("llama", "LlamaForCausalLM", "byte",
+             Vocabulary(("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                         "<|eot_id|>"), bos="<|begin_of_text|>", eos="<|eot_id|>"), LLAMA3_TEMPLATE),
+    ZooEntry("gemma3", "Gemma3ForCausalLM", "metaspace",
+             Vocabulary(("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"), bos="<bos>",
+                        eos="<eos>", unk="<unk>", pad="<pad>", add_bos=True), GEMMA3_TEMPLATE),
+    ZooEntry("qwen3", "Qwen3ForCausalLM", "byte",
+             Vocabulary(("<|endoftext|>", "<|im_start|>", "<|im_end|>"), eos="<|im_end|>", pad="<|endoftext|>"),
+             QWEN3_TEMPLATE),
+    ZooEntry("phi3", "Phi3ForCausalLM", "metaspace",
+             Vocabulary(("<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|end|>", "<|system|>", "<|user|>"),
+                        bos="<s>", eos="<|end|>", unk="<unk>", pad="<|endoftext|>", add_bos=True), PHI3_TEMPLATE),
+    ZooEntry("mistral", "MistralForCausalLM", "metaspace",
+             Vocabulary(("<unk>", "<s>", "</s>"), bos="<s>", eos="</s>", unk="<unk>", add_bos=True), MISTRAL_TEMPLATE,
+             system_role=False),
+    ZooEntry("gpt_neox", "GPTNeoXForCausalLM", "byte",
+             Vocabulary(("<|endoftext|>", "<|padding|>"), bos="<|endoftext|>", eos="<|endoftext|>",
+                        unk="<|endoftext|>", pad="<|padding|>"), None),
+    ZooEntry("olmo2", "Olmo2ForCausalLM", "byte",
+             Vocabulary(("<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"), bos="<|endoftext|>",
+                        eos="<|endoftext|>", pad="<|pad|>"), OLMO2_TEMPLATE),
+)
+
+ZOO: dict[str, ZooEntry] = {entry.name: entry for entry in _ENTRIES}
+#: Names of the zoo's architectures, in a fixed order.
+ARCHITECTURES: tuple[str, ...] = tuple(ZOO)
+
+SYSTEM = "You are a helpful assistant."
+QUESTIONS = (
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Why is the sky blue?", "Light scatters in the atmosphere."),
+    ("Name a fast animal.", "The cheetah is fast."),
+)
+
+
+@dataclass
+class ZooModel:
+    """A built zoo entry: the model (eval mode), its tokenizer, and inputs in the form the family takes."""
+
+    entry: ZooEntry
+    model: Any
+    tokenizer: PreTrainedTokenizerFast
+
+    def inputs(self, index: int = 0) -> dict[str, Any]:
+        """Keyword arguments for ``explain``: ``messages`` (system + user where the template takes a system
+        message) or ``prompt`` for families without a chat template, and ``target``."""
+        question, answer = QUESTIONS[index]
+        if not self.entry.has_template:
+            return {"prompt": f"{SYSTEM} {question}", "target": answer}
+        messages = [{"role": "user", "content": question}]
+        if self.entry.system_role:
+            messages.insert(0, {"role": "system", "content": SYSTEM})
+        return {"messages": messages, "target": answer}
+
+    @property
+    def example(self) -> dict[str, Any]:
+        return self.inputs(0)
+
+
+def build_zoo_model(name: str, seed: int = 0) -> ZooModel:
+    """The zoo's ``name`` architecture with random weights drawn from ``seed`` (the global RNG is restored)."""
+    import transformers
+
+    entry = ZOO[name]
+    tokenizer = train_tokenizer(entry.style, entry.vocabulary, entry.chat_template)
+    model_class: Callable[[Any], Any] = getattr(transformers, entry.model_class)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(_config(name, tokenizer))
+    return ZooModel(entry, model.eval(), tokenizer)
