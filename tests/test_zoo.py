@@ -13,16 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from zoo import ARCHITECTURES, ZooModel, build_zoo_model
+from zoo import (ARCHITECTURES, IG_COMPLETENESS_PARAMS, IG_TOLERANCE, KNOWN_GAPS, OWN_MODEL_PAGE, ZooModel,
+                 build_zoo_model, own_model_page)
 
 from fair_forge.explainability import AttributionExplainer
 from fair_forge.explainability.methods import available_methods, get_method
-
-#: Integrated gradients' settings for the completeness test. Today's fixed Gauss-Legendre rule needs 256 nodes on
-#: the RMSNorm families (gemma3: 11% relative error at the default 64 nodes, qwen3: 2.6%). Once integrated gradients
-#: adapt their quadrature to a tolerance, set this to {} so the test checks the defaults.
-IG_COMPLETENESS_PARAMS: dict[str, Any] = {"n_steps": 256}
-IG_TOLERANCE = 0.01  # relative completeness error |sum(scores) - (f(x) - f(baseline))| / |f(x) - f(baseline)|
 
 #: The cheapest settings each method runs with (every method, every architecture).
 MINIMAL_PARAMS: dict[str, dict[str, Any]] = {
@@ -40,10 +35,7 @@ PATH_METHODS = {"integrated_gradients": {"n_steps": 8}, "occlusion": {}}
 #: Additive methods whose per-target matrix must add up, column by column, to the sequence-level scores.
 ADDITIVE_PER_TARGET = {"integrated_gradients": {"n_steps": 8}, "input_x_gradient": {}, "occlusion": {},
                        "kernel_shap": {"n_samples": 32}, "gradient_shap": {"n_samples": 4}}
-#: GRADIENT_SHAP draws its noise and interpolation points anew for every target row of the matrix, so its rows add
-#: up to the sequence scores only in expectation. Sharing the sequence run's draws across rows makes them add up
-#: exactly (the gradient is linear in the explained log-probs); then this marker fails (strict) and goes.
-_DRAWS_PER_ROW = pytest.mark.xfail(strict=True, reason="gradient_shap draws new noise and alphas per target row")
+_DRAWS_PER_ROW = pytest.mark.xfail(strict=True, reason=KNOWN_GAPS["gradient_shap"])
 
 
 def assert_same_scores(actual: Any, expected: Any, tolerance: float = 1e-5) -> None:
@@ -117,17 +109,11 @@ def test_prefix_cache_changes_no_score(zoo_model: ZooModel, method: str) -> None
     assert_same_scores(cached.matrix.values, plain.matrix.values)
 
 
-#: Packed calls pad a shorter row between the shared prefix and its own tokens; a sliding-window layer counts those
-#: slots as distance, so prefix tokens fall out of the window (gemma3: window 8, score errors ~1e-2). Remove the
-#: marker when packing keeps the distances of sliding-window models (it fails, strict, once they agree).
-SLIDING_WINDOW_PADDING = pytest.mark.xfail(strict=True, reason="packed rows' padding shifts sliding windows")
-
-
 @pytest.mark.parametrize("method", PATH_METHODS)
 def test_packed_batch_equals_one_by_one(explainer: AttributionExplainer, zoo_model: ZooModel, method: str,
                                         request: pytest.FixtureRequest) -> None:
-    if zoo_model.entry.name == "gemma3":
-        request.applymarker(SLIDING_WINDOW_PADDING)
+    if zoo_model.entry.name in KNOWN_GAPS:  # strict: once packing is fixed, remove the entry from zoo.KNOWN_GAPS
+        request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[zoo_model.entry.name]))
     params = PATH_METHODS[method]
     items = [zoo_model.inputs(index) for index in range(3)]
     batch = explainer.explain_batch(items, method=method, show_progress=False, **params)
@@ -210,3 +196,8 @@ def test_template_tokens_are_never_attributed(explainer: AttributionExplainer, z
     assert sorted(attributed) == sorted(users)
     if zoo_model.entry.has_template:  # the template put tokens of its own around the user's text
         assert len(users) < n_prompt
+
+
+def test_own_model_page_lists_the_zoo() -> None:
+    current = OWN_MODEL_PAGE.read_text(encoding="utf-8")
+    assert current == own_model_page(current), "docs/how-to/own-model.md is stale: run `python tests/zoo.py`"

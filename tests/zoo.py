@@ -9,12 +9,15 @@ tokenizer_config.json (GPT-2 and GPT-NeoX/Pythia ship none: they are explained f
     zoo_model = build_zoo_model("gemma3")            # ZooModel: model, tokenizer, example inputs
     explainer.explain(**zoo_model.example)          # messages=... (or prompt=...) and target=...
 
-Outside pytest, put ``tests/`` on ``sys.path`` first (pytest does it for the test files).
+Outside pytest, put ``tests/`` on ``sys.path`` first (pytest does it for the test files). ``python tests/zoo.py``
+rewrites the generated section of docs/how-to/own-model.md (tests/test_zoo.py checks that it is current).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 import torch
@@ -273,16 +276,16 @@ def _config(name: str, tokenizer: PreTrainedTokenizerFast) -> Any:
         return transformers.GPTNeoXConfig(**TINY, **ids)
     if name == "llama":
         return transformers.LlamaConfig(**grouped, **ids)
-    if name == "gemma3":  # embeddings scaled by sqrt(hidden), (1 + w) RMSNorms, a sliding-window layer
+    if name == "gemma3":
         return transformers.Gemma3TextConfig(**grouped, **ids, query_pre_attn_scalar=HIDDEN // HEADS, sliding_window=8,
                                              layer_types=["sliding_attention", "full_attention"])
-    if name == "qwen3":  # q/k RMSNorms
+    if name == "qwen3":
         return transformers.Qwen3Config(**grouped, **ids, tie_word_embeddings=True)
-    if name == "phi3":  # fused qkv and gate/up projections
+    if name == "phi3":
         return transformers.Phi3Config(**TINY, num_key_value_heads=HEADS, original_max_position_embeddings=128, **ids)
     if name == "mistral":
         return transformers.MistralConfig(**grouped, **ids)
-    if name == "olmo2":  # RMSNorms after attention and MLP, q/k RMSNorms
+    if name == "olmo2":
         return transformers.Olmo2Config(**TINY, num_key_value_heads=HEADS, **ids)
     raise KeyError(name)
 
@@ -296,6 +299,8 @@ class ZooEntry:
     style: TokenizerStyle
     vocabulary: Vocabulary
     chat_template: Optional[str]
+    template_source: str  # the released model whose chat template this is
+    traits: str  # what the architecture brings that others do not
     system_role: bool = True  # whether the template takes a system message
 
     @property
@@ -305,29 +310,53 @@ class ZooEntry:
 
 _ENTRIES = (
     ZooEntry("gpt2", "GPT2LMHeadModel", "byte",
-             Vocabulary(("<|endoftext|>",), bos="<|endoftext|>", eos="<|endoftext|>", unk="<|endoftext|>"), None),
+             Vocabulary(("<|endoftext|>",), bos="<|endoftext|>", eos="<|endoftext|>", unk="<|endoftext|>"), None,
+             "none (raw prompt)", "learned absolute positions, LayerNorm, fused qkv (Conv1D)"),
     ZooEntry("llama", "LlamaForCausalLM", "byte",
              Vocabulary(("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                         "<|eot_id|>"), bos="<|begin_of_text|>", eos="<|eot_id|>"), LLAMA3_TEMPLATE),
+                         "<|eot_id|>"), bos="<|begin_of_text|>", eos="<|eot_id|>"), LLAMA3_TEMPLATE,
+             "Meta-Llama-3-8B-Instruct", "RoPE, RMSNorm, grouped-query attention"),
     ZooEntry("gemma3", "Gemma3ForCausalLM", "metaspace",
              Vocabulary(("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"), bos="<bos>",
-                        eos="<eos>", unk="<unk>", pad="<pad>", add_bos=True), GEMMA3_TEMPLATE),
+                        eos="<eos>", unk="<unk>", pad="<pad>", add_bos=True), GEMMA3_TEMPLATE,
+             "gemma-3 instruct", "embeddings scaled by sqrt(hidden), (1 + w) RMSNorms, q/k norms, a sliding-window "
+             "and a global layer; the system prompt folded into the first user turn"),
     ZooEntry("qwen3", "Qwen3ForCausalLM", "byte",
              Vocabulary(("<|endoftext|>", "<|im_start|>", "<|im_end|>"), eos="<|im_end|>", pad="<|endoftext|>"),
-             QWEN3_TEMPLATE),
+             QWEN3_TEMPLATE, "Qwen3", "q/k RMSNorms, tied embeddings; a template with tools and thinking"),
     ZooEntry("phi3", "Phi3ForCausalLM", "metaspace",
              Vocabulary(("<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|end|>", "<|system|>", "<|user|>"),
-                        bos="<s>", eos="<|end|>", unk="<unk>", pad="<|endoftext|>", add_bos=True), PHI3_TEMPLATE),
+                        bos="<s>", eos="<|end|>", unk="<unk>", pad="<|endoftext|>", add_bos=True), PHI3_TEMPLATE,
+             "Phi-3-mini-4k-instruct", "fused qkv and gate/up projections"),
     ZooEntry("mistral", "MistralForCausalLM", "metaspace",
              Vocabulary(("<unk>", "<s>", "</s>"), bos="<s>", eos="</s>", unk="<unk>", add_bos=True), MISTRAL_TEMPLATE,
+             "Mistral-7B-Instruct-v0.1", "no system role; `[INST]` markers are plain text, not special tokens",
              system_role=False),
     ZooEntry("gpt_neox", "GPTNeoXForCausalLM", "byte",
              Vocabulary(("<|endoftext|>", "<|padding|>"), bos="<|endoftext|>", eos="<|endoftext|>",
-                        unk="<|endoftext|>", pad="<|padding|>"), None),
+                        unk="<|endoftext|>", pad="<|padding|>"), None,
+             "none (raw prompt)", "parallel attention and MLP residuals, partial rotary embeddings"),
     ZooEntry("olmo2", "Olmo2ForCausalLM", "byte",
              Vocabulary(("<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"), bos="<|endoftext|>",
-                        eos="<|endoftext|>", pad="<|pad|>"), OLMO2_TEMPLATE),
+                        eos="<|endoftext|>", pad="<|pad|>"), OLMO2_TEMPLATE,
+             "OLMo-2-1124-7B-Instruct", "RMSNorms after attention and MLP, q/k RMSNorms"),
 )
+
+#: What does not hold yet, by zoo architecture or method name (tests/test_zoo.py marks these strict xfails: when one
+#: is fixed its test fails until the entry goes).
+KNOWN_GAPS: dict[str, str] = {
+    "gemma3": "`explain_batch` packs rows of different lengths with padding after the shared prefix, which a "
+              "sliding-window layer counts as distance: its scores differ from `explain` (~1e-2 on the zoo model). "
+              "Explain such models one by one (`explain`, `iter_explain`) until packing keeps the distances.",
+    "gradient_shap": "the per-target matrix draws new noise and interpolation points for every target token, so its "
+                     "rows add up to the sequence scores only in expectation.",
+}
+
+#: Integrated gradients' settings in the zoo's completeness test. Today's fixed 64-node Gauss-Legendre rule misses
+#: the tolerance on the RMSNorm families (gemma3: 11-14% relative error, qwen3: 2.6%); 256 nodes meet it. Once
+#: integrated gradients adapt their quadrature to a tolerance, set this to {} so the defaults are what is tested.
+IG_COMPLETENESS_PARAMS: dict[str, Any] = {"n_steps": 256}
+IG_TOLERANCE = 0.01  # relative completeness error |sum(scores) - (f(x) - f(baseline))| / |f(x) - f(baseline)|
 
 ZOO: dict[str, ZooEntry] = {entry.name: entry for entry in _ENTRIES}
 #: Names of the zoo's architectures, in a fixed order.
@@ -376,3 +405,64 @@ def build_zoo_model(name: str, seed: int = 0) -> ZooModel:
         torch.manual_seed(seed)
         model = model_class(_config(name, tokenizer))
     return ZooModel(entry, model.eval(), tokenizer)
+
+
+# ---- the generated section of docs/how-to/own-model.md ---------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+OWN_MODEL_PAGE = ROOT / "docs" / "how-to" / "own-model.md"
+SECTION_BEGIN = "<!-- generated from tests/zoo.py by `python tests/zoo.py`: edit there -->"
+SECTION_END = "<!-- end of generated section -->"
+#: The packages whose declared lower bounds `make test-oldest` installs and tests.
+BOUNDED_PACKAGES = ("torch", "transformers", "sentence-transformers", "captum", "shap")
+
+
+def lower_bounds() -> dict[str, str]:
+    """The declared lower bound of each of ``BOUNDED_PACKAGES``, read from pyproject.toml's dependencies."""
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    found = dict(re.findall(r'^\s*"([A-Za-z0-9_.-]+)>=([^",;]+)"', text, flags=re.MULTILINE))
+    return {name: found[name] for name in BOUNDED_PACKAGES}
+
+
+def docs_section() -> str:
+    """The "Tested architectures" section: the zoo's table, the tested versions and the known gaps."""
+    ig_settings = ", ".join(f"`{k}={v}`" for k, v in IG_COMPLETENESS_PARAMS.items()) or "their defaults"
+    lines = [
+        "## Tested architectures and versions",
+        "",
+        "Every release is tested on tiny random models of these families (2 layers, width 32, built from their",
+        "transformers configs) with tokenizers that carry each family's special tokens and released chat template",
+        "(`tests/zoo.py`). On each: every method runs; integrated gradients (with "
+        f"{ig_settings}) meet a {IG_TOLERANCE:.0%}",
+        "completeness tolerance and explain exactly the score of a plain forward pass; the prefix cache and batch",
+        "packing change no score (1e-5); the additive methods' per-target matrices add up to their sequence scores;",
+        "model and tokenizer are left as they were; template tokens are never attributed.",
+        "",
+        "| Architecture | transformers class | Chat template | What it brings |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| {e.name} | `{e.model_class}` | {e.template_source} | {e.traits} |" for e in _ENTRIES]
+    lines += [
+        "",
+        "Oldest versions tested (`make test-oldest` runs the unit tests, the zoo included, at exactly these; CI runs",
+        "it after `make test`, which tests the newest releases); older versions are not supported:",
+        "",
+    ]
+    lines += [f"- {name} {version}" for name, version in lower_bounds().items()]
+    if KNOWN_GAPS:
+        lines += ["", "Known gaps:", ""]
+        lines += [f"- {name}: {gap}" for name, gap in KNOWN_GAPS.items()]
+    return "\n".join(lines)
+
+
+def own_model_page(current: str) -> str:
+    """``current`` (the page's text) with its generated section replaced by ``docs_section()``, or appended."""
+    section = f"{SECTION_BEGIN}\n{docs_section()}\n{SECTION_END}"
+    if SECTION_BEGIN in current:
+        before, rest = current.split(SECTION_BEGIN, 1)
+        return before + section + rest.split(SECTION_END, 1)[1]
+    return current.rstrip("\n") + "\n\n" + section + "\n"
+
+
+if __name__ == "__main__":
+    OWN_MODEL_PAGE.write_text(own_model_page(OWN_MODEL_PAGE.read_text(encoding="utf-8")), encoding="utf-8")
