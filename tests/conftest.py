@@ -28,10 +28,14 @@ KNOWN_LIBRARY_DEPRECATIONS: tuple[str, ...] = (
 
 
 def _called_by_the_package() -> bool:
+    """Whether fair_forge's code is on the stack above the warning, not counting a module being imported between
+    them (a library importing its own modules lazily warns about itself, not about our call)."""
     frame = sys._getframe(2)
     while frame is not None:
         if frame.f_code.co_filename.startswith(PACKAGE_DIR):
             return True
+        if frame.f_code.co_name == "<module>":
+            return False
         frame = frame.f_back
     return False
 
