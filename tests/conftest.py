@@ -21,10 +21,6 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 import fair_forge.explainability
 
 PACKAGE_DIR = str(Path(fair_forge.explainability.__file__).resolve().parent)
-#: Deprecations known to come from our calls, recorded instead of failing until the fix lands.
-KNOWN_LIBRARY_DEPRECATIONS: tuple[str, ...] = (
-    "`past_key_values` is deprecated",  # the prefix cache (scoring.py); delete this line once it uses the cache API
-)
 
 
 def _called_by_the_package() -> bool:
@@ -51,8 +47,7 @@ def library_deprecations_are_errors():
     record = warnings._showwarnmsg_impl  # pytest's recorder for this test
 
     def check(message, category, filename, lineno, file=None, line=None):
-        if (issubclass(category, (FutureWarning, DeprecationWarning)) and _called_by_the_package()
-                and not any(known in str(message) for known in KNOWN_LIBRARY_DEPRECATIONS)):
+        if issubclass(category, (FutureWarning, DeprecationWarning)) and _called_by_the_package():
             raise category(f"deprecated call made by fair_forge: {message} ({filename}:{lineno})")
         record(warnings.WarningMessage(message, category, filename, lineno, file, line))
 
