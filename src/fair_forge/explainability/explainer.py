@@ -10,6 +10,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from .errors import ContextLengthError, ExplainabilityError, InvalidInputError
+from .generation import generate_target
 from .methods import MethodContext, MethodSpec, RawAttribution, get_method
 from .methods.gradient import TOKENS_PER_BATCH
 from .models import borrowed, display_name
@@ -119,7 +120,12 @@ class AttributionExplainer:
 
         ``per_target=True`` also returns a (target tokens x features) matrix. Method parameters (``n_steps``,
         ``n_samples``, ``baseline``, ``noise_std``, ``seed``, ``batch_size``, ...) are passed as keywords.
+        Without a ``target`` the model's own greedy answer is explained (``generation.generate_target``).
         """
+        if target is None:  # settings are checked before the model generates
+            get_method(method if method is not None else self.default_method).resolve_params(method_params)
+            parse_granularity(granularity if granularity is not None else self.default_granularity)
+            target = generate_target(self.model, self.tokenizer, messages=messages, prompt=prompt)
         request = self._prepare(messages, prompt, target, method, granularity, method_params)
         with borrowed(self.model):
             return self._run(request, per_target)

@@ -1,0 +1,399 @@
+"""Where dataset results go: one record per item, streamed to JSONL or Parquet and read back lazily.
+
+A ``DatasetRecord`` is what a dataset run produces per item: its index in the source, its stable id, the result or
+the failure, and the item's own metadata columns. The tidy long table (one row per feature, a single row for a
+failure) is the Parquet layout and ``AttributionBatchResult.to_dataframe()``; it holds everything needed to rebuild
+the records exactly.
+
+Crash safety: JSONL lines are written whole and flushed, and a torn last line is dropped when the file is reopened.
+Parquet is staged as complete small files (one per flush) in ``<name>.parts/`` and merged into the output, row group
+by row group, by the final commit; a killed run leaves the last committed file (which loads) and the staged parts
+(which ``load_results`` also reads and a resumed run keeps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Union
+
+from .errors import InvalidInputError
+from .types import AttributionBatchResult, AttributionResult, BatchFailure
+
+FORMAT_VERSION = 1
+SETTINGS_KEY = b"fair_forge_settings"
+PARQUET_SUFFIXES = (".parquet", ".pq")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+ITEMS_PER_PART = 32  # items per staged Parquet file (a row group of the committed file): lost at most on a kill
+
+Outcome = Union[AttributionResult, BatchFailure]
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """One item of a dataset run: where it was in the source, its stable id, what came out, and its own columns."""
+
+    index: int
+    item_id: str
+    outcome: Outcome
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return isinstance(self.outcome, BatchFailure)
+
+    def to_json(self) -> str:
+        """One JSONL line (without the newline)."""
+        kind = "failure" if self.failed else "result"
+        body = {"index": self.index, "item_id": self.item_id, "metadata": self.metadata,
+                kind: json.loads(self.outcome.model_dump_json())}
+        return json.dumps(body, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, line: str) -> "DatasetRecord":
+        data = json.loads(line)
+        outcome: Outcome = (BatchFailure.model_validate(data["failure"]) if "failure" in data
+                            else AttributionResult.model_validate(data["result"]))
+        return cls(data["index"], data["item_id"], outcome, data.get("metadata") or {})
+
+
+# ---- the tidy long table ----------------------------------------------------------------------------------------
+
+FEATURE_COLUMNS = ("position", "text", "score", "normalized_score", "message_index", "start", "end", "token_positions")
+TIDY_COLUMNS = ("item_id", "item_index", "status", "method", "granularity", "model_name", "prompt", "target",
+                *FEATURE_COLUMNS, "error_type", "error_message", "result_json")
+
+
+def record_rows(record: DatasetRecord) -> list[dict[str, Any]]:
+    """The tidy rows of one record: one per feature of a result, one for a failure. ``result_json`` keeps what the
+    columns do not (metadata, matrix), so the record can be rebuilt exactly; item metadata columns come last, a name
+    that clashes with a tidy column prefixed with ``meta_``."""
+    base: dict[str, Any] = dict.fromkeys(TIDY_COLUMNS)
+    base.update(item_id=record.item_id, item_index=record.index)
+    outcome = record.outcome
+    if isinstance(outcome, BatchFailure):
+        base.update(status="failed", error_type=outcome.error_type, error_message=outcome.message)
+        rows = [base]
+    else:
+        rest = outcome.model_dump(mode="json", include={"matrix", "metadata"})
+        base.update(status="ok", method=str(outcome.method), granularity=outcome.granularity.value,
+                    model_name=outcome.model_name, prompt=outcome.prompt, target=outcome.target,
+                    result_json=json.dumps(rest, ensure_ascii=False))
+        rows = [{**base, **attribution.model_dump()} for attribution in outcome.attributions] or [base]
+    extra = {(f"meta_{key}" if key in base else key): value for key, value in record.metadata.items()}
+    return [{**row, **extra} for row in rows]
+
+
+def rows_record(rows: list[dict[str, Any]]) -> DatasetRecord:
+    """Rebuild the record from its tidy rows (the inverse of ``record_rows``)."""
+    first = rows[0]
+    metadata = {(key[5:] if key.startswith("meta_") and key[5:] in TIDY_COLUMNS else key): value
+                for key, value in first.items() if key not in TIDY_COLUMNS}
+    metadata = {key: value for key, value in metadata.items() if not _is_missing(value)}
+    if first["status"] == "failed":
+        outcome: Outcome = BatchFailure(index=first["item_index"], error_type=first["error_type"],
+                                        message=first["error_message"])
+    else:
+        attributions = [{key: row[key] for key in FEATURE_COLUMNS} for row in rows if row["position"] is not None]
+        for attribution in attributions:
+            attribution["token_positions"] = list(attribution["token_positions"] or [])
+        outcome = AttributionResult.model_validate({
+            "prompt": first["prompt"], "target": first["target"], "method": first["method"],
+            "granularity": first["granularity"], "model_name": first["model_name"],
+            "attributions": attributions, **json.loads(first["result_json"]),
+        })
+    return DatasetRecord(int(first["item_index"]), first["item_id"], outcome, metadata)
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def records_dataframe(records: Iterable[DatasetRecord]) -> Any:
+    """The tidy long table of ``records`` as a pandas DataFrame."""
+    import pandas as pd
+    import pyarrow as pa
+
+    rows = [row for record in records for row in record_rows(record)]
+    return _arrow_table(rows, {}).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+
+
+def _arrow_table(rows: list[dict[str, Any]], settings: dict[str, Any]) -> Any:
+    import pyarrow as pa
+
+    fixed = pa.schema([
+        ("item_id", pa.string()), ("item_index", pa.int64()), ("status", pa.string()), ("method", pa.string()),
+        ("granularity", pa.string()), ("model_name", pa.string()), ("prompt", pa.string()), ("target", pa.string()),
+        ("position", pa.int64()), ("text", pa.string()), ("score", pa.float64()), ("normalized_score", pa.float64()),
+        ("message_index", pa.int64()), ("start", pa.int64()), ("end", pa.int64()),
+        ("token_positions", pa.list_(pa.int64())), ("error_type", pa.string()), ("error_message", pa.string()),
+        ("result_json", pa.string()),
+    ])
+    columns = {name: pa.array([row[name] for row in rows], type=fixed.field(name).type) for name in TIDY_COLUMNS}
+    for name in dict.fromkeys(key for row in rows for key in row if key not in columns):
+        columns[name] = pa.array([row.get(name) for row in rows])
+    table = pa.table(columns)
+    return table.replace_schema_metadata({SETTINGS_KEY: json.dumps(settings, sort_keys=True)})
+
+
+# ---- sinks -------------------------------------------------------------------------------------------------------
+
+
+def output_format(path: Path) -> str:
+    """"jsonl" or "parquet" from the output path's suffix; a typed error for any other."""
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        return "jsonl"
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet"
+    raise InvalidInputError(f"output {path} must end in {JSONL_SUFFIXES + PARQUET_SUFFIXES} (the format follows it)")
+
+
+def _parts_dir(path: Path) -> Path:
+    return path.with_name(path.name + ".parts")
+
+
+def stored_settings(path: Path) -> Optional[dict[str, Any]]:
+    """The run settings an existing output was written with (None when there is no output)."""
+    if output_format(path) == "jsonl":
+        if not path.exists() or path.stat().st_size == 0:
+            return None
+        with path.open(encoding="utf-8") as handle:
+            header = handle.readline()
+        try:
+            return json.loads(header)["fair_forge_dataset"]["settings"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise InvalidInputError(f"{path} is not a fair_forge dataset output; choose another path") from None
+    import pyarrow.parquet as pq
+
+    for file in _parquet_files(path):
+        metadata = pq.read_schema(file).metadata or {}
+        if SETTINGS_KEY not in metadata:
+            raise InvalidInputError(f"{file} is not a fair_forge dataset output; choose another path")
+        return json.loads(metadata[SETTINGS_KEY])
+    return None
+
+
+def remove_output(path: Path) -> None:
+    """Delete an output and its staged parts (``overwrite=True``)."""
+    path.unlink(missing_ok=True)
+    shutil.rmtree(_parts_dir(path), ignore_errors=True)
+
+
+class JsonlSink:
+    """Appends one whole, flushed line per record after a header line with the run settings."""
+
+    def __init__(self, path: Path, settings: dict[str, Any]) -> None:
+        self.path = path
+        fresh = not path.exists() or path.stat().st_size == 0
+        if not fresh:
+            _drop_torn_tail(path)
+        self._handle = path.open("a", encoding="utf-8")
+        if fresh:
+            self._write_line(json.dumps({"fair_forge_dataset": {"version": FORMAT_VERSION, "settings": settings}}))
+
+    def done_ids(self) -> set[str]:
+        with self.path.open(encoding="utf-8") as handle:
+            handle.readline()  # the settings header
+            return {json.loads(line)["item_id"] for line in handle}
+
+    def _write_line(self, line: str) -> None:
+        self._handle.write(line + "\n")
+        self._handle.flush()
+
+    def write(self, record: DatasetRecord) -> None:
+        self._write_line(record.to_json())
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line that a killed run left without its newline."""
+    with path.open("rb+") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return
+        position = size
+        while position > 0:
+            step = min(65536, position)
+            handle.seek(position - step)
+            chunk = handle.read(step)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                handle.truncate(position - step + newline + 1)
+                return
+            position -= step
+        handle.truncate(0)
+
+
+class ParquetSink:
+    """Stages every ``ITEMS_PER_PART`` records as a complete Parquet file; ``close`` commits them into the output."""
+
+    def __init__(self, path: Path, settings: dict[str, Any], items_per_part: int = ITEMS_PER_PART) -> None:
+        self.path = path
+        self.settings = settings
+        self.items_per_part = items_per_part
+        self._parts = _parts_dir(path)
+        self._parts.mkdir(parents=True, exist_ok=True)
+        self._next_part = len(list(self._parts.glob("part-*.parquet")))
+        self._rows: list[dict[str, Any]] = []
+        self._items = 0
+
+    def done_ids(self) -> set[str]:
+        import pyarrow.parquet as pq
+
+        return {item for file in _parquet_files(self.path)
+                for item in pq.read_table(file, columns=["item_id"]).column("item_id").to_pylist()}
+
+    def write(self, record: DatasetRecord) -> None:
+        self._rows.extend(record_rows(record))
+        self._items += 1
+        if self._items >= self.items_per_part:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow.parquet as pq
+
+        if not self._rows:
+            return
+        final = self._parts / f"part-{self._next_part:06d}.parquet"
+        staging = final.with_suffix(".tmp")
+        pq.write_table(_arrow_table(self._rows, self.settings), staging)
+        os.replace(staging, final)  # a part exists whole or not at all
+        self._next_part += 1
+        self._rows, self._items = [], 0
+
+    def close(self) -> None:
+        """Flush, then merge the committed output and the parts into a new output, swapped in by rename."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self._flush()
+        sources = _parquet_files(self.path)
+        if self.path.exists() and len(sources) == 1:
+            shutil.rmtree(self._parts, ignore_errors=True)
+            return
+        schemas = [pq.read_schema(file) for file in sources]
+        if not schemas:
+            schemas = [_arrow_table([], self.settings).schema]
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
+        schema = schema.with_metadata({SETTINGS_KEY: json.dumps(self.settings, sort_keys=True)})
+        staging = self.path.with_name(self.path.name + ".tmp")
+        with pq.ParquetWriter(staging, schema) as writer:
+            for file in sources:
+                reader = pq.ParquetFile(file)
+                for group in range(reader.num_row_groups):
+                    writer.write_table(_conform(reader.read_row_group(group), schema))
+        os.replace(staging, self.path)
+        shutil.rmtree(self._parts, ignore_errors=True)
+
+
+def _conform(table: Any, schema: Any) -> Any:
+    """``table`` with every column of ``schema`` (missing ones null), in its order and types."""
+    import pyarrow as pa
+
+    columns = [table.column(f.name) if f.name in table.column_names else pa.nulls(len(table), f.type) for f in schema]
+    return pa.table(columns, schema=schema).cast(schema)
+
+
+def _parquet_files(path: Path) -> list[Path]:
+    """The committed output (if any) then the staged parts, in write order."""
+    committed = [path] if path.exists() else []
+    return committed + sorted(_parts_dir(path).glob("part-*.parquet"))
+
+
+Sink = Union[JsonlSink, ParquetSink]
+
+
+def open_sink(path: Path, settings: dict[str, Any]) -> Sink:
+    return JsonlSink(path, settings) if output_format(path) == "jsonl" else ParquetSink(path, settings)
+
+
+# ---- reading back ------------------------------------------------------------------------------------------------
+
+
+def load_results(path: Union[str, os.PathLike[str]]) -> Iterator[DatasetRecord]:
+    """Iterate the records of a saved dataset output lazily, in the order they were written (a torn JSONL line at
+    the end, left by a killed run, is skipped; staged Parquet parts are read after the committed file)."""
+    path = Path(path)
+    if output_format(path) == "jsonl":
+        yield from _jsonl_records(path)
+    else:
+        yield from _parquet_records(path)
+
+
+def _jsonl_records(path: Path) -> Iterator[DatasetRecord]:
+    if not path.exists():
+        raise InvalidInputError(f"no dataset output at {path}")
+    with path.open(encoding="utf-8") as handle:
+        handle.readline()  # the settings header
+        for line in handle:
+            if line.endswith("\n"):
+                yield DatasetRecord.from_json(line)
+
+
+def _parquet_records(path: Path) -> Iterator[DatasetRecord]:
+    import pyarrow.parquet as pq
+
+    files = _parquet_files(path)
+    if not files:
+        raise InvalidInputError(f"no dataset output at {path}")
+    for file in files:
+        rows: list[dict[str, Any]] = []
+        for batch in pq.ParquetFile(file).iter_batches():
+            for row in batch.to_pylist():  # an item's rows are contiguous; a batch may cut them
+                if rows and (row["item_id"], row["item_index"]) != (rows[0]["item_id"], rows[0]["item_index"]):
+                    yield rows_record(rows)
+                    rows = []
+                rows.append(row)
+        if rows:
+            yield rows_record(rows)
+
+
+# ---- a batch result as records (``AttributionBatchResult.to_dataframe/save/load``) -----------------------------
+
+
+def batch_records(batch: AttributionBatchResult) -> list[DatasetRecord]:
+    """The records of a batch result, ordered by item index; an item's id is its index."""
+    records = [DatasetRecord(index, str(index), result) for index, result in zip(_indices(batch), batch.results)]
+    records += [DatasetRecord(failure.index, str(failure.index), failure) for failure in batch.failures]
+    return sorted(records, key=lambda record: record.index)
+
+
+def _indices(batch: AttributionBatchResult) -> list[int]:
+    return list(batch.indices) if len(batch.indices) == len(batch.results) else list(range(len(batch.results)))
+
+
+def batch_from_records(records: Iterable[DatasetRecord], model_name: Optional[str] = None,
+                       seconds: float = 0.0) -> AttributionBatchResult:
+    """Records (in any order) as a batch result ordered by item index."""
+    ordered = sorted(records, key=lambda record: record.index)
+    results = [record for record in ordered if not record.failed]
+    if model_name is None:
+        model_name = results[0].outcome.model_name if results else "unknown"
+    return AttributionBatchResult(
+        results=[record.outcome for record in results], indices=[record.index for record in results],
+        failures=[record.outcome for record in ordered if record.failed], model_name=model_name,
+        total_compute_time_seconds=seconds,
+    )
+
+
+def save_batch(batch: AttributionBatchResult, path: Union[str, os.PathLike[str]]) -> Path:
+    """Write a batch result to a new JSONL or Parquet file (replacing one that is there); returns the path."""
+    path = Path(path)
+    output_format(path)
+    remove_output(path)
+    sink = open_sink(path, {"saved": "AttributionBatchResult", "model_name": batch.model_name})
+    try:
+        for record in batch_records(batch):
+            sink.write(record)
+    finally:
+        sink.close()
+    return path
