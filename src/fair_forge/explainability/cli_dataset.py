@@ -13,7 +13,8 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli import PROG, BadInput, _check_method, _load_model, _non_negative_int, _parse_params, _Parser
+from . import cli
+from .cli import PROG, BadInput, _check_method, _non_negative_int, _parse_params, _Parser
 from .types import Granularity
 
 COLUMN_KEYS = ("messages", "prompt", "question", "system", "context", "target", "id")
@@ -83,7 +84,7 @@ def run_dataset(args: argparse.Namespace) -> int:
         raise BadInput("--workers and --max-new-tokens must be >= 1")
     _check_method(args.method)
 
-    model, tokenizer, model_name = _load_model(args.model)
+    model, tokenizer, model_name = cli._load_model(args.model)
     from .datasets import explain_dataset
     from .explainer import AttributionExplainer
 
