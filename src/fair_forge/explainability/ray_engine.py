@@ -121,7 +121,7 @@ def _run_pool(ray: Any, explainer: Any, items: Iterable[Any], run: Any, num_work
         fn_constructor_kwargs={"loader": loader, "explainer_options": options, "run": asdict(run)},
         batch_size=ITEMS_PER_RAY_BATCH,
         batch_format="numpy",
-        concurrency=num_workers,
+        compute=ray.data.ActorPoolStrategy(size=num_workers),
         num_cpus=1,
         num_gpus=num_gpus_per_worker,
     )
