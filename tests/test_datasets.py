@@ -13,6 +13,7 @@ import pytest
 from fair_forge.explainability import (
     AttributionBatchResult,
     AttributionExplainer,
+    AttributionMethod,
     AttributionResult,
     TokenAttribution,
     cli,
@@ -135,6 +136,7 @@ def test_outputs_load_back_equal_with_ids_and_metadata(explainer, reference, tmp
     assert (run.n_explained, run.n_failed, run.n_skipped) == (5, 1, 0)
     loaded = AttributionBatchResult.load(out)
     assert [_comparable(r) for r in loaded] == [_comparable(r) for r in reference]
+    assert all(r.method is AttributionMethod.OCCLUSION for r in loaded)  # behaves like the original (plots use .value)
     assert [(f.index, f.error_type) for f in loaded.failures] == [(5, "InvalidInputError")]
     records = sorted(load_results(out), key=lambda r: r.index)
     assert [r.metadata.get("topic") for r in records] == ["geo", "animals", "sky", "geo", "animals", None]

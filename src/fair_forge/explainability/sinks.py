@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
 
 from .errors import InvalidInputError
-from .types import AttributionBatchResult, AttributionResult, BatchFailure
+from .types import AttributionBatchResult, AttributionMethod, AttributionResult, BatchFailure
 
 FORMAT_VERSION = 1
 SETTINGS_KEY = b"fair_forge_settings"
@@ -56,7 +56,7 @@ class DatasetRecord:
     def from_json(cls, line: str) -> "DatasetRecord":
         data = json.loads(line)
         outcome: Outcome = (BatchFailure.model_validate(data["failure"]) if "failure" in data
-                            else AttributionResult.model_validate(data["result"]))
+                            else _result(data["result"]))
         return cls(data["index"], data["item_id"], outcome, data.get("metadata") or {})
 
 
@@ -100,12 +100,20 @@ def rows_record(rows: list[dict[str, Any]]) -> DatasetRecord:
         attributions = [{key: row[key] for key in FEATURE_COLUMNS} for row in rows if row["position"] is not None]
         for attribution in attributions:
             attribution["token_positions"] = list(attribution["token_positions"] or [])
-        outcome = AttributionResult.model_validate({
+        outcome = _result({
             "prompt": first["prompt"], "target": first["target"], "method": first["method"],
             "granularity": first["granularity"], "model_name": first["model_name"],
             "attributions": attributions, **json.loads(first["result_json"]),
         })
     return DatasetRecord(int(first["item_index"]), first["item_id"], outcome, metadata)
+
+
+def _result(data: dict[str, Any]) -> AttributionResult:
+    """Validate a stored result; a built-in method name comes back as its enum member, as the explainer sets it
+    (pydantic keeps a plain string for ``Union[AttributionMethod, str]``)."""
+    if data["method"] in AttributionMethod._value2member_map_:
+        data = {**data, "method": AttributionMethod(data["method"])}
+    return AttributionResult.model_validate(data)
 
 
 def _is_missing(value: Any) -> bool:
