@@ -20,7 +20,8 @@ from fair_forge.explainability.generation import (
 RAW_PROMPTS = ["What is the capital", "Paris is", "The quick brown fox jumps over the lazy"]
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Why is the sky blue?"}],
+    [{"role": "system", "content": "You are a helpful assistant."},
+     {"role": "user", "content": "Why is the sky blue?"}],
 ]
 
 

@@ -75,7 +75,8 @@ def test_ray_missing_is_an_error_naming_the_extra(tiny_llama, monkeypatch) -> No
 
     model, tokenizer = tiny_llama
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("ray") else real(name, *a))
+    hide_ray = lambda name, *args: None if name.startswith("ray") else real(name, *args)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", hide_ray)
     with pytest.raises(ImportError, match=r"fair-forge-explainability\[ray\]"):
         explain_dataset(AttributionExplainer(model, tokenizer), ROWS, engine="ray", **SETTINGS)
     assert ray_engine.RAY_EXTRA_HINT

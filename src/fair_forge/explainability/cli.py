@@ -6,7 +6,9 @@
 ``--prompt`` is sent as one user message through the tokenizer's chat template (``--raw`` sends it as plain text
 instead); ``--messages`` reads a JSON list of ``{"role": ..., "content": ...}`` objects (or an object with a
 ``messages`` list and optionally a ``target``). The default model is the embedded SmolLM2-135M-Instruct; ``--model``
-takes a local transformers folder. Bad input exits with code 2 and one line on stderr; other failures exit with 1.
+takes a local transformers folder. Without ``--target`` the model's own greedy answer is explained. Bad input exits
+with code 2 and one line on stderr; other failures exit with 1. ``dataset`` and ``summarize`` subcommands: see
+``cli_dataset.py``.
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE.json",
         help='a JSON list of {"role": ..., "content": ...} messages, or {"messages": [...], "target": ...}',
     )
-    parser.add_argument("--target", metavar="TEXT", help="the response to explain (may also come from the JSON file; without it, the model's own answer)")
+    parser.add_argument(
+        "--target", metavar="TEXT",
+        help="the response to explain (may also come from the JSON file; without it, the model's own answer)",
+    )
     parser.add_argument(
         "--method", metavar="M", default=None, help="attribution method (default: integrated_gradients)"
     )

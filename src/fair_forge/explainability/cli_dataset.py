@@ -21,10 +21,12 @@ COLUMN_KEYS = ("messages", "prompt", "question", "system", "context", "target", 
 
 
 def build_dataset_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=f"{PROG} dataset", description="Explain every item of a dataset into a JSONL or Parquet file.")
+    parser = _Parser(prog=f"{PROG} dataset",
+                     description="Explain every item of a dataset into a JSONL or Parquet file.")
     parser.add_argument("input", metavar="INPUT", help="a .jsonl, .csv or .parquet file of items")
     parser.add_argument("--out", required=True, metavar="OUT", help="output .jsonl or .parquet (format by suffix)")
-    parser.add_argument("--method", metavar="M", default=None, help="attribution method (default: integrated_gradients)")
+    parser.add_argument("--method", metavar="M", default=None,
+                        help="attribution method (default: integrated_gradients)")
     parser.add_argument("--granularity", metavar="G", default=Granularity.WORD.value,
                         choices=[g.value for g in Granularity], help="token, word or sentence (default: word)")
     parser.add_argument("--model", metavar="PATH", default=None,
@@ -32,7 +34,8 @@ def build_dataset_parser() -> argparse.ArgumentParser:
     parser.add_argument("--generate", action="store_true", help="explain the model's own answers, not the dataset's")
     parser.add_argument("--max-new-tokens", metavar="N", type=_non_negative_int, default=64,
                         help="longest generated answer, in tokens (default: 64)")
-    parser.add_argument("--resume", action="store_true", help="continue into an existing OUT written with the same settings")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue into an existing OUT written with the same settings")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default) or ray")
     parser.add_argument("--workers", metavar="N", type=_non_negative_int, default=2, help="Ray actors (default: 2)")

@@ -70,7 +70,9 @@ class DatasetRun:
         return AttributionBatchResult.load(self.path)
 
 
-def explain_records(explainer: AttributionExplainer, items: Iterable[DatasetItem], run: RunSettings) -> Iterator[DatasetRecord]:
+def explain_records(
+    explainer: AttributionExplainer, items: Iterable[DatasetItem], run: RunSettings
+) -> Iterator[DatasetRecord]:
     """The engine's stream over ``items``, keyed back to their indices and ids: targets generated chunk by chunk
     (``generation_batch_size`` at a time) as the engine pulls items, failures recorded, one record per item."""
     pending: dict[int, DatasetItem] = {}
