@@ -312,3 +312,29 @@ def saved_tiny_llama(tiny_llama, tmp_path: Path) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def test_an_endless_source_is_read_lazily(explainer) -> None:
+    def endless() -> Iterator[dict[str, Any]]:
+        while True:
+            yield ITEMS[1]
+
+    batch = explain_dataset(explainer, endless(), limit=3, **SETTINGS)
+    assert batch.indices == [0, 1, 2]
+
+
+def test_an_item_that_breaks_generation_fails_alone(explainer, tiny_llama) -> None:
+    model, tokenizer = tiny_llama
+    rows = [{"prompt": "Paris is"}, {"messages": [{"role": "wizard", "content": "hi"}]}, {"prompt": "The quick"}]
+    batch = explain_dataset(explainer, rows, max_new_tokens=4, **SETTINGS)
+    assert batch.indices == [0, 2]
+    assert [(f.index, f.error_type) for f in batch.failures] == [(1, "InvalidInputError")]
+    assert "unknown role" in batch.failures[0].message
+    assert [r.target for r in batch] == generate_targets(model, tokenizer, [(None, "Paris is"), (None, "The quick")],
+                                                         max_new_tokens=4)
+
+
+def test_a_repeated_user_id_is_recorded(explainer) -> None:
+    rows = [{**ITEMS[0], "uid": "a"}, {**ITEMS[1], "uid": "a"}, {**ITEMS[3], "uid": "b"}]
+    batch = explain_dataset(explainer, rows, id_column="uid", **SETTINGS)
+    assert batch.indices == [0, 2] and "already used" in batch.failures[0].message

@@ -33,12 +33,15 @@ def check_ray() -> None:
 
 
 def load_model(loader: ModelLoader) -> tuple[Any, Any]:
-    """(model, tokenizer) from a loader function or a local transformers folder (eval mode, local files only)."""
+    """(model, tokenizer) from a loader function or a local transformers folder (eval mode, local files only; on the
+    actor's GPU when Ray gave it one: the actor's own copy, so placing it is not moving the user's model)."""
     if callable(loader):
         return loader()
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(loader, local_files_only=True).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(loader, local_files_only=True, device_map=device).eval()
     return model, AutoTokenizer.from_pretrained(loader, local_files_only=True)
 
 

@@ -148,6 +148,7 @@ def _content_id(index: int, content: Any, settings_digest: str) -> str:
 
 def iter_items(rows: Iterable[Any], columns: ColumnMap, generate: bool, settings_digest: str) -> Iterator[DatasetItem]:
     """Map source rows to items, lazily; a row that cannot be mapped becomes an item with its ``error`` set."""
+    seen_ids: set[str] = set()  # only for user ids: hashed ids hold the index, so they cannot repeat
     for index, raw in enumerate(rows):
         try:
             if isinstance(raw, BaseException):  # a line of a file that did not parse
@@ -158,6 +159,9 @@ def iter_items(rows: Iterable[Any], columns: ColumnMap, generate: bool, settings
                 if _missing(row.get(columns.id)):
                     raise InvalidInputError(f"row has no value in the id column {columns.id!r}")
                 item_id = str(row[columns.id])
+                if item_id in seen_ids:
+                    raise InvalidInputError(f"id {item_id!r} (column {columns.id!r}) was already used by another row")
+                seen_ids.add(item_id)
             else:
                 content = {key: fields[key] for key in ("messages", "prompt", "target")}
                 item_id = _content_id(index, content, settings_digest)
