@@ -1,5 +1,5 @@
-"""engine="ray": a real local Ray with 2 CPU actors over a tiny saved model gives the local engine's results (to
-1e-5), the same failure records, and resumes an output the same way. Ray's files live in a temporary folder."""
+"""engine="ray": a real local Ray with 2 CPU actors over a tiny saved model resumes an output a local run began, and
+gives the local engine's results (to 1e-5) and failure records. Ray's files live in a temporary folder."""
 
 from __future__ import annotations
 
@@ -53,10 +53,10 @@ def test_ray_equals_local_with_failures_and_resume(local_ray, saved_model: Path,
     local = explain_dataset(explainer, ROWS, **SETTINGS)
 
     out = tmp_path / "ray.parquet"
-    ray_settings = {**SETTINGS, "engine": "ray", "num_workers": 2, "model_loader": str(saved_model)}
-    first = explain_dataset(explainer, ROWS, out, limit=2, **ray_settings)
+    first = explain_dataset(explainer, ROWS, out, limit=2, **SETTINGS)  # a run stopped after two items
     assert (first.n_explained, first.n_failed) == (2, 0)
-    rest = explain_dataset(explainer, ROWS, out, **ray_settings)
+    ray_settings = {**SETTINGS, "engine": "ray", "num_workers": 2, "model_loader": str(saved_model)}
+    rest = explain_dataset(explainer, ROWS, out, **ray_settings)  # Ray resumes it (one Ray run keeps the test short)
     assert (rest.n_skipped, rest.n_explained, rest.n_failed) == (2, 2, 2)
 
     remote = AttributionBatchResult.load(out)
