@@ -149,9 +149,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             ray.shutdown()
             shutil.rmtree(ray_folder, ignore_errors=True)
     memory = peak_rss(args.sizes)
-    result = {"rows": rows, "memory": memory,
-              "notes": f"n_steps=8 for integrated_gradients; {args.threads} torch threads in the driver; "
-                       "Ray actors: 1 CPU each; RSS on a tiny 2-layer Llama, occlusion, Parquet output"}
+    notes = (f"n_steps=8 for integrated_gradients; {args.threads} torch threads in the driver; Ray actors: 1 CPU "
+             "each (actor start and model load included); peak RSS of a fresh process, tiny 2-layer Llama, occlusion, "
+             "Parquet output")
+    from run_all import format_rows  # the same columns `make bench` prints elsewhere
+
+    table = "\n\n".join([format_rows(rows), format_rows(memory), notes])
+    result = {"rows": rows, "memory": memory, "notes": notes, "table": table}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result
@@ -160,8 +164,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 if __name__ == "__main__":
     outcome = main(sys.argv[1:])
     if outcome:
-        from run_all import format_rows  # noqa: E402 - printed like `make bench` does
-
-        print(format_rows(outcome["rows"]))
-        print()
-        print(format_rows(outcome["memory"]))
+        print(outcome["table"])
