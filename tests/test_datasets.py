@@ -289,6 +289,8 @@ def test_cli_dataset_exits_0_with_failed_items_and_summarizes(saved_tiny_llama: 
 @pytest.mark.parametrize("extra, expected", [
     (["--out", "out.txt"], "must end in"),
     (["--out", "out.jsonl", "--column", "title=t"], "--column expects"),
+    (["--out", "out.jsonl", "--column", "system=s", "--column", "context=c"], "same role"),
+    (["--out", "out.jsonl", "--workers", "0"], ">= 1"),
     (["--out", "out.jsonl", "--method", "no_such_method"], "available"),
     (["--out", "out.jsonl", "--param", "n_steps"], "KEY=VALUE"),
 ])

@@ -63,6 +63,8 @@ def _columns(pairs: Sequence[str]) -> dict[str, str]:
         if not sep or key not in COLUMN_KEYS or not name:
             raise BadInput(f"--column expects KEY=NAME with KEY one of {COLUMN_KEYS}, got {pair!r}")
         columns["id_column" if key == "id" else key] = name
+    if "system" in columns and "context" in columns:
+        raise BadInput("--column system=... and --column context=... name the same role; give one")
     return columns
 
 
