@@ -122,20 +122,21 @@ def _with_targets(explainer: AttributionExplainer, chunk: list[DatasetItem], run
                                 max_new_tokens=run.max_new_tokens, batch_size=run.generation_batch_size,
                                 **run.generation_kwargs)
 
+    def answer_alone(item: DatasetItem) -> Optional[str]:
+        try:
+            return generate([item])[0]
+        except Exception as error:  # noqa: BLE001 - recorded per item
+            side.append(item.failed(error))
+            return None
+
     try:
-        answers = generate(to_generate) if to_generate else []
-    except Exception:  # noqa: BLE001 - retried item by item below, so only the item at fault is recorded
-        answers = []
-        for item in to_generate:
-            try:
-                answers.extend(generate([item]))
-            except Exception as error:  # noqa: BLE001 - recorded per item
-                side.append(item.failed(error))
-                answers.append("")
+        answers: list[Optional[str]] = list(generate(to_generate)) if to_generate else []
+    except Exception:  # noqa: BLE001 - retried item by item, so only the item at fault is recorded
+        answers = [answer_alone(item) for item in to_generate]
     for item, answer in zip(to_generate, answers):
         if answer:
             ready.append((item, answer))
-        elif not any(record.index == item.index for record in side):
+        elif answer == "":
             side.append(item.failed(ExplainabilityError("the model generated an empty answer: nothing to explain")))
     return ready
 
