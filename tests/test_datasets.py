@@ -340,3 +340,14 @@ def test_a_repeated_user_id_is_recorded(explainer) -> None:
     rows = [{**ITEMS[0], "uid": "a"}, {**ITEMS[1], "uid": "a"}, {**ITEMS[3], "uid": "b"}]
     batch = explain_dataset(explainer, rows, id_column="uid", **SETTINGS)
     assert batch.indices == [0, 2] and "already used" in batch.failures[0].message
+
+
+def test_an_empty_generated_answer_is_recorded(tiny_gpt2) -> None:
+    model, tokenizer = tiny_gpt2
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    only_end = {"suppress_tokens": [token for token in range(len(tokenizer)) if token != end]}  # the turn ends at once
+    rows = [{"question": "What is the capital of France?"}, ITEMS[0]]
+    batch = explain_dataset(AttributionExplainer(model, tokenizer), rows, generation_kwargs=only_end, **SETTINGS)
+    assert batch.indices == [1]
+    assert [(f.index, f.error_type) for f in batch.failures] == [(0, "ExplainabilityError")]
+    assert "empty answer" in batch.failures[0].message
