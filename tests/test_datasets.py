@@ -193,6 +193,19 @@ def test_parquet_parts_of_a_hard_kill_load_and_resume(explainer, tmp_path: Path,
     _same(AttributionBatchResult.load(out), explain_dataset(explainer, ITEMS, **SETTINGS))
 
 
+def test_a_kill_between_commit_and_cleanup_duplicates_nothing(explainer, tmp_path: Path, monkeypatch) -> None:
+    from fair_forge.explainability import sinks
+
+    out = tmp_path / "out.parquet"
+    with monkeypatch.context() as patch:  # the merged file is in place, the merged parts are not yet deleted
+        patch.setattr(sinks.shutil, "rmtree", lambda *args, **kwargs: None)
+        explain_dataset(explainer, ITEMS[:2], out, **SETTINGS)
+    assert list((tmp_path / "out.parquet.parts").glob("*.parquet"))
+    assert sorted(r.index for r in load_results(out)) == [0, 1]
+    explain_dataset(explainer, ITEMS, out, **SETTINGS)
+    assert sorted(r.index for r in load_results(out)) == [0, 1, 2, 3, 4]
+
+
 def test_a_torn_jsonl_tail_is_dropped(explainer, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     explain_dataset(explainer, ITEMS[:2], out, **SETTINGS)

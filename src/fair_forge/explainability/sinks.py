@@ -7,8 +7,9 @@ the records exactly.
 
 Crash safety: JSONL lines are written whole and flushed, and a torn last line is dropped when the file is reopened.
 Parquet is staged as complete small files (one per flush) in ``<name>.parts/`` and merged into the output, row group
-by row group, by the final commit; a killed run leaves the last committed file (which loads) and the staged parts
-(which ``load_results`` also reads and a resumed run keeps).
+by row group, by the final commit, which swaps the new file in by rename and names the parts it holds in its
+metadata; a killed run leaves the last committed file (which loads) and the staged parts (which ``load_results`` also
+reads and a resumed run keeps), never a row twice.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
@@ -25,6 +27,7 @@ from .types import AttributionBatchResult, AttributionMethod, AttributionResult,
 
 FORMAT_VERSION = 1
 SETTINGS_KEY = b"fair_forge_settings"
+MERGED_KEY = b"fair_forge_merged_parts"
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 ITEMS_PER_PART = 32  # items per staged Parquet file (a row group of the committed file): lost at most on a kill
@@ -250,7 +253,10 @@ class ParquetSink:
         self.items_per_part = items_per_part
         self._parts = _parts_dir(path)
         self._parts.mkdir(parents=True, exist_ok=True)
-        self._next_part = len(list(self._parts.glob("part-*.parquet")))
+        for stale in _merged_parts(path):  # merged by a commit that was killed before it could delete them
+            (self._parts / stale).unlink(missing_ok=True)
+        self._run = f"{time.time_ns():020d}"  # part names never repeat, so a commit can say which ones it holds
+        self._next_part = 0
         self._rows: list[dict[str, Any]] = []
         self._items = 0
 
@@ -271,7 +277,7 @@ class ParquetSink:
 
         if not self._rows:
             return
-        final = self._parts / f"part-{self._next_part:06d}.parquet"
+        final = self._parts / f"part-{self._run}-{self._next_part:06d}.parquet"
         staging = final.with_suffix(".tmp")
         pq.write_table(_arrow_table(self._rows, self.settings), staging)
         os.replace(staging, final)  # a part exists whole or not at all
@@ -292,7 +298,9 @@ class ParquetSink:
         if not schemas:
             schemas = [_arrow_table([], self.settings).schema]
         schema = pa.unify_schemas(schemas, promote_options="permissive")
-        schema = schema.with_metadata({SETTINGS_KEY: json.dumps(self.settings, sort_keys=True)})
+        merged = [file.name for file in sources if file != self.path]
+        schema = schema.with_metadata({SETTINGS_KEY: json.dumps(self.settings, sort_keys=True),
+                                       MERGED_KEY: json.dumps(merged)})
         staging = self.path.with_name(self.path.name + ".tmp")
         with pq.ParquetWriter(staging, schema) as writer:
             for file in sources:
@@ -311,10 +319,20 @@ def _conform(table: Any, schema: Any) -> Any:
     return pa.table(columns, schema=schema).cast(schema)
 
 
+def _merged_parts(path: Path) -> list[str]:
+    """Names of the parts the committed output already holds (read from its metadata)."""
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        return []
+    return json.loads((pq.read_schema(path).metadata or {}).get(MERGED_KEY, b"[]"))
+
+
 def _parquet_files(path: Path) -> list[Path]:
-    """The committed output (if any) then the staged parts, in write order."""
-    committed = [path] if path.exists() else []
-    return committed + sorted(_parts_dir(path).glob("part-*.parquet"))
+    """The committed output (if any) then the staged parts it does not hold yet, in write order."""
+    merged = set(_merged_parts(path))
+    parts = [part for part in sorted(_parts_dir(path).glob("part-*.parquet")) if part.name not in merged]
+    return ([path] if path.exists() else []) + parts
 
 
 Sink = Union[JsonlSink, ParquetSink]
