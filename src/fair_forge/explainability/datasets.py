@@ -57,7 +57,8 @@ class RunSettings:
 
 @dataclass(frozen=True)
 class DatasetRun:
-    """What a dataset run into an output did: counts of this run, and where the records are."""
+    """What a dataset run into an output did (items explained, failed, and skipped as already done), and where the
+    records are."""
 
     path: Path
     n_explained: int
@@ -209,10 +210,10 @@ def explain_dataset(
     started = time.perf_counter()
     sink = open_sink(path, settings) if path is not None else None
     done = sink.done_ids() if sink is not None else set()
-    todo = (item for item in items if item.item_id not in done)
     collected: list[DatasetRecord] = []
-    counts = {"ok": 0, "failed": 0}
-    progress = _progress(show_progress)
+    counts = {"ok": 0, "failed": 0, "skipped": 0}
+    progress = _progress(show_progress, _length(source, limit))
+    todo = _not_done(items, done, progress, counts)
     try:
         for record in _records(explainer, todo, run, engine, num_workers, num_gpus_per_worker, address, model_loader):
             if sink is not None:
@@ -229,7 +230,7 @@ def explain_dataset(
     seconds = time.perf_counter() - started
     if path is None:
         return batch_from_records(collected, explainer.model_name, seconds)
-    return DatasetRun(path, counts["ok"], counts["failed"], len(done), seconds)
+    return DatasetRun(path, counts["ok"], counts["failed"], counts["skipped"], seconds)
 
 
 def _prepare_output(path: Path, settings: dict[str, Any], resume: bool, overwrite: bool) -> None:
@@ -262,7 +263,28 @@ def _records(explainer: AttributionExplainer, items: Iterator[DatasetItem], run:
                        address=address, model_loader=model_loader)
 
 
-def _progress(show: bool) -> Any:
+def _not_done(items: Iterable[DatasetItem], done: set[str], progress: Any,
+              counts: dict[str, int]) -> Iterator[DatasetItem]:
+    """The items an output does not hold yet; the ones it holds are counted and move the progress bar."""
+    for item in items:
+        if item.item_id in done:
+            counts["skipped"] += 1
+            progress.update(1)
+        else:
+            yield item
+
+
+def _length(source: Any, limit: Optional[int]) -> Optional[int]:
+    """How many items a source holds, when it knows (a list, a DataFrame, a Hugging Face Dataset), for the bar."""
+    try:
+        count = len(source) if not isinstance(source, (str, os.PathLike)) else None
+    except TypeError:
+        count = None
+    return min(count, limit) if count is not None and limit is not None else count if count is not None else limit
+
+
+def _progress(show: bool, total: Optional[int]) -> Any:
+    """A tqdm bar: items/s, and the failures so far as its postfix (skipped items count towards the total)."""
     from tqdm.auto import tqdm
 
-    return tqdm(desc="explaining", unit="item", disable=not show)
+    return tqdm(total=total, desc="explaining", unit="item", disable=not show)
