@@ -75,7 +75,10 @@ def test_ray_missing_is_an_error_naming_the_extra(tiny_llama, monkeypatch) -> No
 
     model, tokenizer = tiny_llama
     real = importlib.util.find_spec
-    hide_ray = lambda name, *args: None if name.startswith("ray") else real(name, *args)  # noqa: E731
+
+    def hide_ray(name: str, *args):
+        return None if name.startswith("ray") else real(name, *args)
+
     monkeypatch.setattr(importlib.util, "find_spec", hide_ray)
     with pytest.raises(ImportError, match=r"fair-forge-explainability\[ray\]"):
         explain_dataset(AttributionExplainer(model, tokenizer), ROWS, engine="ray", **SETTINGS)

@@ -35,7 +35,7 @@ _LAZY = {
     "plot_attributions": "visualization",
     "plot_matrix": "visualization",
     "plot_connections": "visualization",
-    "DatasetRecord": "sinks",
+    "DatasetRecord": "records",
     "DatasetRun": "datasets",
     "explain_dataset": "datasets",
     "generate_targets": "generation",

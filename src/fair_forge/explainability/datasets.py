@@ -23,7 +23,8 @@ from .errors import ExplainabilityError, InvalidInputError
 from .explainer import AttributionExplainer, parse_granularity
 from .generation import DEFAULT_GENERATION_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, generate_targets
 from .methods import get_method
-from .sinks import DatasetRecord, batch_from_records, open_sink, output_format, remove_output, stored_settings
+from .records import DatasetRecord, batch_from_records
+from .sinks import open_sink, output_format, remove_output, stored_settings
 from .sources import ColumnMap, DatasetItem, iter_items, iter_source
 from .types import AttributionBatchResult, BatchFailure
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 from .errors import InvalidInputError
-from .sinks import DatasetRecord
+from .records import DatasetRecord
 
 RAY_EXTRA_HINT = "engine='ray' needs Ray Data: pip install 'fair-forge-explainability[ray]'"
 ITEMS_PER_RAY_BATCH = 8  # items per map_batches call: the engine packs the model calls of one batch together

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from .errors import InvalidInputError
-from .sinks import DatasetRecord
+from .records import DatasetRecord
 from .types import BatchFailure
 
 DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {

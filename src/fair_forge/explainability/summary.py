@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
 from .errors import InvalidInputError
-from .sinks import DatasetRecord, load_results
+from .records import DatasetRecord
+from .sinks import load_results
 from .types import AttributionBatchResult, AttributionResult
 
 if TYPE_CHECKING:  # pragma: no cover

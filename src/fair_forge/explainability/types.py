@@ -222,7 +222,7 @@ class AttributionBatchResult(BaseModel):
 
     def to_dataframe(self) -> Any:
         """The tidy long table of ``explain_dataset`` outputs: one row per feature, one per failure (needs pandas)."""
-        from .sinks import batch_records, records_dataframe
+        from .records import batch_records, records_dataframe
 
         return records_dataframe(batch_records(self))
 
@@ -235,6 +235,7 @@ class AttributionBatchResult(BaseModel):
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "AttributionBatchResult":
         """Read a file written by ``save`` or ``explain_dataset``, ordered by item index."""
-        from .sinks import batch_from_records, load_results
+        from .records import batch_from_records
+        from .sinks import load_results
 
         return batch_from_records(load_results(path))
