@@ -49,7 +49,7 @@ $(VENV)/.stamp-base: pyproject.toml $(VENV)/.stamp-torch
 	@touch $@
 
 $(VENV)/.stamp-dev: pyproject.toml $(VENV)/.stamp-torch
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e '.[dev,ray]'
 	@touch $@ $(VENV)/.stamp-base
 
 $(VENV)/.stamp-bench: pyproject.toml $(VENV)/.stamp-torch

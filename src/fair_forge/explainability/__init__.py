@@ -36,6 +36,13 @@ _LAZY = {
     "plot_attributions": "visualization",
     "plot_matrix": "visualization",
     "plot_connections": "visualization",
+    "DatasetRecord": "records",
+    "DatasetRun": "datasets",
+    "explain_dataset": "datasets",
+    "generate_targets": "generation",
+    "load_results": "sinks",
+    "plot_summary": "summary",
+    "summarize": "summary",
 }
 
 
@@ -48,6 +55,13 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "DatasetRecord",
+    "DatasetRun",
+    "explain_dataset",
+    "generate_targets",
+    "load_results",
+    "plot_summary",
+    "summarize",
     "DEFAULT_ENCODER_NAME",
     "DEFAULT_MODEL_NAME",
     "IntJacobianExplainableTransformer",

@@ -10,6 +10,7 @@ import numpy as np
 
 from . import engine
 from .errors import ContextLengthError, ExplainabilityError, InvalidInputError
+from .generation import generate_target
 from .methods import MethodContext, MethodSpec, RawAttribution, get_method
 from .models import borrowed, display_name
 from .prompt import ModelInput, build_model_input
@@ -124,8 +125,11 @@ class AttributionExplainer:
 
         ``per_target=True`` also returns a (target tokens x features) matrix. Method parameters (``n_steps``,
         ``n_samples``, ``baseline``, ``noise_std``, ``seed``, ``batch_size``, ...) are passed as keywords.
+        Without a ``target`` the model's own greedy answer is explained (``generation.generate_target``).
         """
         settings = self._settings(method, granularity, per_target, method_params)
+        if target is None:  # settings are checked before the model generates
+            target = generate_target(self.model, self.tokenizer, messages=messages, prompt=prompt)
         request = self._prepare(messages, prompt, target, settings)
         ((_, outcome),) = self._outcomes([request], settings)
         if isinstance(outcome, Exception):
