@@ -10,12 +10,10 @@ from .errors import (
     InvalidInputError,
     ModelLoadError,
     NoAttributableFeaturesError,
+    NonFiniteScoreError,
     UnknownMethodError,
     UnsupportedModelError,
 )
-from .explainer import AttributionExplainer, compute_attributions
-from .methods import MethodContext, RawAttribution, available_methods, register_method
-from .models import DEFAULT_ENCODER_NAME, DEFAULT_MODEL_NAME, default_model_path, load_default_encoder, load_default_model
 from .types import (
     AttributionBatchResult,
     AttributionMatrix,
@@ -27,8 +25,20 @@ from .types import (
     TokenAttribution,
 )
 
-# Imported on first use: sentence-transformers and matplotlib take seconds to import and most sessions need neither.
+# Imported on first use: torch, transformers, sentence-transformers and matplotlib take seconds to import, and
+# `fair-forge-explain --help` or loading a saved result needs none of them.
 _LAZY = {
+    "AttributionExplainer": "explainer",
+    "compute_attributions": "explainer",
+    "MethodContext": "methods",
+    "RawAttribution": "methods",
+    "available_methods": "methods",
+    "register_method": "methods",
+    "DEFAULT_ENCODER_NAME": "models",
+    "DEFAULT_MODEL_NAME": "models",
+    "default_model_path": "models",
+    "load_default_encoder": "models",
+    "load_default_model": "models",
     "SimilarityExplainer": "similarity",
     "IntJacobianExplainableTransformer": "similarity",
     "render_html": "visualization",
@@ -71,6 +81,7 @@ __all__ = [
     "MethodContext",
     "ModelLoadError",
     "NoAttributableFeaturesError",
+    "NonFiniteScoreError",
     "RawAttribution",
     "TokenAttribution",
     "UnknownMethodError",

@@ -34,5 +34,12 @@ class UnsupportedModelError(ExplainabilityError):
     """The model lacks something the method needs (input embeddings, a supported dtype on this device, ...)."""
 
 
+class NonFiniteScoreError(ExplainabilityError, ArithmeticError):
+    """A method produced a NaN or infinite score; the message names the feature and the likely cause.
+
+    Not a ``ValueError`` on purpose: pydantic lets it through its validators unchanged, so it reaches the caller.
+    """
+
+
 class ModelLoadError(ExplainabilityError):
     """An embedded default model could not be found or converted."""

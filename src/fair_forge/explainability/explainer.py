@@ -217,6 +217,7 @@ class AttributionExplainer:
             matrix=matrix,
             model_name=self.model_name,
             metadata=metadata,
+            messages=request.model_input.messages,
         )
 
     # ---- many explanations ------------------------------------------------------------------------------------

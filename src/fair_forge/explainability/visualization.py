@@ -195,7 +195,7 @@ def render_html(result: AttributionResult, *, standalone: bool = True) -> str:
     Content-Security-Policy that allows nothing else) and every piece of user text is escaped.
     """
     header_rows = [
-        ("method", result.method.value),
+        ("method", result.method_name),
         ("granularity", result.granularity.value),
         ("model", result.model_name),
         ("prompt", result.prompt),
@@ -216,7 +216,7 @@ def render_html(result: AttributionResult, *, standalone: bool = True) -> str:
     )
     if not standalone:
         return body
-    title = _esc(f"{result.method.value} attribution: {result.target}")
+    title = _esc(f"{result.method_name} attribution: {result.target}")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f'<meta http-equiv="Content-Security-Policy" content="{CONTENT_SECURITY_POLICY}">'
@@ -278,7 +278,7 @@ def plot_attributions(result: AttributionResult, ax: Optional["Axes"] = None, to
     ax.invert_yaxis()
     ax.axvline(0.0, color="#444444", linewidth=0.8)
     ax.set_xlabel("attribution score")
-    ax.set_title(f"{result.method.value} ({result.granularity.value})", parse_math=False)
+    ax.set_title(f"{result.method_name} ({result.granularity.value})", parse_math=False)
     return figure
 
 
@@ -287,7 +287,7 @@ def plot_matrix(result: AttributionResult, ax: Optional["Axes"] = None) -> "Figu
     matrix = result.matrix
     if matrix is None or 0 in matrix.shape:
         raise InvalidInputError(
-            f"plot_matrix needs a result with a non-empty matrix; this {result.method.value} result has none "
+            f"plot_matrix needs a result with a non-empty matrix; this {result.method_name} result has none "
             "(ask the explainer for per-target-token scores, or use plot_attributions)"
         )
     rows, columns = matrix.shape
@@ -303,7 +303,7 @@ def plot_matrix(result: AttributionResult, ax: Optional["Axes"] = None) -> "Figu
     ax.set_yticks(range(rows), row_text, parse_math=False)
     ax.set_xlabel(matrix.column_axis)
     ax.set_ylabel(matrix.row_axis)
-    ax.set_title(f"{result.method.value} ({result.granularity.value})", parse_math=False)
+    ax.set_title(f"{result.method_name} ({result.granularity.value})", parse_math=False)
     figure.colorbar(image, ax=ax, label="score")
     return figure
 
