@@ -12,7 +12,7 @@ import numpy as np
 from .errors import ContextLengthError, ExplainabilityError, InvalidInputError
 from .methods import MethodContext, MethodSpec, RawAttribution, get_method
 from .methods.gradient import TOKENS_PER_BATCH
-from .models import borrowed, display_name
+from .models import borrowed, check_model, display_name
 from .packing import PACKED_ITEMS, Coordinator
 from .prompt import ModelInput, build_model_input
 from .scoring import ScoreKind, TargetScorer, model_context_length
@@ -89,6 +89,7 @@ class AttributionExplainer:
         include_template_tokens: bool = False,
         prefix_cache: bool = True,
     ) -> None:
+        check_model(model)
         self.model = model
         self.tokenizer = tokenizer
         self.default_method = get_method(default_method).name

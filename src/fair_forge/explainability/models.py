@@ -23,13 +23,16 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import InvalidInputError, ModelLoadError, UnsupportedModelError
 
 if TYPE_CHECKING:  # imported for annotations only: transformers and sentence-transformers are slow to import
     from sentence_transformers import SentenceTransformer
@@ -164,22 +167,72 @@ def load_default_encoder(device: Optional[str] = None) -> "SentenceTransformer":
     return encoder
 
 
+def check_model(model: Any) -> None:
+    """A typed error for what cannot be borrowed and explained: not a torch module, or a module without parameters
+    (its device and dtype are read from them)."""
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidInputError(
+            f"model must be a torch.nn.Module (e.g. from AutoModelForCausalLM.from_pretrained), got "
+            f"{type(model).__name__}"
+        )
+    if next(model.parameters(), None) is None:
+        raise UnsupportedModelError(f"model {type(model).__name__} has no parameters, so it cannot be explained")
+
+
+@dataclass
+class _Borrow:
+    """One model's borrow: how many calls hold it, and the modes and flags to restore when the last one leaves."""
+
+    holders: int
+    modes: list[tuple[torch.nn.Module, bool]]
+    flags: list[tuple[torch.nn.Parameter, bool]]
+
+
+_borrows: "weakref.WeakKeyDictionary[torch.nn.Module, _Borrow]" = weakref.WeakKeyDictionary()
+_borrows_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def borrowed(model: torch.nn.Module) -> Iterator[None]:
     """Eval mode and frozen parameters for the duration (gradients are taken w.r.t. inputs only); every module's own
-    train/eval mode and every parameter's ``requires_grad`` flag are restored afterwards, also after an error."""
-    modes = [(module, module.training) for module in model.modules()]
-    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    train/eval mode and every parameter's ``requires_grad`` flag are restored afterwards, also after an error.
+
+    Calls that overlap on one model (threads of a web server, a notebook's thread pool, nested calls) share one
+    borrow: the first saves the model's state, later ones find it in eval mode and frozen, and the last to leave
+    restores it, whatever order they leave in.
+    """
+    with _borrows_lock:
+        borrow = _borrows.get(model)
+        if borrow is None:
+            borrow = _Borrow(
+                holders=0,
+                modes=[(module, module.training) for module in model.modules()],
+                flags=[(parameter, parameter.requires_grad) for parameter in model.parameters()],
+            )
+            try:
+                model.eval()
+                for parameter, _ in borrow.flags:
+                    parameter.requires_grad_(False)
+            except BaseException:
+                _restore(borrow)
+                raise
+            _borrows[model] = borrow
+        borrow.holders += 1
     try:
-        model.eval()
-        for parameter, _ in flags:
-            parameter.requires_grad_(False)
         yield
     finally:
-        for module, mode in modes:
-            module.training = mode
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
+        with _borrows_lock:
+            borrow.holders -= 1
+            if borrow.holders == 0:
+                del _borrows[model]
+                _restore(borrow)
+
+
+def _restore(borrow: _Borrow) -> None:
+    for module, mode in borrow.modes:
+        module.training = mode
+    for parameter, flag in borrow.flags:
+        parameter.requires_grad_(flag)
 
 
 def display_name(name_or_path: Optional[str], fallback: str) -> str:
