@@ -4,6 +4,7 @@ results, compact repr, show(), top-k arguments."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import matplotlib
 
@@ -22,6 +23,7 @@ from fair_forge.explainability import (
     RawAttribution,
     register_method,
 )
+from fair_forge.explainability.errors import ProbabilityUnderflowWarning
 from fair_forge.explainability.methods import _REGISTRY
 from fair_forge.explainability.types import AttributionMatrix, TokenAttribution, format_table, normalize_scores
 from fair_forge.explainability.visualization import plot_attributions, render_html
@@ -142,3 +144,15 @@ def test_top_k_takes_only_whole_numbers(tiny_gpt2, k) -> None:
         result.get_top_k(k)
     assert result.get_top_k(np.int64(2)) == result.get_top_k(2)
     assert len(result.get_top_k(2)) == 2
+
+
+def test_probability_underflow_warns_instead_of_zero_attributions_in_silence(tiny_gpt2) -> None:
+    model, tokenizer = tiny_gpt2
+    long_target = " ".join(["The capital of France is Paris."] * 4)  # ~30 tokens: log p far below -87 on a random model
+    with pytest.warns(ProbabilityUnderflowWarning, match="score='sum'"):
+        result = AttributionExplainer(model, tokenizer, score="prob").explain(MESSAGES, long_target, method="occlusion")
+    assert not any(result.scores)  # what the warning is about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProbabilityUnderflowWarning)
+        AttributionExplainer(model, tokenizer, score="prob").explain(MESSAGES, "Paris.", method="occlusion")
+        AttributionExplainer(model, tokenizer).explain(MESSAGES, long_target, method="occlusion")

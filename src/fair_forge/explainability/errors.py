@@ -43,3 +43,7 @@ class NonFiniteScoreError(ExplainabilityError, ArithmeticError):
 
 class ModelLoadError(ExplainabilityError):
     """An embedded default model could not be found or converted."""
+
+
+class ProbabilityUnderflowWarning(UserWarning):
+    """score="prob" underflowed: the target's probability is below what the dtype holds, so attributions are lost."""
