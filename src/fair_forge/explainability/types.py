@@ -241,12 +241,13 @@ class AttributionResult(BaseModel):
             raise ImportError("to_dataframe() needs pandas: pip install pandas") from exc
         return pd.DataFrame([a.model_dump() for a in self.attributions])
 
-    def save_html(self, path: str | os.PathLike[str]) -> Path:
-        """Write the self-contained, escaped HTML view of this result (no CDN, no network); returns the path."""
+    def save_html(self, path: str | os.PathLike[str], show_scores: bool = False) -> Path:
+        """Write the self-contained, escaped HTML view of this result (no CDN, no network); returns the path.
+        ``show_scores`` prints each score under its word, for static exports."""
         from .visualization import render_html
 
         target = Path(path)
-        target.write_text(render_html(self, standalone=True), encoding="utf-8")
+        target.write_text(render_html(self, standalone=True, show_scores=show_scores), encoding="utf-8")
         return target
 
     def _repr_html_(self) -> str:
