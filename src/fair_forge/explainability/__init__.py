@@ -3,6 +3,8 @@
 Only the names below are public; everything else is an implementation detail.
 """
 
+from typing import TYPE_CHECKING
+
 from .errors import (
     BudgetError,
     ContextLengthError,
@@ -24,6 +26,19 @@ from .types import (
     Granularity,
     TokenAttribution,
 )
+
+if TYPE_CHECKING:  # what the lazy names below are, for type checkers, IDEs and the API reference
+    from .explainer import AttributionExplainer, compute_attributions
+    from .methods import MethodContext, RawAttribution, available_methods, register_method
+    from .models import (
+        DEFAULT_ENCODER_NAME,
+        DEFAULT_MODEL_NAME,
+        default_model_path,
+        load_default_encoder,
+        load_default_model,
+    )
+    from .similarity import IntJacobianExplainableTransformer, SimilarityExplainer
+    from .visualization import plot_attributions, plot_connections, plot_matrix, render_html
 
 # Imported on first use: torch, transformers, sentence-transformers and matplotlib take seconds to import, and
 # `fair-forge-explain --help` or loading a saved result needs none of them.
