@@ -70,8 +70,8 @@ class AttributionExplainer:
 
     ``score`` picks the explained quantity (sum of target log-probs by default, or "mean", or "prob");
     ``include_template_tokens`` makes chat-template tokens attributable too; ``batch_size`` is the number of
-    sequences per model call for perturbation methods (None: sized by a token and a logits budget; gradient
-    methods take their own ``batch_size`` parameter);
+    sequences per model call for perturbation methods (None: sized by a token and a logits budget, see
+    ``scoring.masked_rows_per_call``; gradient methods take their own ``batch_size`` parameter);
     ``prefix_cache`` runs the unchanging start of the input (system prompt, chat header) once per explanation.
     """
 
@@ -237,8 +237,8 @@ class AttributionExplainer:
 
         Items are ``(messages_or_prompt, target)`` pairs, dicts with ``messages`` or ``prompt`` (or ``question``,
         sent as one user message) and ``target`` (or ``answer``), or a pandas DataFrame with those columns.
-        This is a pure map over items: an item's result depends only on the settings and the item. Underneath, a
-        few items are explained side by side and their model inputs packed into shared model calls
+        This is a pure map over items: an item's result depends only on the settings and the item. Underneath, up
+        to ``PACKED_ITEMS`` items are explained side by side and their model inputs packed into shared model calls
         (``packing.py``: masked rows, or embedding rows with their gradients; rows of similar length together; a
         system prompt shared by the items computed once), which gives the same scores as explaining them one by
         one up to float rounding. An item's ``compute_time_seconds`` is then the time it was in flight and its pass
