@@ -13,6 +13,7 @@ from .errors import (
     ModelLoadError,
     NoAttributableFeaturesError,
     NonFiniteScoreError,
+    ProbabilityUnderflowWarning,
     UnknownMethodError,
     UnsupportedModelError,
 )
@@ -23,6 +24,7 @@ from .types import (
     AttributionMethod,
     AttributionResult,
     BatchFailure,
+    ChatMessage,
     Granularity,
     TokenAttribution,
 )
@@ -88,6 +90,7 @@ __all__ = [
     "AttributionMethod",
     "AttributionResult",
     "BatchFailure",
+    "ChatMessage",
     "BudgetError",
     "ContextLengthError",
     "ExplainabilityError",
@@ -97,6 +100,7 @@ __all__ = [
     "ModelLoadError",
     "NoAttributableFeaturesError",
     "NonFiniteScoreError",
+    "ProbabilityUnderflowWarning",
     "RawAttribution",
     "TokenAttribution",
     "UnknownMethodError",
