@@ -156,3 +156,19 @@ def test_probability_underflow_warns_instead_of_zero_attributions_in_silence(tin
         warnings.simplefilter("error", ProbabilityUnderflowWarning)
         AttributionExplainer(model, tokenizer, score="prob").explain(MESSAGES, "Paris.", method="occlusion")
         AttributionExplainer(model, tokenizer).explain(MESSAGES, long_target, method="occlusion")
+
+
+def test_show_renders_the_html_in_a_notebook_kernel(tiny_gpt2, monkeypatch, capsys) -> None:
+    IPython = pytest.importorskip("IPython")
+    pytest.importorskip("IPython.display")
+
+    class Kernel:
+        kernel = object()  # what a Jupyter kernel's shell has and a terminal IPython's lacks
+
+    shown = []
+    monkeypatch.setattr(IPython, "get_ipython", Kernel)
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    result = _result(tiny_gpt2)
+    result.show()
+    [html_object] = shown
+    assert html_object.data == render_html(result, standalone=False) and capsys.readouterr().out == ""

@@ -347,9 +347,11 @@ def test_display_html_shows_the_fragment_in_an_ipython_session(monkeypatch: pyte
     pytest.importorskip("IPython.display")  # the submodule, loaded so it can be patched
 
     shown = []
-    monkeypatch.setattr(IPython, "get_ipython", lambda: object())
+    monkeypatch.setattr(IPython, "get_ipython", lambda: object())  # a terminal IPython: no kernel, no HTML display
     monkeypatch.setattr(IPython.display, "display", shown.append)
     result = malicious_result()
+    assert display_html(result) == render_html(result, standalone=False) and not shown
+    monkeypatch.setattr(IPython, "get_ipython", lambda: type("Shell", (), {"kernel": object()})())
     assert display_html(result) is None
     [html_object] = shown
     assert html_object.data == render_html(result, standalone=False)

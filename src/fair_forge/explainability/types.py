@@ -258,7 +258,7 @@ class AttributionResult(BaseModel):
 
     def show(self, top: int = 10) -> None:
         """Render the HTML view in a notebook; in a console print the ranked table (as ``fair-forge-explain``)."""
-        if _in_notebook():
+        if in_notebook():
             from IPython.display import HTML, display
 
             display(HTML(self._repr_html_()))
@@ -330,7 +330,7 @@ def _short(text: str, limit: int = 40) -> str:
     return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
-def _in_notebook() -> bool:
+def in_notebook() -> bool:
     """True inside a Jupyter kernel (which can display HTML), False in a console or plain IPython."""
     try:
         from IPython import get_ipython

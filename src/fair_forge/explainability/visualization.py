@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import numpy as np
 
 from .errors import InvalidInputError
-from .types import AttributionResult
+from .types import AttributionResult, in_notebook
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -323,15 +323,12 @@ def render_html(result: AttributionResult, *, standalone: bool = True, show_scor
 
 
 def display_html(result: AttributionResult) -> Optional[str]:
-    """Show the HTML in a running IPython/Jupyter session and return None; outside one, return the HTML."""
+    """Show the HTML in a Jupyter kernel and return None; elsewhere (a console, a terminal IPython), return it."""
     fragment = render_html(result, standalone=False)
-    try:
-        from IPython import get_ipython
-        from IPython.display import HTML, display
-    except ImportError:
+    if not in_notebook():
         return fragment
-    if get_ipython() is None:
-        return fragment
+    from IPython.display import HTML, display
+
     display(HTML(fragment))
     return None
 
