@@ -296,7 +296,7 @@ def render_html(result: AttributionResult, *, standalone: bool = True, show_scor
         ("method", result.method_name),
         ("granularity", result.granularity.value),
         ("model", result.model_name),
-        ("prompt", result.prompt),
+        *([] if result.messages else [("prompt", result.prompt)]),  # chat messages are shown in their blocks
         ("target", result.target),
     ]
     header = "".join(f"<tr><th>{_esc(name)}</th><td>{_esc(value)}</td></tr>" for name, value in header_rows)
