@@ -231,3 +231,12 @@ def test_unknown_characters_warn_and_stay_features(llama_tokenizer) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # template text the vocabulary lacks is no user text: no warning
         build_model_input(llama_tokenizer, prompt="The capital of France", target=TARGET)
+
+
+@pytest.mark.integration
+def test_the_similarity_explainer_rejects_lone_surrogates_too() -> None:
+    from fair_forge.explainability import SimilarityExplainer, load_default_encoder
+
+    explainer = SimilarityExplainer(load_default_encoder(device="cpu"))
+    with pytest.raises(InvalidInputError, match="candidate contains a lone surrogate"):
+        explainer.explain("Where is the Eiffel Tower?", "It is in \udcc3Paris.")
