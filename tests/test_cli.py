@@ -253,7 +253,9 @@ def test_help_lists_the_methods_without_importing_torch() -> None:
     assert all(method.value in listed for method in AttributionMethod if method.value != "integrated_jacobians")
 
 
-@pytest.mark.parametrize("argv", [["--prompt", "caf\udce9?", "--target", TARGET], ["--prompt", QUESTION, "--target", "\ud800"]])
+@pytest.mark.parametrize(
+    "argv", [["--prompt", "caf\udce9?", "--target", TARGET], ["--prompt", QUESTION, "--target", "\ud800"]]
+)
 def test_lone_surrogates_exit_2_before_loading_the_model(argv, capsys, monkeypatch) -> None:
     monkeypatch.setattr(cli, "_load_model", _no_model)
     assert cli.main(argv) == 2

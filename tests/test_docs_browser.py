@@ -26,7 +26,8 @@ WINDOW = "--window-size=1280,900"
 # Appended to a page: measures the laid-out page and writes the numbers into it, for --dump-dom to read back.
 MEASURE = """<script>
 (function () {
-  var pres = Array.prototype.slice.call(document.querySelectorAll('.md-content pre > code'));  // material scrolls the code, not the pre
+  // material scrolls a block's code element, not its pre
+  var pres = Array.prototype.slice.call(document.querySelectorAll('.md-content pre > code'));
   var codes = Array.prototype.slice.call(document.querySelectorAll('.md-content td code'));
   var out = document.createElement('div');
   out.id = 'ff-measure';

@@ -125,7 +125,9 @@ def test_repr_is_short_and_names_the_strongest_features(tiny_gpt2, custom_method
     assert text.startswith(f"AttributionResult(method=known_scores, granularity=word, features={n}, ")
     assert f"{top[0].text.strip()}={top[0].score:+.3g}" in text
     batch = AttributionBatchResult(results=[result] * 50, model_name="tiny")
-    assert repr(batch) == "AttributionBatchResult(results=50, failures=0, model=tiny, methods=['known_scores'], seconds=0)"
+    assert repr(batch) == (
+        "AttributionBatchResult(results=50, failures=0, model=tiny, methods=['known_scores'], seconds=0)"
+    )
 
 
 def test_show_prints_the_cli_table_in_a_console(tiny_gpt2, capsys) -> None:

@@ -382,8 +382,13 @@ def _visible(fragment: str, css_class: str = "ff-text") -> list[str]:
 
 
 def chat_result(**update) -> AttributionResult:
-    messages = [{"role": "system", "content": "Answer  briefly,\nplease."}, {"role": "user", "content": "Capital of France?"}]
-    spans = [(0, 0, 6), (0, 8, 15), (0, 15, 16), (0, 17, 23), (0, 23, 24), (1, 0, 7), (1, 8, 10), (1, 11, 17), (1, 17, 18)]
+    messages = [
+        {"role": "system", "content": "Answer  briefly,\nplease."},
+        {"role": "user", "content": "Capital of France?"},
+    ]
+    # (message, start, end) of: Answer, briefly, ",", please, "." | Capital, of, France, ?
+    spans = [(0, 0, 6), (0, 8, 15), (0, 15, 16), (0, 17, 23), (0, 23, 24),
+             (1, 0, 7), (1, 8, 10), (1, 11, 17), (1, 17, 18)]
     scores = [0.1, -0.2, 0.0, 0.3, 0.0, 0.5, 0.05, 1.0, -0.4]
     attributions = [
         TokenAttribution(text=messages[m]["content"][s:e], score=score, position=i, normalized_score=norm,
