@@ -45,7 +45,8 @@ border-radius:4px}
 .ff-attr .ff-role{font-size:12px;font-weight:600;color:#555;text-transform:uppercase;letter-spacing:.04em}
 .ff-attr ruby{ruby-position:under}
 .ff-attr rt{font-size:10px;color:#555}
-.ff-attr .ff-tok,.ff-attr .ff-cell{border-radius:3px;padding:1px 0;margin:0 1px}
+.ff-attr .ff-tok,.ff-attr .ff-cell{border-radius:3px;padding:1px 0}
+.ff-attr .ff-special{margin:0 .3em}
 .ff-attr .ff-legend{display:flex;align-items:center;gap:.5em;font-size:12px;color:#555;margin:.5em 0}
 .ff-attr .ff-bar{width:12em;height:.9em;border:1px solid #ccc;
 background:linear-gradient(to right,#4575b4,#ffffff,#d73027)}
@@ -135,6 +136,11 @@ class _Item:
 _SPECIAL_LABEL = re.compile(r"\[[A-Z]+\]|<[^<>\s]+>")
 
 
+def _chip_class(css_class: str, item: _Item) -> str:
+    """Special tokens ([CLS], <s>) are set a little apart: they are no text of the input."""
+    return f"{css_class} ff-special" if _SPECIAL_LABEL.fullmatch(item.label) else css_class
+
+
 def _place(text: str, items: Sequence[_Item], css_class: str, show_scores: bool) -> Optional[str]:
     """``text`` with every located item coloured in place (the text between items kept as it is) and unlocated
     items (special tokens) as chips where they occur; None when the spans do not fit ``text`` in order."""
@@ -142,7 +148,7 @@ def _place(text: str, items: Sequence[_Item], css_class: str, show_scores: bool)
     cursor = 0
     for item in items:
         if item.start is None or item.end is None:
-            pieces.append(_span(css_class, item.label, item.score, item.normalized, show_scores))
+            pieces.append(_span(_chip_class(css_class, item), item.label, item.score, item.normalized, show_scores))
             continue
         if not cursor <= item.start <= item.end <= len(text):
             return None
@@ -168,7 +174,7 @@ def _joined(items: Sequence[_Item], css_class: str, token_level: bool, show_scor
             gap = "" if item.start == previous.end else " "
         else:
             gap = "" if token_level and item.start is None and previous.start is None else " "
-        pieces.append(gap + _span(css_class, label, item.score, item.normalized, show_scores))
+        pieces.append(gap + _span(_chip_class(css_class, item), label, item.score, item.normalized, show_scores))
         previous = item
     return "".join(pieces)
 
