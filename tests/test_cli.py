@@ -4,6 +4,9 @@ the embedded SmolLM2."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +14,8 @@ import pytest
 
 from fair_forge.explainability import cli
 from fair_forge.explainability import explainer as explainer_module
-from fair_forge.explainability.errors import InvalidInputError
-from fair_forge.explainability.types import AttributionResult
+from fair_forge.explainability.errors import BudgetError, InvalidInputError, NonFiniteScoreError
+from fair_forge.explainability.types import AttributionMethod, AttributionResult
 
 TARGET = "The capital of France is Paris."
 QUESTION = "What is the capital of France?"
@@ -229,3 +232,75 @@ def test_end_to_end_on_the_embedded_model(capsys) -> None:
     assert result.model_name.startswith("SmolLM2-135M-Instruct")
     assert {"What", "capital", "France"} <= {a.text for a in result.attributions}
     assert {a.text for a in result.get_top_k(3)} & {"capital", "France"}
+
+
+# --- hardening: lazy start, typed errors everywhere, output path checked first --------------------------------------
+
+
+def test_help_lists_the_methods_without_importing_torch() -> None:
+    script = (
+        "import sys\n"
+        "from fair_forge.explainability import cli\n"
+        "print(cli.build_parser().format_help())\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    help_text, imported = run.stdout.rsplit("\n", 2)[0], run.stdout.rsplit("\n", 2)[1]
+    assert imported == "[]"
+    listed = " ".join(help_text[help_text.index("methods:") :].split())
+    assert all(method.value in listed for method in AttributionMethod if method.value != "integrated_jacobians")
+
+
+@pytest.mark.parametrize(
+    "argv", [["--prompt", "caf\udce9?", "--target", TARGET], ["--prompt", QUESTION, "--target", "\ud800"]]
+)
+def test_lone_surrogates_exit_2_before_loading_the_model(argv, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(cli, "_load_model", _no_model)
+    assert cli.main(argv) == 2
+    assert "lone surrogate" in _stderr_line(capsys)
+
+
+def test_lone_surrogate_in_a_messages_file_exits_2(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(cli, "_load_model", _no_model)
+    path = tmp_path / "chat.json"
+    path.write_text('[{"role": "user", "content": "bad \\ud800 text"}]', encoding="utf-8")
+    assert cli.main(["--messages", str(path), "--target", TARGET]) == 2
+    assert "message 0" in _stderr_line(capsys)
+
+
+@pytest.mark.parametrize("where", ["missing/out.json", "folder", "readonly/out.json"])
+def test_unwritable_json_path_exits_2_before_loading_the_model(where, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(cli, "_load_model", _no_model)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "readonly").mkdir(mode=0o500)
+    if where.startswith("readonly") and os.access(tmp_path / "readonly", os.W_OK):
+        pytest.skip("running as a user who may write anywhere (root)")
+    assert cli.main(["--prompt", QUESTION, "--target", TARGET, "--json", str(tmp_path / where)]) == 2
+    assert "--json" in _stderr_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [(BudgetError("n_steps=1000000000 needs too many evaluations"), 2),
+     (InvalidInputError("baseline 99999999 is not a token id"), 2),
+     (NonFiniteScoreError("feature 1 ('x') has score nan"), 1),
+     (MemoryError(), 1)],
+)
+def test_every_typed_error_and_memory_error_is_one_line(error, code, recording, monkeypatch, capsys) -> None:
+    def explain(self, **kwargs):
+        raise error
+
+    monkeypatch.setattr(recording, "explain", explain)
+    assert cli.main(["--prompt", QUESTION, "--target", TARGET, "--param", "n_steps=1000000000"]) == code
+    _stderr_line(capsys)
+
+
+def test_chat_template_raising_an_exception_exits_2(saved_tiny_model: Path, capsys) -> None:
+    config = saved_tiny_model / "tokenizer_config.json"
+    settings = json.loads(config.read_text())
+    settings["chat_template"] = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    config.write_text(json.dumps(settings))
+    (saved_tiny_model / "chat_template.jinja").unlink(missing_ok=True)
+    assert cli.main(["--prompt", QUESTION, "--target", TARGET, "--model", str(saved_tiny_model)]) == 2
+    assert "chat template rejected" in _stderr_line(capsys)

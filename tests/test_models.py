@@ -222,3 +222,21 @@ def test_default_encoder_embeds_sentences() -> None:
     encoder = models.load_default_encoder(device="cpu")
     embeddings = encoder.encode(["The capital of France is Paris.", "Paris is in France."])
     assert embeddings.shape == (2, 384)
+
+
+@pytest.mark.parametrize("user_setting", [True, False])
+def test_loading_hides_progress_bars_and_keeps_the_users_setting(user_setting: bool, tmp_path: Path, capfd) -> None:
+    """A tiny model saved to disk, loaded as the embedded ones are: nothing on stderr, the setting restored."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as transformers_logging
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=10, n_positions=8, n_embd=8, n_layer=1, n_head=1)).save_pretrained(tmp_path)
+    capfd.readouterr()
+    (transformers_logging.enable_progress_bar if user_setting else transformers_logging.disable_progress_bar)()
+    try:
+        with models._no_progress_bars():
+            GPT2LMHeadModel.from_pretrained(tmp_path)
+        assert transformers_logging.is_progress_bar_enabled() is user_setting
+    finally:
+        transformers_logging.enable_progress_bar()
+    assert "Loading weights" not in capfd.readouterr().err

@@ -29,6 +29,10 @@ def test_committed_notebook_has_its_outputs(path: Path) -> None:
     nbformat.validate(book)
     code = [cell for cell in book.cells if cell.cell_type == "code"]
     assert code[0].source.startswith("%matplotlib inline")
+    silencers = ("filterwarnings", "disable_progress_bar", "set_verbosity", "simplefilter")
+    assert not [word for cell in code for word in silencers if word in cell.source], (
+        f"{path.name} silences warnings or progress bars: they must not appear in the first place"
+    )
     counts = [cell.execution_count for cell in code]
     assert None not in counts, f"{path.name}: some code cells were never executed"
     assert counts == sorted(counts) and len(set(counts)) == len(counts), f"{path.name}: not run top to bottom"

@@ -10,8 +10,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from fair_forge.explainability import Granularity, InvalidInputError, NoAttributableFeaturesError
-from fair_forge.explainability.prompt import BoundaryMergeWarning, build_model_input, render_chat
+from fair_forge.explainability.prompt import BoundaryMergeWarning, UnknownTokenWarning, build_model_input, render_chat
 from fair_forge.explainability.segment import build_features
+
+from conftest import CHATML_TEMPLATE
 
 QUESTION = "What is the capital of France? Tell me now!\nThanks."
 TARGET = "The capital of France is Paris."
@@ -180,3 +182,61 @@ def test_stripped_messages_before_others_do_not_shift_them(gpt2_tokenizer):
         (0, "Be brief."),
         (2, "Be what?"),
     ]
+
+
+# --- hardening: bad text and odd templates give typed errors or warnings, never silent losses ------------------------
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        {"messages": [{"role": "user", "content": "caf\udce9"}], "target": TARGET},
+        {"prompt": "What is \ud800?", "target": TARGET},
+        {"prompt": "What is it?", "target": "Paris\udfff."},
+    ],
+)
+def test_lone_surrogates_are_invalid_input_before_tokenizing(gpt2_tokenizer, call) -> None:
+    with pytest.raises(InvalidInputError, match="lone surrogate"):
+        build_model_input(gpt2_tokenizer, **call)
+
+
+def test_chat_template_raising_an_exception_is_invalid_input(gpt2_tokenizer) -> None:
+    tokenizer = copy.deepcopy(gpt2_tokenizer)
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + CHATML_TEMPLATE
+    )
+    with pytest.raises(InvalidInputError, match="chat template rejected these messages: System role not supported"):
+        build_model_input(tokenizer, messages=chat(), target=TARGET)
+
+
+def test_content_changed_by_the_template_is_attributable_with_template_tokens(gpt2_tokenizer) -> None:
+    tokenizer = copy.deepcopy(gpt2_tokenizer)
+    tokenizer.chat_template = CHATML_TEMPLATE.replace("message['content']", "message['content'] | upper")
+    with pytest.raises(InvalidInputError, match="include_template_tokens=True"):
+        build_model_input(tokenizer, messages=chat(), target=TARGET)
+    model_input = build_model_input(tokenizer, messages=chat(), target=TARGET, include_template_tokens=True)
+    features = build_features(model_input, Granularity.WORD)
+    shown = "".join(f.text for f in features)
+    assert "BE BRIEF." in shown and "CAPITAL" in shown
+    assert all(f.message_index is None for f in features)  # located nowhere in the user's text: template tokens
+
+
+def test_unknown_characters_warn_and_stay_features(llama_tokenizer) -> None:
+    prompt = "The snowman ☃ is in Paris"
+    with pytest.warns(UnknownTokenWarning, match="'☃'"):
+        model_input = build_model_input(llama_tokenizer, prompt=prompt, target=TARGET)
+    words = [f.text for f in build_features(model_input, Granularity.WORD)]
+    assert "☃" in words
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # template text the vocabulary lacks is no user text: no warning
+        build_model_input(llama_tokenizer, prompt="The capital of France", target=TARGET)
+
+
+@pytest.mark.integration
+def test_the_similarity_explainer_rejects_lone_surrogates_too() -> None:
+    from fair_forge.explainability import SimilarityExplainer, load_default_encoder
+
+    explainer = SimilarityExplainer(load_default_encoder(device="cpu"))
+    with pytest.raises(InvalidInputError, match="candidate contains a lone surrogate"):
+        explainer.explain("Where is the Eiffel Tower?", "It is in \udcc3Paris.")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import io
 import json
+import re
 from html.parser import HTMLParser
 
 import matplotlib
@@ -116,14 +118,15 @@ def embedded_data(html_text: str) -> dict:
     return json.loads(text)
 
 
+@pytest.mark.parametrize("show_scores", [False, True])
 @pytest.mark.parametrize("standalone", [True, False])
-def test_user_text_is_escaped_everywhere(standalone: bool) -> None:
-    html_text = render_html(malicious_result(), standalone=standalone)
+def test_user_text_is_escaped_everywhere(standalone: bool, show_scores: bool) -> None:
+    html_text = render_html(malicious_result(), standalone=standalone, show_scores=show_scores)
     elements = parse(html_text)
     tag_names = {tag for tag, _ in elements.tags}
     assert "img" not in tag_names
     assert tag_names <= {"html", "head", "meta", "title", "body", "div", "style", "table", "tr", "th", "td", "span",
-                         "label", "select", "option", "script"}
+                         "label", "select", "option", "script", "ruby", "rt"}
     assert [attrs for tag, attrs in elements.tags if tag == "script"] == [
         {"type": "application/json", "class": "ff-data"},
         {},
@@ -344,9 +347,11 @@ def test_display_html_shows_the_fragment_in_an_ipython_session(monkeypatch: pyte
     pytest.importorskip("IPython.display")  # the submodule, loaded so it can be patched
 
     shown = []
-    monkeypatch.setattr(IPython, "get_ipython", lambda: object())
+    monkeypatch.setattr(IPython, "get_ipython", lambda: object())  # a terminal IPython: no kernel, no HTML display
     monkeypatch.setattr(IPython.display, "display", shown.append)
     result = malicious_result()
+    assert display_html(result) == render_html(result, standalone=False) and not shown
+    monkeypatch.setattr(IPython, "get_ipython", lambda: type("Shell", (), {"kernel": object()})())
     assert display_html(result) is None
     [html_object] = shown
     assert html_object.data == render_html(result, standalone=False)
@@ -363,3 +368,76 @@ def test_features_of_several_messages_are_not_placed_in_the_prompt() -> None:
     )
     text = render_html(mixed, standalone=False)
     assert '<div class="ff-text"><span' in text and "the <span" not in text
+
+
+# --- layout: messages in labelled blocks with their own spacing, words not WordPieces, printed scores ------------
+
+
+def _visible(fragment: str, css_class: str = "ff-text") -> list[str]:
+    """The text of every ``css_class`` block, tags removed (what a reader sees, without the scores under words)."""
+    import re
+
+    blocks = re.findall(rf'<div class="{css_class}">(.*?)</div>', fragment, re.S)
+    return [html.unescape(re.sub(r"<rt>.*?</rt>|<[^>]+>", "", block)) for block in blocks]
+
+
+def chat_result(**update) -> AttributionResult:
+    messages = [
+        {"role": "system", "content": "Answer  briefly,\nplease."},
+        {"role": "user", "content": "Capital of France?"},
+    ]
+    # (message, start, end) of: Answer, briefly, ",", please, "." | Capital, of, France, ?
+    spans = [(0, 0, 6), (0, 8, 15), (0, 15, 16), (0, 17, 23), (0, 23, 24),
+             (1, 0, 7), (1, 8, 10), (1, 11, 17), (1, 17, 18)]
+    scores = [0.1, -0.2, 0.0, 0.3, 0.0, 0.5, 0.05, 1.0, -0.4]
+    attributions = [
+        TokenAttribution(text=messages[m]["content"][s:e], score=score, position=i, normalized_score=norm,
+                         start=s, end=e, message_index=m)
+        for i, ((m, s, e), score, norm) in enumerate(zip(spans, scores, normalize_scores(scores)))
+    ]
+    return AttributionResult(prompt="\n".join(m["content"] for m in messages), target="Paris.", method="occlusion",
+                             granularity="word", attributions=attributions, messages=messages).model_copy(update=update)
+
+
+def test_each_message_is_a_labelled_block_with_its_own_spacing() -> None:
+    fragment = render_html(chat_result(), standalone=False)
+    assert re.findall(r'<div class="ff-role">(\w+)</div>', fragment) == ["system", "user"]
+    assert _visible(fragment) == ["Answer  briefly,\nplease.", "Capital of France?"]
+    assert ">France</span><span" in fragment  # no space inserted before '?'
+
+
+def test_without_messages_features_of_several_messages_are_joined_by_their_gaps() -> None:
+    fragment = render_html(chat_result(messages=None), standalone=False)
+    assert "<div class=\"ff-role\">" not in fragment
+    assert _visible(fragment) == ["Answer briefly, please. Capital of France?"]
+
+
+def test_siamese_view_shows_words_of_both_texts_not_glued_wordpieces() -> None:
+    query, candidate = "where is the eiffel tower?", "The Eiffel Tower."
+    labels = ["[CLS]", "where", "is", "the", "e", "##iff", "##el", "tower", "?", "[SEP]"]
+    spans = [None, (0, 5), (6, 8), (9, 12), (13, 14), (14, 17), (17, 19), (20, 25), (25, 26), None]
+    columns = ["[CLS]", "the", "e", "##iff", "##el", "tower", ".", "[SEP]"]
+    scores = [0.0, 0.2, 0.1, 0.0, 0.3, 0.4, 0.1, 0.5, 0.05, 0.0]
+    attributions = [
+        TokenAttribution(text=label, score=score, position=i, normalized_score=norm,
+                         **({"start": span[0], "end": span[1]} if span else {}))
+        for i, (label, span, score, norm) in enumerate(zip(labels, spans, scores, normalize_scores(scores)))
+    ]
+    matrix = AttributionMatrix(row_labels=labels, column_labels=columns, values=[[0.1] * len(columns)] * len(labels),
+                               row_axis="query token", column_axis="candidate token")
+    result = AttributionResult(prompt=query, target=candidate, method=AttributionMethod.INTEGRATED_JACOBIANS,
+                               granularity="token", attributions=attributions, matrix=matrix)
+    fragment = render_html(result, standalone=False)
+    assert _visible(fragment) == ["[CLS]where is the eiffel tower?[SEP]", "[CLS]The Eiffel Tower.[SEP]"]
+    unlocated = result.model_copy(update={"target": "something else"})  # labels not in the text: joined as words
+    assert _visible(render_html(unlocated, standalone=False))[1] == "[CLS] the eiffel tower . [SEP]"
+
+
+def test_show_scores_prints_every_score_under_its_word(tmp_path) -> None:
+    result = chat_result()
+    fragment = render_html(result, standalone=False, show_scores=True)
+    assert re.findall(r"<rt>(.*?)</rt>", fragment) == [f"{a.score:+.2g}" for a in result.attributions]
+    assert _visible(fragment) == _visible(render_html(result, standalone=False))
+    assert "<rt>" not in render_html(result, standalone=False)
+    saved = result.save_html(tmp_path / "scores.html", show_scores=True).read_text(encoding="utf-8")
+    assert saved == render_html(result, show_scores=True)

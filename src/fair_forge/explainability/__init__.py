@@ -3,6 +3,8 @@
 Only the names below are public; everything else is an implementation detail.
 """
 
+from typing import TYPE_CHECKING
+
 from .errors import (
     BudgetError,
     ContextLengthError,
@@ -11,12 +13,11 @@ from .errors import (
     InvalidInputError,
     ModelLoadError,
     NoAttributableFeaturesError,
+    NonFiniteScoreError,
+    ProbabilityUnderflowWarning,
     UnknownMethodError,
     UnsupportedModelError,
 )
-from .explainer import AttributionExplainer, compute_attributions
-from .methods import MethodContext, RawAttribution, available_methods, register_method
-from .models import DEFAULT_ENCODER_NAME, DEFAULT_MODEL_NAME, default_model_path, load_default_encoder, load_default_model
 from .types import (
     AttributionBatchResult,
     AttributionMatrix,
@@ -24,12 +25,38 @@ from .types import (
     AttributionMethod,
     AttributionResult,
     BatchFailure,
+    ChatMessage,
     Granularity,
     TokenAttribution,
 )
 
-# Imported on first use: sentence-transformers and matplotlib take seconds to import and most sessions need neither.
+if TYPE_CHECKING:  # what the lazy names below are, for type checkers, IDEs and the API reference
+    from .explainer import AttributionExplainer, compute_attributions
+    from .methods import MethodContext, RawAttribution, available_methods, register_method
+    from .models import (
+        DEFAULT_ENCODER_NAME,
+        DEFAULT_MODEL_NAME,
+        default_model_path,
+        load_default_encoder,
+        load_default_model,
+    )
+    from .similarity import IntJacobianExplainableTransformer, SimilarityExplainer
+    from .visualization import plot_attributions, plot_connections, plot_matrix, render_html
+
+# Imported on first use: torch, transformers, sentence-transformers and matplotlib take seconds to import, and
+# `fair-forge-explain --help` or loading a saved result needs none of them.
 _LAZY = {
+    "AttributionExplainer": "explainer",
+    "compute_attributions": "explainer",
+    "MethodContext": "methods",
+    "RawAttribution": "methods",
+    "available_methods": "methods",
+    "register_method": "methods",
+    "DEFAULT_ENCODER_NAME": "models",
+    "DEFAULT_MODEL_NAME": "models",
+    "default_model_path": "models",
+    "load_default_encoder": "models",
+    "load_default_model": "models",
     "SimilarityExplainer": "similarity",
     "IntJacobianExplainableTransformer": "similarity",
     "render_html": "visualization",
@@ -78,6 +105,7 @@ __all__ = [
     "AttributionMethod",
     "AttributionResult",
     "BatchFailure",
+    "ChatMessage",
     "BudgetError",
     "ContextLengthError",
     "ConvergenceWarning",
@@ -87,6 +115,8 @@ __all__ = [
     "MethodContext",
     "ModelLoadError",
     "NoAttributableFeaturesError",
+    "NonFiniteScoreError",
+    "ProbabilityUnderflowWarning",
     "RawAttribution",
     "TokenAttribution",
     "UnknownMethodError",

@@ -9,6 +9,9 @@ instead); ``--messages`` reads a JSON list of ``{"role": ..., "content": ...}`` 
 takes a local transformers folder. Without ``--target`` the model's own greedy answer is explained. Bad input exits
 with code 2 and one line on stderr; other failures exit with 1. ``dataset`` and ``summarize`` subcommands: see
 ``cli_dataset.py``.
+
+Building the parser imports neither torch nor transformers (``--help`` answers at once); the model and the methods
+are imported only when an explanation runs.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .errors import ExplainabilityError, InvalidInputError
-from .types import AttributionResult, Granularity
+from .types import AttributionMethod, Granularity, format_table
 
 PROG = "fair-forge-explain"
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
+#: Built-in methods for causal LMs, listed by --help from the enum (importing the methods would import torch).
+LM_METHODS = tuple(m.value for m in AttributionMethod if m is not AttributionMethod.INTEGRATED_JACOBIANS)
 
 
 class BadInput(Exception):
@@ -43,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Which words of the input made a language model produce TARGET?",
+        epilog=f"methods: {', '.join(LM_METHODS)} (and any registered with register_method)",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", metavar="TEXT", help="the user's message (sent through the chat template)")
@@ -110,6 +116,30 @@ def _parse_params(pairs: Sequence[str]) -> dict[str, Any]:
     return params
 
 
+def _check_text(text: Optional[str], name: str) -> None:
+    """Reject text Python cannot encode (a lone surrogate, e.g. from undecodable bytes in argv) before any load."""
+    if text is None:
+        return
+    from .prompt import validate_text
+
+    validate_text(text, name)
+
+
+def _check_output_path(path: Optional[str]) -> None:
+    """Fail before the (slow) computation when the --json file could not be written afterwards."""
+    if path is None or path == "-":
+        return
+    out = Path(path)
+    folder = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise BadInput(f"--json {path} is a folder; give a file name")
+    if not folder.is_dir():
+        raise BadInput(f"--json {path}: folder {folder} does not exist")
+    writable = os.access(out, os.W_OK) if out.exists() else os.access(folder, os.W_OK | os.X_OK)
+    if not writable:
+        raise BadInput(f"--json {path}: permission denied, the result could not be written there")
+
+
 def _read_messages(path: str) -> tuple[list[Any], Optional[str]]:
     """Messages (and an optional target) from a JSON file; BadInput with the reason if it cannot be used."""
     try:
@@ -174,34 +204,6 @@ def _one_line(error: BaseException) -> str:
     return text if len(text) <= 400 else text[:397] + "..."
 
 
-def format_table(result: AttributionResult, top: int) -> str:
-    """A short readable summary: header, then rank / text / score / normalized score of the top features."""
-    meta = result.metadata
-    lines = [
-        f"model: {result.model_name}",
-        f"method: {result.method}   granularity: {result.granularity}   "
-        f"time: {meta.compute_time_seconds:.2f} s   passes: {meta.n_forward_passes} forward, "
-        f"{meta.n_backward_passes} backward",
-    ]
-    if meta.convergence_delta is not None:
-        relative = meta.relative_convergence_delta
-        extra = f" ({relative:.2%} of f(x) - f(baseline))" if relative is not None else ""
-        lines.append(f"convergence delta: {meta.convergence_delta:.4g}{extra}")
-    lines.append(f"target: {result.target!r}")
-    rows = [
-        (str(rank), repr(a.text)[1:-1], f"{a.score:+.4f}", f"{a.normalized_score:+.3f}")  # repr: newlines stay visible
-        for rank, a in enumerate(result.get_top_k(top), 1)
-    ]
-    header = ("rank", "text", "score", "normalized")
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
-    lines.append("")
-    lines.append(f"top {len(rows)} of {len(result.attributions)} {result.granularity}s by |score|:")
-    for row in (header, *rows):  # text left-aligned, numbers right-aligned
-        cells = [cell.ljust(w) if i == 1 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))]
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
-
-
 def run(args: argparse.Namespace) -> int:
     params = _parse_params(args.param)
     target = args.target
@@ -215,6 +217,11 @@ def run(args: argparse.Namespace) -> int:
         raise BadInput("--target is empty; give the response text to explain")
     if args.prompt is not None and not args.prompt.strip():
         raise BadInput("--prompt is empty; give the user's message")
+    _check_text(args.prompt, "--prompt")
+    _check_text(target, "--target")
+    for index, message in enumerate(messages or []):
+        _check_text(message["content"], f"message {index} of {args.messages}")
+    _check_output_path(args.json)
     _check_method(args.method)
 
     model, tokenizer, model_name = _load_model(args.model)
@@ -259,6 +266,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_BAD_INPUT
     except ExplainabilityError as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+    except MemoryError:
+        print(f"{PROG}: error: out of memory; ask for fewer steps or samples (--param)", file=sys.stderr)
         return EXIT_FAILURE
 
 

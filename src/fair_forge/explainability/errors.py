@@ -34,9 +34,20 @@ class UnsupportedModelError(ExplainabilityError):
     """The model lacks something the method needs (input embeddings, a supported dtype on this device, ...)."""
 
 
+class NonFiniteScoreError(ExplainabilityError, ArithmeticError):
+    """A method produced a NaN or infinite score; the message names the feature and the likely cause.
+
+    Not a ``ValueError`` on purpose: pydantic lets it through its validators unchanged, so it reaches the caller.
+    """
+
+
 class ModelLoadError(ExplainabilityError):
     """An embedded default model could not be found or converted."""
 
 
 class ConvergenceWarning(UserWarning):
     """A numerical estimate (e.g. integrated gradients' path integral) ended above its error tolerance."""
+
+
+class ProbabilityUnderflowWarning(UserWarning):
+    """score="prob" underflowed: the target's probability is below what the dtype holds, so attributions are lost."""

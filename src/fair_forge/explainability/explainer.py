@@ -12,7 +12,7 @@ from . import engine
 from .errors import ContextLengthError, ExplainabilityError, InvalidInputError
 from .generation import generate_target
 from .methods import MethodContext, MethodSpec, RawAttribution, get_method
-from .models import borrowed, display_name
+from .models import borrowed, check_model, display_name
 from .prompt import ModelInput, build_model_input
 from .scoring import ScoreKind, TargetScorer, model_context_length
 from .segment import Feature, build_features
@@ -95,6 +95,7 @@ class AttributionExplainer:
         include_template_tokens: bool = False,
         prefix_cache: bool = True,
     ) -> None:
+        check_model(model)
         self.model = model
         self.tokenizer = tokenizer
         self.default_method = get_method(default_method).name
@@ -256,6 +257,7 @@ class AttributionExplainer:
             matrix=matrix,
             model_name=self.model_name,
             metadata=metadata,
+            messages=request.model_input.messages,
         )
 
     # ---- many explanations ------------------------------------------------------------------------------------

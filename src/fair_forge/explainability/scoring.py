@@ -13,14 +13,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
 
-from .errors import InvalidInputError, UnsupportedModelError
+from .errors import InvalidInputError, ProbabilityUnderflowWarning, UnsupportedModelError
 from .prompt import ModelInput
 
 ScoreKind = Literal["sum", "mean", "prob"]
@@ -47,6 +49,20 @@ class EvaluationCount:
     backward_passes: int = 0
     tokens_processed: int = 0
     seconds: float = 0.0
+
+
+def warn_if_probability_underflows(log_probability: torch.Tensor) -> None:
+    """score="prob" is exp(sum of log-probs): below the dtype's smallest normal number it is 0 or imprecise, and so
+    are the scores and gradients built on it. Say so instead of returning zero attributions silently."""
+    floor = math.log(torch.finfo(log_probability.dtype).tiny)
+    if bool((log_probability.detach() < floor).any()):
+        warnings.warn(
+            f"score='prob': the target's probability underflows {log_probability.dtype} (log p < {floor:.0f}) for "
+            "some inputs, so their scores and gradients are 0 and the attributions lose them; use score='sum' "
+            "(the log-probability) or a shorter target",
+            ProbabilityUnderflowWarning,
+            stacklevel=2,
+        )
 
 
 def model_context_length(model: Any) -> Optional[int]:
@@ -192,7 +208,9 @@ class TargetScorer:
             return log_probs.sum(-1)
         if self.score == "mean":
             return log_probs.mean(-1)
-        return log_probs.sum(-1).exp()
+        total = log_probs.sum(-1)
+        warn_if_probability_underflows(total)
+        return total.exp()
 
     # ---- the model call ---------------------------------------------------------------------------------------
 

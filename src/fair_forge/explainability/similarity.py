@@ -20,6 +20,7 @@ from sentence_transformers import SentenceTransformer
 
 from .errors import ContextLengthError, InvalidInputError, UnsupportedModelError
 from .models import display_name
+from .prompt import validate_text
 from .methods.similarity import (
     IntegratedJacobians,
     Projections,
@@ -157,6 +158,7 @@ class SimilarityExplainer:
         """Tokenize ``text`` exactly as the model does; reference = special tokens kept, the rest replaced."""
         if not isinstance(text, str) or not text.strip():
             raise InvalidInputError(f"{name} must be a non-empty string, got {text!r}")
+        validate_text(text, name)
         limit = self.model.max_seq_length
         encoding = self.tokenizer(text, return_special_tokens_mask=True,
                                   return_offsets_mapping=bool(getattr(self.tokenizer, "is_fast", False)))

@@ -7,12 +7,21 @@ equal object, and nothing here holds a tensor or a model.
 from __future__ import annotations
 
 import math
+import operator
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .errors import InvalidInputError, NonFiniteScoreError
+
+#: Why a score may come out NaN or infinite, said in the error that reports one.
+_NON_FINITE_CAUSES = (
+    "the method's parameters left it unmeasured or unbounded (e.g. occlusion with stride > window, an infinite "
+    "noise_std), or the model overflowed (low precision); check the parameters, or run the model in float32"
+)
 
 
 class AttributionMethod(str, Enum):
@@ -65,6 +74,24 @@ class TokenAttribution(BaseModel):
     message_index: Optional[int] = None
     token_positions: list[int] = Field(default_factory=list, description="positions in the model's input_ids")
 
+    @model_validator(mode="after")
+    def _finite(self) -> "TokenAttribution":
+        """NaN would be drawn as a strong score and would not survive JSON: refuse it, naming the feature."""
+        if not math.isfinite(self.score):
+            raise NonFiniteScoreError(
+                f"feature {self.position} ({self.text!r}) has score {self.score}: {_NON_FINITE_CAUSES}"
+            )
+        return self
+
+
+class ChatMessage(BaseModel):
+    """One message of the explained conversation, as the user gave it (offsets of features index ``content``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    role: str
+    content: str
+
 
 class AttributionMatrix(BaseModel):
     """A labelled 2-D score table: target tokens x input features for LMs, query x candidate tokens for siamese."""
@@ -81,9 +108,15 @@ class AttributionMatrix(BaseModel):
     def _check_shape(self) -> "AttributionMatrix":
         if len(self.values) != len(self.row_labels):
             raise ValueError(f"matrix has {len(self.values)} rows but {len(self.row_labels)} row labels")
-        for row in self.values:
+        for row_index, row in enumerate(self.values):
             if len(row) != len(self.column_labels):
                 raise ValueError(f"matrix row has {len(row)} values but {len(self.column_labels)} column labels")
+            for column_index, value in enumerate(row):
+                if not math.isfinite(value):
+                    raise NonFiniteScoreError(
+                        f"matrix cell ({self.row_labels[row_index]!r}, {self.column_labels[column_index]!r}) is "
+                        f"{value}: {_NON_FINITE_CAUSES}"
+                    )
         return self
 
     @property
@@ -99,7 +132,8 @@ class AttributionMatrix(BaseModel):
 class AttributionMetadata(BaseModel):
     """What an explanation cost and how it was made. Method-specific extras (e.g. LIME's ``r2``) are allowed."""
 
-    model_config = ConfigDict(extra="allow")
+    # NaN/inf in a diagnostic (an extra such as LIME's r2) are written as the JSON constants so results reload
+    model_config = ConfigDict(extra="allow", ser_json_inf_nan="constants")
 
     compute_time_seconds: float = 0.0
     n_forward_passes: int = 0
@@ -110,16 +144,28 @@ class AttributionMetadata(BaseModel):
     relative_convergence_delta: Optional[float] = None
 
 
-def normalize_scores(scores: list[float]) -> list[float]:
-    """``score / max|score|``: sign kept, in [-1, 1]; all zeros stay zeros."""
+def check_finite_scores(scores: Sequence[float], labels: Optional[Sequence[str]] = None) -> None:
+    """Raise ``NonFiniteScoreError`` naming the first NaN/inf score (and its label when given) and the likely cause."""
+    for index, score in enumerate(scores):
+        if not math.isfinite(score):
+            name = f"feature {index}" + (f" ({labels[index]!r})" if labels is not None else "")
+            raise NonFiniteScoreError(f"{name} has score {score}: {_NON_FINITE_CAUSES}")
+
+
+def normalize_scores(scores: Sequence[float], labels: Optional[Sequence[str]] = None) -> list[float]:
+    """``score / max|score|``: sign kept, in [-1, 1]; all zeros stay zeros. A NaN/inf score raises
+    ``NonFiniteScoreError`` (with ``labels``, the message names the feature's text)."""
+    check_finite_scores(scores, labels)
     peak = max((abs(s) for s in scores), default=0.0)
-    if peak == 0.0 or not math.isfinite(peak):
+    if peak == 0.0:
         return [0.0 for _ in scores]
     return [max(-1.0, min(1.0, s / peak)) for s in scores]
 
 
 class AttributionResult(BaseModel):
     """One explanation: which features of ``prompt`` drove the model towards ``target``."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")  # see AttributionMetadata
 
     prompt: str
     target: str
@@ -129,6 +175,20 @@ class AttributionResult(BaseModel):
     matrix: Optional[AttributionMatrix] = None
     model_name: str = "unknown"
     metadata: AttributionMetadata = Field(default_factory=AttributionMetadata)
+    messages: Optional[list[ChatMessage]] = Field(
+        default=None, description="the chat messages explained (None for a raw prompt); features' offsets index them"
+    )
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _built_in_method(cls, value: Any) -> Any:
+        """A built-in method's name becomes its enum member, so a result reloaded from JSON equals the original."""
+        if isinstance(value, str) and not isinstance(value, AttributionMethod):
+            try:
+                return AttributionMethod(value)
+            except ValueError:
+                return value
+        return value
 
     @field_validator("attributions")
     @classmethod
@@ -146,10 +206,14 @@ class AttributionResult(BaseModel):
     def scores(self) -> list[float]:
         return [a.score for a in self.attributions]
 
+    @property
+    def method_name(self) -> str:
+        """The method's name as a plain string, for built-in and user-registered methods alike."""
+        return str(self.method)
+
     def get_top_k(self, k: int = 5, by_absolute: bool = True) -> list[TokenAttribution]:
         """The ``k`` strongest features, strongest first (by |score| unless ``by_absolute=False``)."""
-        if k < 0:
-            raise ValueError(f"k must be >= 0, got {k}")
+        k = _count(k, "k")
         key = (lambda a: abs(a.score)) if by_absolute else (lambda a: a.score)
         return sorted(self.attributions, key=key, reverse=True)[:k]
 
@@ -164,7 +228,7 @@ class AttributionResult(BaseModel):
             "tokens": self.tokens,
             "scores": self.scores,
             "normalized_scores": [a.normalized_score for a in self.attributions],
-            "method": str(self.method),
+            "method": self.method_name,
             "granularity": self.granularity.value,
             "target": self.target,
         }
@@ -177,12 +241,13 @@ class AttributionResult(BaseModel):
             raise ImportError("to_dataframe() needs pandas: pip install pandas") from exc
         return pd.DataFrame([a.model_dump() for a in self.attributions])
 
-    def save_html(self, path: str | os.PathLike[str]) -> Path:
-        """Write the self-contained, escaped HTML view of this result (no CDN, no network); returns the path."""
+    def save_html(self, path: str | os.PathLike[str], show_scores: bool = False) -> Path:
+        """Write the self-contained, escaped HTML view of this result (no CDN, no network); returns the path.
+        ``show_scores`` prints each score under its word, for static exports."""
         from .visualization import render_html
 
         target = Path(path)
-        target.write_text(render_html(self, standalone=True), encoding="utf-8")
+        target.write_text(render_html(self, standalone=True, show_scores=show_scores), encoding="utf-8")
         return target
 
     def _repr_html_(self) -> str:
@@ -190,6 +255,24 @@ class AttributionResult(BaseModel):
         from .visualization import render_html
 
         return render_html(self, standalone=False)
+
+    def show(self, top: int = 10) -> None:
+        """Render the HTML view in a notebook; in a console print the ranked table (as ``fair-forge-explain``)."""
+        if in_notebook():
+            from IPython.display import HTML, display
+
+            display(HTML(self._repr_html_()))
+        else:
+            print(format_table(self, top))
+
+    def __repr__(self) -> str:
+        top = ", ".join(f"{a.text.strip() or repr(a.text)}={a.score:+.3g}" for a in self.get_top_k(3))
+        return (
+            f"AttributionResult(method={self.method_name}, granularity={self.granularity}, "
+            f"features={len(self.attributions)}, target={_short(self.target)}, top=[{top}])"
+        )
+
+    __str__ = __repr__
 
 
 class BatchFailure(BaseModel):
@@ -202,6 +285,8 @@ class BatchFailure(BaseModel):
 
 class AttributionBatchResult(BaseModel):
     """The results of ``explain_batch``: one result per item that worked, and the failures of the others."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")  # see AttributionMetadata
 
     results: list[AttributionResult]
     model_name: str = "unknown"
@@ -239,3 +324,67 @@ class AttributionBatchResult(BaseModel):
         from .sinks import load_results
 
         return batch_from_records(load_results(path))
+
+    def __repr__(self) -> str:
+        methods = sorted({r.method_name for r in self.results})
+        return (
+            f"AttributionBatchResult(results={len(self.results)}, failures={len(self.failures)}, "
+            f"model={self.model_name}, methods={methods}, seconds={self.total_compute_time_seconds:.3g})"
+        )
+
+    __str__ = __repr__
+
+
+def _count(value: Any, name: str) -> int:
+    """A whole number >= 0 (numpy integers too; ``True`` and ``2.5`` are not counts), else InvalidInputError."""
+    if isinstance(value, bool):
+        raise InvalidInputError(f"{name} must be a whole number >= 0, got {value!r}")
+    try:
+        count = operator.index(value)
+    except TypeError:
+        raise InvalidInputError(f"{name} must be a whole number >= 0, got {value!r}") from None
+    if count < 0:
+        raise InvalidInputError(f"{name} must be >= 0, got {count}")
+    return count
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (which can display HTML), False in a console or plain IPython."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def format_table(result: AttributionResult, top: int = 10) -> str:
+    """The ranked summary shared by ``show()`` and the CLI: header, then rank / text / score / normalized score."""
+    meta = result.metadata
+    lines = [
+        f"model: {result.model_name}",
+        f"method: {result.method_name}   granularity: {result.granularity}   "
+        f"time: {meta.compute_time_seconds:.2f} s   passes: {meta.n_forward_passes} forward, "
+        f"{meta.n_backward_passes} backward",
+    ]
+    if meta.convergence_delta is not None:
+        relative = meta.relative_convergence_delta
+        extra = f" ({relative:.2%} of f(x) - f(baseline))" if relative is not None else ""
+        lines.append(f"convergence delta: {meta.convergence_delta:.4g}{extra}")
+    lines.append(f"target: {result.target!r}")
+    rows = [
+        (str(rank), repr(a.text)[1:-1], f"{a.score:+.4f}", f"{a.normalized_score:+.3f}")  # repr: newlines stay visible
+        for rank, a in enumerate(result.get_top_k(top), 1)
+    ]
+    header = ("rank", "text", "score", "normalized")
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    lines.append("")
+    lines.append(f"top {len(rows)} of {len(result.attributions)} {result.granularity}s by |score|:")
+    for row in (header, *rows):  # text left-aligned, numbers right-aligned
+        cells = [cell.ljust(w) if i == 1 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)

@@ -14,12 +14,14 @@ import hashlib
 import html
 import json
 import math
+import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
 from .errors import InvalidInputError
-from .types import AttributionResult
+from .types import AttributionResult, in_notebook
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -37,9 +39,14 @@ max-width:60em}
 .ff-attr table.ff-header{border-collapse:collapse;margin-bottom:.6em}
 .ff-attr table.ff-header th{text-align:left;padding:0 1em 0 0;vertical-align:top;color:#555;font-weight:600}
 .ff-attr table.ff-header td{white-space:pre-wrap;word-break:break-word}
-.ff-attr .ff-text,.ff-attr .ff-row{white-space:pre-wrap;word-break:break-word;border:1px solid #ddd;padding:.5em;
+.ff-attr .ff-text{white-space:pre-wrap;word-break:break-word;border:1px solid #ddd;padding:.5em;
 border-radius:4px}
-.ff-attr .ff-tok,.ff-attr .ff-cell{border-radius:3px;padding:1px 0;margin:0 1px}
+.ff-attr .ff-block{margin-bottom:.4em}
+.ff-attr .ff-role{font-size:12px;font-weight:600;color:#555;text-transform:uppercase;letter-spacing:.04em}
+.ff-attr ruby{ruby-position:under}
+.ff-attr rt{font-size:10px;color:#555}
+.ff-attr .ff-tok,.ff-attr .ff-cell{border-radius:3px;padding:1px 0}
+.ff-attr .ff-special{margin:0 .3em}
 .ff-attr .ff-legend{display:flex;align-items:center;gap:.5em;font-size:12px;color:#555;margin:.5em 0}
 .ff-attr .ff-bar{width:12em;height:.9em;border:1px solid #ccc;
 background:linear-gradient(to right,#4575b4,#ffffff,#d73027)}
@@ -107,51 +114,147 @@ def _title(score: float, normalized: float) -> str:
     return f"score {score:+.4g} (normalized {normalized:+.2f})"
 
 
-def _span(css_class: str, text: str, score: float, normalized: float) -> str:
+def _span(css_class: str, text: str, score: float, normalized: float, show_score: bool = False) -> str:
     style = f"background-color:{score_color(normalized)};color:{_text_color(normalized)}"
     title = _esc(_title(score, normalized))
-    return f'<span class="{css_class}" style="{style}" title="{title}">{_esc(text)}</span>'
+    chip = f'<span class="{css_class}" style="{style}" title="{title}">{_esc(text)}</span>'
+    return f"<ruby>{chip}<rt>{score:+.2g}</rt></ruby>" if show_score else chip
 
 
-def _prompt_spans(result: AttributionResult) -> Optional[list[tuple[int, int]]]:
-    """Char spans of the features in ``result.prompt`` when they locate every feature there, else None.
+@dataclass(frozen=True)
+class _Item:
+    """One coloured piece: its label, where it lies in its source text (None: not in it, e.g. [CLS]), its score."""
 
-    Offsets index one text (the prompt, or a single message), so features from several messages are never placed.
-    """
-    if len({a.message_index for a in result.attributions}) > 1:
-        return None
-    spans: list[tuple[int, int]] = []
+    label: str
+    start: Optional[int]
+    end: Optional[int]
+    message_index: Optional[int]
+    score: float
+    normalized: float
+
+
+_SPECIAL_LABEL = re.compile(r"\[[A-Z]+\]|<[^<>\s]+>")
+
+
+def _chip_class(css_class: str, item: _Item) -> str:
+    """Special tokens ([CLS], <s>) are set a little apart: they are no text of the input."""
+    return f"{css_class} ff-special" if _SPECIAL_LABEL.fullmatch(item.label) else css_class
+
+
+def _place(text: str, items: Sequence[_Item], css_class: str, show_scores: bool) -> Optional[str]:
+    """``text`` with every located item coloured in place (the text between items kept as it is) and unlocated
+    items (special tokens) as chips where they occur; None when the spans do not fit ``text`` in order."""
+    pieces: list[str] = []
     cursor = 0
-    for attribution in result.attributions:
-        start, end = attribution.start, attribution.end
-        if start is None or end is None or start < cursor:
+    for item in items:
+        if item.start is None or item.end is None:
+            pieces.append(_span(_chip_class(css_class, item), item.label, item.score, item.normalized, show_scores))
+            continue
+        if not cursor <= item.start <= item.end <= len(text):
             return None
-        if result.prompt[start:end] != attribution.text:
+        pieces.append(_esc(text[cursor : item.start]))
+        pieces.append(_span(css_class, text[item.start : item.end], item.score, item.normalized, show_scores))
+        cursor = item.end
+    pieces.append(_esc(text[cursor:]))
+    return "".join(pieces)
+
+
+def _joined(items: Sequence[_Item], css_class: str, token_level: bool, show_scores: bool) -> str:
+    """Items that cannot be placed in a text, in order: a WordPiece '##' continuation glued to the previous item;
+    otherwise a space where the source had a gap (or a message changed), none where the pieces touched."""
+    pieces: list[str] = []
+    previous: Optional[_Item] = None
+    for item in items:
+        label = item.label
+        if label.startswith("##") and len(label) > 2:
+            label, gap = label[2:], ""
+        elif previous is None:
+            gap = ""
+        elif item.start is not None and previous.end is not None and item.message_index == previous.message_index:
+            gap = "" if item.start == previous.end else " "
+        else:
+            gap = "" if token_level and item.start is None and previous.start is None else " "
+        pieces.append(gap + _span(_chip_class(css_class, item), label, item.score, item.normalized, show_scores))
+        previous = item
+    return "".join(pieces)
+
+
+def _blocks(result: AttributionResult, items: Sequence[_Item], text: str, css_class: str, show_scores: bool) -> str:
+    """The items in their texts: one labelled block per chat message (its content with original spacing), else one
+    block of ``text``; items from no message (template tokens) in blocks of their own."""
+    if result.messages:
+        groups: list[tuple[Optional[int], list[_Item]]] = []
+        for item in items:
+            if groups and groups[-1][0] == item.message_index:
+                groups[-1][1].append(item)
+            else:
+                groups.append((item.message_index, [item]))
+        blocks = []
+        for index, members in groups:
+            inside = index is not None and 0 <= index < len(result.messages)
+            content = _place(result.messages[index].content, members, css_class, show_scores) if inside else None
+            role = result.messages[index].role if inside else "template"
+            if content is None:
+                content = _joined(members, css_class, True, show_scores)
+            blocks.append(f'<div class="ff-block"><div class="ff-role">{_esc(role)}</div>'
+                          f'<div class="ff-text">{content}</div></div>')
+        return "".join(blocks)
+    token_level = result.granularity.value == "token"
+    single_text = len({item.message_index for item in items}) <= 1
+    content = _place(text, items, css_class, show_scores) if single_text else None
+    if content is None:
+        content = _joined(items, css_class, token_level, show_scores)
+    return f'<div class="ff-text">{content}</div>'
+
+
+def _attribution_items(result: AttributionResult) -> list[_Item]:
+    return [_Item(a.text, a.start, a.end, a.message_index, a.score, a.normalized_score) for a in result.attributions]
+
+
+def _attributed_text(result: AttributionResult, show_scores: bool = False) -> str:
+    """The features coloured in the text they came from."""
+    return _blocks(result, _attribution_items(result), result.prompt, "ff-tok", show_scores)
+
+
+def _located_labels(text: str, labels: Sequence[str]) -> Optional[list[tuple[Optional[int], Optional[int]]]]:
+    """Spans of token labels (e.g. a siamese candidate's WordPieces) found in order in ``text``, case-insensitively
+    and skipping only whitespace; special tokens such as ``[CLS]`` get no span. None when a label is not found."""
+    lowered = text.lower()
+    if len(lowered) != len(text):
+        return None
+    spans: list[tuple[Optional[int], Optional[int]]] = []
+    cursor = 0
+    for label in labels:
+        if _SPECIAL_LABEL.fullmatch(label):
+            spans.append((None, None))
+            continue
+        piece = (label[2:] if label.startswith("##") else label).replace("\u0120", " ").replace("\u2581", " ")
+        piece = piece.strip().lower()
+        found = lowered.find(piece, cursor) if piece else -1
+        if found < 0 or lowered[cursor:found].strip():
             return None
-        spans.append((start, end))
-        cursor = end
+        spans.append((found, found + len(piece)))
+        cursor = found + len(piece)
     return spans
 
 
-def _separator(result: AttributionResult) -> str:
-    """Tokens carry their own spacing; words and sentences are joined by a space."""
-    return "" if result.granularity.value == "token" else " "
-
-
-def _attributed_text(result: AttributionResult) -> str:
-    """The features as coloured spans; text between them kept when the offsets locate them in the prompt."""
-    coloured = [_span("ff-tok", a.text, a.score, a.normalized_score) for a in result.attributions]
-    spans = _prompt_spans(result)
-    if spans is None:
-        return _separator(result).join(coloured)
-    pieces: list[str] = []
-    cursor = 0
-    for (start, end), span in zip(spans, coloured):
-        pieces.append(_esc(result.prompt[cursor:start]))
-        pieces.append(span)
-        cursor = end
-    pieces.append(_esc(result.prompt[cursor:]))
-    return "".join(pieces)
+def _column_items(result: AttributionResult, values: Sequence[float], normalized: Sequence[float]) -> str:
+    """One matrix row coloured in its text: laid out as the features when the columns are the features (per-target
+    LM matrices), else with the column labels located in the target text (siamese candidate tokens)."""
+    matrix = result.matrix
+    if matrix is None:
+        return ""
+    if matrix.column_labels == result.tokens:
+        items = [_Item(a.text, a.start, a.end, a.message_index, v, n)
+                 for a, v, n in zip(result.attributions, values, normalized)]
+        return _blocks(result, items, result.prompt, "ff-cell", False)
+    spans = _located_labels(result.target, matrix.column_labels)
+    items = [_Item(label, start, end, None, v, n)
+             for label, (start, end), v, n in zip(matrix.column_labels, spans or [(None, None)] * len(values), values,
+                                                   normalized)]
+    if spans is None:  # token labels that are not the target's text: shown as words
+        return f'<div class="ff-text">{_joined(items, "ff-cell", False, False)}</div>'
+    return _blocks(result.model_copy(update={"messages": None}), items, result.target, "ff-cell", False)
 
 
 def _matrix_section(result: AttributionResult) -> str:
@@ -160,11 +263,11 @@ def _matrix_section(result: AttributionResult) -> str:
     if matrix is None:
         return ""
     peak = _peak(matrix.to_numpy())
-    normalized = [[v / peak if peak > 0 and math.isfinite(v) else 0.0 for v in row] for row in matrix.values]
+    normalized = [[v / peak if peak > 0 else 0.0 for v in row] for row in matrix.values]
     data = {
         "rows": matrix.row_labels,
         "columns": matrix.column_labels,
-        "values": [[v if math.isfinite(v) else None for v in row] for row in matrix.values],
+        "values": matrix.values,
         "colors": [[score_color(n) for n in row] for row in normalized],
         "text_colors": [[_text_color(n) for n in row] for row in normalized],
         "titles": [[_title(v, n) for v, n in zip(vr, nr)] for vr, nr in zip(matrix.values, normalized)],
@@ -173,10 +276,8 @@ def _matrix_section(result: AttributionResult) -> str:
         f'<option value="{i}"{" selected" if i == 0 else ""}>{i}: {_esc(label)}</option>'
         for i, label in enumerate(matrix.row_labels)
     )
-    first_values, first_normalized = (matrix.values[0], normalized[0]) if matrix.values else ([], [])
-    cells = _separator(result).join(
-        _span("ff-cell", label, v, n) for label, v, n in zip(matrix.column_labels, first_values, first_normalized)
-    )
+    zeros = [0.0] * len(matrix.column_labels)
+    cells = _column_items(result, *((matrix.values[0], normalized[0]) if matrix.values else (zeros, zeros)))
     return (
         '<div class="ff-matrix">'
         f'<label>{_esc(matrix.row_axis)}: <select class="ff-row-picker" disabled>{options}</select></label> '
@@ -188,17 +289,20 @@ def _matrix_section(result: AttributionResult) -> str:
     )
 
 
-def render_html(result: AttributionResult, *, standalone: bool = True) -> str:
+def render_html(result: AttributionResult, *, standalone: bool = True, show_scores: bool = False) -> str:
     """The attribution as coloured text with a header and legend; a full page unless ``standalone=False``.
+
+    Chat messages are shown one block each, labelled with their role, with their own spacing. ``show_scores``
+    prints every feature's score under it, so a static export (print, PDF, screenshot) is readable without hovering.
 
     The page is self-contained (inline CSS, one small inline script for the matrix row picker, a
     Content-Security-Policy that allows nothing else) and every piece of user text is escaped.
     """
     header_rows = [
-        ("method", result.method.value),
+        ("method", result.method_name),
         ("granularity", result.granularity.value),
         ("model", result.model_name),
-        ("prompt", result.prompt),
+        *([] if result.messages else [("prompt", result.prompt)]),  # chat messages are shown in their blocks
         ("target", result.target),
     ]
     header = "".join(f"<tr><th>{_esc(name)}</th><td>{_esc(value)}</td></tr>" for name, value in header_rows)
@@ -208,7 +312,7 @@ def render_html(result: AttributionResult, *, standalone: bool = True) -> str:
         f"<style>{_CSS}</style>"
         f'<table class="ff-header">{header}</table>'
         f"{_LEGEND}"
-        f'<div class="ff-text">{_attributed_text(result)}</div>'
+        f"{_attributed_text(result, show_scores)}"
         f"{_matrix_section(result)}"
         f'<div class="ff-meta">{meta.compute_time_seconds:.3g} s, {meta.n_forward_passes} forward and '
         f"{meta.n_backward_passes} backward passes</div>"
@@ -216,7 +320,7 @@ def render_html(result: AttributionResult, *, standalone: bool = True) -> str:
     )
     if not standalone:
         return body
-    title = _esc(f"{result.method.value} attribution: {result.target}")
+    title = _esc(f"{result.method_name} attribution: {result.target}")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f'<meta http-equiv="Content-Security-Policy" content="{CONTENT_SECURITY_POLICY}">'
@@ -225,15 +329,12 @@ def render_html(result: AttributionResult, *, standalone: bool = True) -> str:
 
 
 def display_html(result: AttributionResult) -> Optional[str]:
-    """Show the HTML in a running IPython/Jupyter session and return None; outside one, return the HTML."""
+    """Show the HTML in a Jupyter kernel and return None; elsewhere (a console, a terminal IPython), return it."""
     fragment = render_html(result, standalone=False)
-    try:
-        from IPython import get_ipython
-        from IPython.display import HTML, display
-    except ImportError:
+    if not in_notebook():
         return fragment
-    if get_ipython() is None:
-        return fragment
+    from IPython.display import HTML, display
+
     display(HTML(fragment))
     return None
 
@@ -278,7 +379,7 @@ def plot_attributions(result: AttributionResult, ax: Optional["Axes"] = None, to
     ax.invert_yaxis()
     ax.axvline(0.0, color="#444444", linewidth=0.8)
     ax.set_xlabel("attribution score")
-    ax.set_title(f"{result.method.value} ({result.granularity.value})", parse_math=False)
+    ax.set_title(f"{result.method_name} ({result.granularity.value})", parse_math=False)
     return figure
 
 
@@ -287,7 +388,7 @@ def plot_matrix(result: AttributionResult, ax: Optional["Axes"] = None) -> "Figu
     matrix = result.matrix
     if matrix is None or 0 in matrix.shape:
         raise InvalidInputError(
-            f"plot_matrix needs a result with a non-empty matrix; this {result.method.value} result has none "
+            f"plot_matrix needs a result with a non-empty matrix; this {result.method_name} result has none "
             "(ask the explainer for per-target-token scores, or use plot_attributions)"
         )
     rows, columns = matrix.shape
@@ -303,7 +404,7 @@ def plot_matrix(result: AttributionResult, ax: Optional["Axes"] = None) -> "Figu
     ax.set_yticks(range(rows), row_text, parse_math=False)
     ax.set_xlabel(matrix.column_axis)
     ax.set_ylabel(matrix.row_axis)
-    ax.set_title(f"{result.method.value} ({result.granularity.value})", parse_math=False)
+    ax.set_title(f"{result.method_name} ({result.granularity.value})", parse_math=False)
     figure.colorbar(image, ax=ax, label="score")
     return figure
 
