@@ -13,6 +13,14 @@ from .errors import (
     UnknownMethodError,
     UnsupportedModelError,
 )
+from .evaluation import (
+    FaithfulnessBatchReport,
+    FaithfulnessReport,
+    FaithfulnessScores,
+    compare_methods,
+    faithfulness,
+    plot_faithfulness,
+)
 from .explainer import AttributionExplainer, compute_attributions
 from .methods import MethodContext, RawAttribution, available_methods, register_method
 from .models import DEFAULT_ENCODER_NAME, DEFAULT_MODEL_NAME, default_model_path, load_default_encoder, load_default_model
@@ -66,6 +74,9 @@ __all__ = [
     "BudgetError",
     "ContextLengthError",
     "ExplainabilityError",
+    "FaithfulnessBatchReport",
+    "FaithfulnessReport",
+    "FaithfulnessScores",
     "Granularity",
     "InvalidInputError",
     "MethodContext",
@@ -76,8 +87,11 @@ __all__ = [
     "UnknownMethodError",
     "UnsupportedModelError",
     "available_methods",
+    "compare_methods",
     "compute_attributions",
+    "faithfulness",
     "load_default_encoder",
     "load_default_model",
+    "plot_faithfulness",
     "register_method",
 ]
