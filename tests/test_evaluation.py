@@ -249,6 +249,8 @@ def test_compare_methods_table_and_plots(tiny_gpt2) -> None:
         plot_faithfulness([1, 2])
     with pytest.raises(InvalidInputError):
         compare_methods(explainer, items, {"lime": {"n_steps": 3}})
+    with pytest.raises(InvalidInputError, match="unknown parameter"):
+        compare_methods(explainer, items, ["occlusion"], n_sample=3)
 
 
 def test_cli_evaluate_prints_the_report(tiny_gpt2, tmp_path, capsys) -> None:

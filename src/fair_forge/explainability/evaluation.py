@@ -77,7 +77,7 @@ class FaithfulnessReport(BaseModel):
     random_std: Optional[FaithfulnessScores] = None
     n_forward_passes: int = 0
     n_tokens_processed: int = 0
-    compute_time_seconds: float = 0.0
+    compute_time_seconds: float = Field(0.0, description="wall time of the call (of the whole batch, in a batch)")
 
     @property
     def comprehensiveness(self) -> float:
@@ -362,6 +362,9 @@ def compare_methods(
         raise InvalidInputError("methods is empty: name at least one method")
     for name, method_params in chosen.items():  # every setting checked before the first (slow) explanation
         get_method(name).resolve_params(method_params)
+    unknown = sorted(set(params) - {"fractions", "curve_points", "mode", "n_random", "seed", "baseline_id"})
+    if unknown:
+        raise InvalidInputError(f"compare_methods got unknown parameter(s) {unknown}; method parameters go in methods")
     _settings(params.get("fractions", DEFAULT_FRACTIONS), params.get("curve_points", 11),
               params.get("mode", "remove"), params.get("n_random", 10), params.get("seed", 0),
               params.get("baseline_id"))
