@@ -40,7 +40,20 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers, IDEs and 
         load_default_encoder,
         load_default_model,
     )
+    from .datasets import DatasetRun, explain_dataset
+    from .evaluation import (
+        FaithfulnessBatchReport,
+        FaithfulnessReport,
+        FaithfulnessScores,
+        compare_methods,
+        faithfulness,
+        plot_faithfulness,
+    )
+    from .generation import generate_targets
+    from .records import DatasetRecord
     from .similarity import IntJacobianExplainableTransformer, SimilarityExplainer
+    from .sinks import load_results
+    from .summary import plot_summary, summarize
     from .visualization import plot_attributions, plot_connections, plot_matrix, render_html
 
 # Imported on first use: torch, transformers, sentence-transformers and matplotlib take seconds to import, and
@@ -70,6 +83,12 @@ _LAZY = {
     "load_results": "sinks",
     "plot_summary": "summary",
     "summarize": "summary",
+    "FaithfulnessBatchReport": "evaluation",
+    "FaithfulnessReport": "evaluation",
+    "FaithfulnessScores": "evaluation",
+    "compare_methods": "evaluation",
+    "faithfulness": "evaluation",
+    "plot_faithfulness": "evaluation",
 }
 
 
@@ -110,6 +129,9 @@ __all__ = [
     "ContextLengthError",
     "ConvergenceWarning",
     "ExplainabilityError",
+    "FaithfulnessBatchReport",
+    "FaithfulnessReport",
+    "FaithfulnessScores",
     "Granularity",
     "InvalidInputError",
     "MethodContext",
@@ -122,8 +144,11 @@ __all__ = [
     "UnknownMethodError",
     "UnsupportedModelError",
     "available_methods",
+    "compare_methods",
     "compute_attributions",
+    "faithfulness",
     "load_default_encoder",
     "load_default_model",
+    "plot_faithfulness",
     "register_method",
 ]

@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--raw", action="store_true", help="explain --prompt as raw text, without the chat template")
     parser.add_argument(
+        "--evaluate", action="store_true",
+        help="also print how faithful the ranking is (comprehensiveness, sufficiency, deletion/insertion AUC vs random)",
+    )
+    parser.add_argument(
         "--param",
         metavar="KEY=VALUE",
         action="append",
@@ -204,6 +208,20 @@ def _one_line(error: BaseException) -> str:
     return text if len(text) <= 400 else text[:397] + "..."
 
 
+def print_faithfulness(explainer: Any, result: AttributionResult, source: Any) -> None:
+    """``--evaluate``: the faithfulness report of ``result`` (mode "remove"), beside the random orders' mean."""
+    from .evaluation import faithfulness
+
+    report = faithfulness(explainer, result, source)
+    print(f"\nfaithfulness: top features removed, {report.n_random} random orders for reference, "
+          f"{report.n_forward_passes} forward passes; f(input) = {report.full_score:.4f}")
+    better = {"comprehensiveness": "higher", "sufficiency": "lower", "deletion_auc": "lower", "insertion_auc": "higher"}
+    for name, direction in better.items():
+        mean, spread = getattr(report.random_mean, name), getattr(report.random_std, name)
+        print(f"  {name:<18} {getattr(report, name):+10.4f}   random {mean:+10.4f} ± {spread:.4f}   "
+              f"({direction} is better)")
+
+
 def run(args: argparse.Namespace) -> int:
     params = _parse_params(args.param)
     target = args.target
@@ -243,6 +261,8 @@ def run(args: argparse.Namespace) -> int:
         print(result.model_dump_json(indent=2))
         return 0
     print(format_table(result, args.top))
+    if args.evaluate:
+        print_faithfulness(explainer, result, request.get("messages", request.get("prompt")))
     if args.json is not None:
         try:
             Path(args.json).write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")

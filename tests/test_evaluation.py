@@ -1,0 +1,314 @@
+"""Faithfulness metrics: exact values on a model whose score is a known function of the features present, the true
+ranking beating the reversed one and random, batch == one by one, and (integration) SmolLM2 against a direct
+computation on the edited text."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+from typing import Any, Optional
+
+import numpy as np
+import pytest
+import torch
+
+from fair_forge.explainability import (
+    AttributionExplainer,
+    FaithfulnessBatchReport,
+    InvalidInputError,
+    available_methods,
+    compare_methods,
+    faithfulness,
+    plot_faithfulness,
+)
+from fair_forge.explainability import cli
+from fair_forge.explainability.evaluation import removed_count
+from fair_forge.explainability.prompt import build_model_input
+from fair_forge.explainability.segment import build_features
+from fair_forge.explainability.types import Granularity
+
+QUESTION = "What is the capital of France?"
+MESSAGES = [{"role": "user", "content": QUESTION}]
+TARGET = "Paris"
+OFFSET = 6.0  # keeps every row's log-prob below -1, where float32 log1p(-exp(z)) is exact to ~1e-7
+
+
+class AdditiveLM(torch.nn.Module):
+    """A 'causal LM' whose log p(next token) is exactly z = sum of ``weights[id]`` over the attended tokens - OFFSET.
+
+    Every position puts logit z on the next token and log(1 - e^z) on a sink token (-inf elsewhere), so the softmax
+    gives the next token probability e^z. Removed tokens (out of attention) and baseline tokens (weight 0) both drop
+    their weight: the explained score of a row is n_target x (sum of the weights of the features present + const).
+    """
+
+    def __init__(self, weights: torch.Tensor, sink_id: int) -> None:
+        super().__init__()
+        self.weights = torch.nn.Parameter(weights.float(), requires_grad=False)
+        self.sink_id = sink_id
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **_: Any) -> Any:
+        size, length = input_ids.shape
+        attended = torch.ones_like(input_ids) if attention_mask is None else attention_mask[:, -length:]
+        z = (self.weights[input_ids] * attended).sum(-1) - OFFSET
+        logits = torch.full((size, length, len(self.weights)), -math.inf)
+        following = torch.roll(input_ids, -1, dims=1)
+        logits.scatter_(-1, following[..., None], z[:, None, None].expand(size, length, 1))
+        logits[..., self.sink_id] = torch.log1p(-torch.exp(z))[:, None]
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.fixture
+def additive(gpt2_tokenizer) -> tuple[AttributionExplainer, list[float], Any]:
+    """(explainer on AdditiveLM, weight of each word feature of QUESTION, its model input)."""
+    model_input = build_model_input(gpt2_tokenizer, target=TARGET, messages=MESSAGES)
+    features = build_features(model_input, Granularity.WORD)
+    ids = model_input.input_ids
+    feature_ids = [int(ids[p]) for f in features for p in f.token_positions]
+    assert len(set(feature_ids)) == len(feature_ids)  # so a weight per id is a weight per feature
+    assert not set(feature_ids) & set(model_input.target_ids.tolist())
+    weights = torch.zeros(len(gpt2_tokenizer))
+    chosen = [0.5, 0.125, 0.25, 2.0, 0.0625, 1.5, 0.375]  # dyadic: exact in float32
+    assert len(chosen) == len(features)
+    for feature, weight in zip(features, chosen):
+        weights[int(ids[feature.token_positions[-1]])] = weight  # one token per feature carries it
+    sink = gpt2_tokenizer.convert_tokens_to_ids("<unk>")
+    explainer = AttributionExplainer(AdditiveLM(weights, sink), gpt2_tokenizer, prefix_cache=False)
+    return explainer, chosen, model_input
+
+
+def _hand_metrics(order: list[int], weights: list[float], n_target: int, fractions: list[float],
+                  curve: list[float]) -> dict[str, Any]:
+    """The metrics from the definitions: f(present features) = n_target x (sum of their weights - OFFSET)."""
+    n = len(weights)
+
+    def f(present: set[int]) -> float:
+        return n_target * (sum(weights[i] for i in present) - OFFSET)
+
+    every = set(range(n))
+    k = lambda x: math.ceil(round(x * n, 9))  # noqa: E731 - the documented rounding
+    deletion = [f(every - set(order[: k(x)])) for x in curve]
+    insertion = [f(set(order[: k(x)])) for x in curve]
+    area = lambda ys: sum((a + b) / 2 * (x1 - x0) for a, b, x0, x1 in zip(ys, ys[1:], curve, curve[1:]))  # noqa: E731
+    return {
+        "comprehensiveness": np.mean([f(every) - f(every - set(order[: k(x)])) for x in fractions]),
+        "sufficiency": np.mean([f(every) - f(set(order[: k(x)])) for x in fractions]),
+        "deletion_auc": area(deletion), "insertion_auc": area(insertion),
+        "deletion_curve": deletion, "insertion_curve": insertion,
+    }
+
+
+def _with_scores(result: Any, scores: list[float]) -> Any:
+    return result.model_copy(update={"attributions": [
+        a.model_copy(update={"score": s}) for a, s in zip(result.attributions, scores)]})
+
+
+@pytest.mark.parametrize("mode", ["remove", "replace"])
+def test_metrics_equal_a_hand_computation_on_an_additive_model(additive, mode: str) -> None:
+    explainer, weights, model_input = additive
+    result = explainer.explain(MESSAGES, TARGET, method="occlusion")
+    np.testing.assert_allclose(result.scores, np.array(weights) * model_input.n_target, atol=1e-5)  # leave-one-out
+    fractions, curve = [0.1, 0.3, 0.5], np.linspace(0, 1, 8).tolist()
+    report = faithfulness(explainer, result, MESSAGES, fractions=fractions, curve_points=8, mode=mode,
+                          n_random=4, seed=3)
+    true_order = sorted(range(len(weights)), key=lambda i: -weights[i])
+    assert report.ranking == true_order
+    assert report.features_removed == [1, 3, 4] and report.n_features == 7
+    assert report.full_score == pytest.approx(model_input.n_target * (sum(weights) - OFFSET), abs=1e-6)
+    assert report.empty_score == pytest.approx(-model_input.n_target * OFFSET, abs=1e-6)
+    expected = _hand_metrics(true_order, weights, model_input.n_target, fractions, curve)
+    for name, value in expected.items():
+        np.testing.assert_allclose(getattr(report.explanation, name), value, atol=1e-6, err_msg=name)
+    rng = np.random.default_rng(3)  # the documented random orders: default_rng(seed) per item
+    randoms = [_hand_metrics(rng.permutation(7).tolist(), weights, model_input.n_target, fractions, curve)
+               for _ in range(4)]
+    for name in ("comprehensiveness", "sufficiency", "deletion_auc", "insertion_auc"):
+        values = [r[name] for r in randoms]
+        np.testing.assert_allclose(getattr(report.random_mean, name), np.mean(values), atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(getattr(report.random_std, name), np.std(values), atol=1e-6, err_msg=name)
+
+
+def test_true_ranking_beats_random_which_beats_the_reversed_ranking(additive) -> None:
+    explainer, weights, _ = additive
+    result = explainer.explain(MESSAGES, TARGET, method="occlusion")
+    true = faithfulness(explainer, result, MESSAGES, n_random=20)
+    reversed_ = faithfulness(explainer, _with_scores(result, [-s for s in result.scores]), MESSAGES, n_random=0)
+    random = true.random_mean
+    assert true.comprehensiveness > random.comprehensiveness > reversed_.comprehensiveness
+    assert true.sufficiency < random.sufficiency < reversed_.sufficiency
+    assert true.deletion_auc < random.deletion_auc < reversed_.deletion_auc
+    assert true.insertion_auc > random.insertion_auc > reversed_.insertion_auc
+    assert reversed_.random_mean is None and reversed_.ranking == true.ranking[::-1]
+
+
+def test_ties_are_ranked_by_position_and_fractions_round_up(additive) -> None:
+    explainer, _, _ = additive
+    result = explainer.explain(MESSAGES, TARGET, method="occlusion")
+    report = faithfulness(explainer, _with_scores(result, [1.0, 2.0, 1.0, 2.0, 0.0, 1.0, 0.0]), MESSAGES, n_random=0)
+    assert report.ranking == [1, 3, 0, 2, 5, 4, 6]
+    assert [removed_count(f, 10) for f in (0.1, 0.2, 0.3, 0.7, 1.0)] == [1, 2, 3, 7, 10]
+    assert [removed_count(f, 7) for f in (0.01, 0.1, 0.5)] == [1, 1, 4]
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_every_method_result_can_be_evaluated(tiny_gpt2, method: str) -> None:
+    model, tokenizer = tiny_gpt2
+    explainer = AttributionExplainer(model, tokenizer)
+    result = explainer.explain(MESSAGES, "The capital of France is Paris.", method=method)
+    report = faithfulness(explainer, result, MESSAGES, n_random=2)
+    assert report.method == result.method and report.n_features == len(result.attributions)
+    assert len(report.explanation.deletion_curve) == 11
+    model_input = build_model_input(tokenizer, target="The capital of France is Paris.", messages=MESSAGES)
+    with torch.no_grad():
+        logits = model(model_input.input_ids[None]).logits[0, model_input.target_start - 1 : -1].log_softmax(-1)
+    direct = logits.gather(-1, model_input.target_ids[:, None]).sum().item()
+    assert report.full_score == pytest.approx(direct, abs=1e-4)
+    assert report.explanation.deletion_curve[0] == report.full_score == report.explanation.insertion_curve[-1]
+
+
+@pytest.mark.parametrize("granularity", ["token", "word", "sentence"])
+def test_every_granularity_and_raw_prompts(tiny_lm, granularity: str) -> None:
+    model, tokenizer = tiny_lm
+    explainer = AttributionExplainer(model, tokenizer)
+    prompt = "The quick brown fox jumps. Dogs and cats are friends!"
+    result = explainer.explain(prompt=prompt, target="Paris is a city.", method="occlusion", granularity=granularity)
+    report = faithfulness(explainer, result, prompt, mode="replace", n_random=2)
+    assert report.granularity.value == granularity and report.n_features == len(result.attributions)
+    assert report.curve_features[-1] == report.n_features and report.n_forward_passes >= 1
+
+
+def test_batch_equals_one_by_one_and_same_seed_same_random_orders(tiny_gpt2) -> None:
+    model, tokenizer = tiny_gpt2
+    explainer = AttributionExplainer(model, tokenizer)
+    items = [
+        {"question": "What is the capital of France?", "answer": "Paris."},
+        {"messages": [{"role": "system", "content": "Answer in one short sentence."},
+                      {"role": "user", "content": "Explain why the sky is blue."}], "target": "Light scatters."},
+        {"question": "Who?"},  # no answer: a failure in the batch, skipped by the report
+        ("Dogs and cats are friends!", "The quick brown fox."),
+    ]
+    batch = explainer.explain_batch(items, method="lime", show_progress=False)
+    assert batch.indices == [0, 1, 3]
+    for mode in ("remove", "replace"):
+        packed = faithfulness(explainer, batch, items, mode=mode, n_random=3, seed=7)
+        assert isinstance(packed, FaithfulnessBatchReport) and packed.indices == [0, 1, 3]
+        for report, result, index in zip(packed.reports, batch, batch.indices):
+            alone = faithfulness(explainer, result, items[index], mode=mode, n_random=3, seed=7)
+            for name in ("explanation", "random_mean", "random_std"):
+                mine, theirs = getattr(report, name).model_dump(), getattr(alone, name).model_dump()
+                for key in mine:
+                    np.testing.assert_allclose(mine[key], theirs[key], atol=1e-5, err_msg=f"{mode} {name}.{key}")
+        again = faithfulness(explainer, batch, items, mode=mode, n_random=3, seed=7)
+        assert again.random_mean == packed.random_mean and again.mean == packed.mean
+        np.testing.assert_allclose(packed.mean.comprehensiveness,
+                                   np.mean([r.comprehensiveness for r in packed.reports]), atol=1e-12)
+    other = faithfulness(explainer, batch, items, n_random=3, seed=8)
+    assert other.random_mean != faithfulness(explainer, batch, items, n_random=3, seed=7).random_mean
+
+
+def test_bad_input_is_rejected_before_any_model_call(tiny_gpt2, monkeypatch) -> None:
+    model, tokenizer = tiny_gpt2
+    explainer = AttributionExplainer(model, tokenizer)
+    result = explainer.explain(MESSAGES, "Paris.", method="occlusion")
+
+    def no_model(*_: Any, **__: Any) -> Any:
+        raise AssertionError("bad input must be rejected before the model is called")
+
+    monkeypatch.setattr(model, "forward", no_model)
+    for kwargs in ({"fractions": []}, {"fractions": [0.0]}, {"fractions": [1.5]}, {"fractions": "a"},
+                   {"mode": "delete"}, {"n_random": -1}, {"curve_points": 1}, {"seed": True}, {"baseline_id": "pad"}):
+        with pytest.raises(InvalidInputError):
+            faithfulness(explainer, result, MESSAGES, **kwargs)
+    with pytest.raises(InvalidInputError, match="not those of the given input"):
+        faithfulness(explainer, result, [{"role": "user", "content": "Something else entirely."}])
+    with pytest.raises(InvalidInputError, match="not the result's target"):
+        faithfulness(explainer, result, {"messages": MESSAGES, "target": "Rome."})
+    with pytest.raises(InvalidInputError):
+        faithfulness(explainer, "not a result", MESSAGES)  # type: ignore[arg-type]
+
+
+def test_compare_methods_table_and_plots(tiny_gpt2) -> None:
+    model, tokenizer = tiny_gpt2
+    explainer = AttributionExplainer(model, tokenizer)
+    items = [{"question": "What is the capital of France?", "answer": "Paris."},
+             {"question": "Explain why the sky is blue.", "answer": "Light scatters."}]
+    frame = compare_methods(explainer, items, {"occlusion": {}, "lime": {"n_samples": 40}}, n_random=3)
+    assert list(frame["method"]) == ["occlusion", "lime", "random"]
+    assert list(frame.columns) == ["method", "comprehensiveness", "sufficiency", "deletion_auc", "insertion_auc",
+                                   "seconds_per_item", "passes_per_item", "n_items"]
+    batch = explainer.explain_batch(items, method="lime", n_samples=40, show_progress=False)
+    report = faithfulness(explainer, batch, items, n_random=3)
+    lime = frame[frame.method == "lime"].iloc[0]
+    random = frame[frame.method == "random"].iloc[0]
+    assert lime.comprehensiveness == pytest.approx(report.mean.comprehensiveness, abs=1e-5)
+    assert random.insertion_auc == pytest.approx(report.random_mean.insertion_auc, abs=1e-5)
+    assert np.isnan(random.seconds_per_item) and lime.n_items == 2
+    for target in (frame, report, report.reports[0]):
+        figure = plot_faithfulness(target)
+        assert type(figure).__name__ == "Figure" and figure.axes
+    with pytest.raises(InvalidInputError):
+        plot_faithfulness([1, 2])
+    with pytest.raises(InvalidInputError):
+        compare_methods(explainer, items, {"lime": {"n_steps": 3}})
+    with pytest.raises(InvalidInputError, match="unknown parameter"):
+        compare_methods(explainer, items, ["occlusion"], n_sample=3)
+
+
+def test_cli_evaluate_prints_the_report(tiny_gpt2, tmp_path, capsys) -> None:
+    model, tokenizer = tiny_gpt2
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    code = cli.main(["--prompt", QUESTION, "--target", "Paris.", "--model", str(tmp_path / "tiny"),
+                     "--method", "occlusion", "--evaluate"])
+    out = capsys.readouterr().out
+    assert code == 0 and "faithfulness:" in out
+    for name in ("comprehensiveness", "sufficiency", "deletion_auc", "insertion_auc"):
+        assert name in out
+
+
+def _edited_content(content: str, features: list[Any], removed: set[int]) -> str:
+    """``content`` without the removed words and the whitespace before each (the word's leading-space token)."""
+    text, cursor = [], 0
+    for index, feature in enumerate(features):
+        if index in removed:
+            start = feature.start
+            while start > cursor and content[start - 1].isspace():
+                start -= 1
+            text.append(content[cursor:start])
+            cursor = feature.end
+    text.append(content[cursor:])
+    return "".join(text)
+
+
+@pytest.mark.integration
+def test_remove_mode_equals_scoring_the_edited_text_on_smollm2(smollm2) -> None:
+    """Deleting words from the message, applying the chat template and scoring the target with the model directly
+    gives the report's curve values wherever the edited text tokenizes into exactly the kept tokens."""
+    model, tokenizer = smollm2
+    torch.set_num_threads(2)
+    question = "What is the capital city of France and Germany?"
+    messages = [{"role": "user", "content": question}]
+    target = "The capital of France is Paris."
+    explainer = AttributionExplainer(model, tokenizer)
+    result = explainer.explain(messages, target, method="occlusion")
+    n = len(result.attributions)
+    report = faithfulness(explainer, result, messages, curve_points=n + 1, n_random=0)
+    model_input = build_model_input(tokenizer, target=target, messages=messages)
+    features = build_features(model_input, Granularity.WORD)
+    checked = 0
+    for curve, removed_sets in (("deletion_curve", [set(report.ranking[:k]) for k in report.curve_features]),
+                                ("insertion_curve", [set(report.ranking[k:]) for k in report.curve_features])):
+        for value, removed in zip(getattr(report.explanation, curve), removed_sets):
+            content = _edited_content(question, features, removed)
+            kept = [int(model_input.input_ids[p]) for p in range(model_input.length)
+                    if not any(p in features[i].token_positions for i in removed)]
+            rendered = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                     add_generation_prompt=True)
+            ids = tokenizer(rendered + target, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            if ids[0].tolist() != kept or not content.strip():
+                continue  # the edited text tokenizes differently (e.g. a first word loses its leading space)
+            with torch.no_grad():
+                log_probs = model(ids).logits[0, -model_input.n_target - 1 : -1].float().log_softmax(-1)
+            direct = log_probs.gather(-1, model_input.target_ids[:, None]).sum().item()
+            assert value == pytest.approx(direct, abs=1e-4), (curve, content)
+            checked += 1
+    assert checked >= 6
