@@ -14,6 +14,7 @@ import torch
 
 from fair_forge.explainability import (
     AttributionExplainer,
+    AttributionResult,
     FaithfulnessBatchReport,
     InvalidInputError,
     available_methods,
@@ -203,6 +204,20 @@ def test_batch_equals_one_by_one_and_same_seed_same_random_orders(tiny_gpt2) -> 
                                    np.mean([r.comprehensiveness for r in packed.reports]), atol=1e-12)
     other = faithfulness(explainer, batch, items, n_random=3, seed=8)
     assert other.random_mean != faithfulness(explainer, batch, items, n_random=3, seed=7).random_mean
+
+
+def test_results_carry_what_was_explained(tiny_gpt2) -> None:
+    """Without ``inputs`` a report re-reads the result's own messages or raw prompt, also after a JSON round trip."""
+    model, tokenizer = tiny_gpt2
+    explainer = AttributionExplainer(model, tokenizer)
+    items = [{"messages": [{"role": "system", "content": "Answer in one short sentence."},
+                           {"role": "user", "content": "Explain why the sky is blue."}], "target": "Light scatters."},
+             ("Dogs and cats are friends!", "The quick brown fox.")]
+    batch = explainer.explain_batch(items, method="occlusion", show_progress=False)
+    given = faithfulness(explainer, batch, items, n_random=2)
+    assert faithfulness(explainer, batch, n_random=2).mean == given.mean
+    reloaded = AttributionResult.model_validate_json(batch[0].model_dump_json())
+    assert faithfulness(explainer, reloaded, n_random=2).explanation == given.reports[0].explanation
 
 
 def test_bad_input_is_rejected_before_any_model_call(tiny_gpt2, monkeypatch) -> None:

@@ -157,21 +157,26 @@ def _settings(fractions: Sequence[float], curve_points: int, mode: str, n_random
     return _Settings(values, curve, mode, int(n_random), int(seed), None if baseline_id is None else int(baseline_id))  # type: ignore[arg-type]
 
 
-def _source(item: Any, target: str) -> tuple[Optional[Any], Optional[str]]:
-    """(messages, prompt) of what was explained: messages, a raw prompt, or an ``explain_batch`` item."""
+def _source(item: Any, result: AttributionResult) -> tuple[Optional[Any], Optional[str]]:
+    """(messages, prompt) of what was explained: the result's own chat or raw prompt when ``item`` is None, else the
+    messages, raw prompt or ``explain_batch`` item given."""
+    if item is None:
+        if result.messages is not None:
+            return [message.model_dump() for message in result.messages], None
+        return None, result.prompt
     if isinstance(item, str):
         return None, item
     if isinstance(item, Sequence) and item and all(isinstance(m, Mapping) and "role" in m for m in item):
         return list(item), None
     messages, prompt, item_target = _item_fields(item)
-    if item_target is not None and item_target != target:
-        raise InvalidInputError(f"the item's target {item_target!r} is not the result's target {target!r}")
+    if item_target is not None and item_target != result.target:
+        raise InvalidInputError(f"the item's target {item_target!r} is not the result's target {result.target!r}")
     return messages, prompt
 
 
 def _plan(explainer: AttributionExplainer, result: AttributionResult, item: Any, settings: _Settings) -> _ItemPlan:
     """Rebuild the result's input and features from ``item``, check they match, and lay out every edit."""
-    messages, prompt = _source(item, result.target)
+    messages, prompt = _source(item, result)
     model_input = build_model_input(explainer.tokenizer, target=result.target, messages=messages, prompt=prompt,
                                     include_template_tokens=explainer.include_template_tokens)
     features = build_features(model_input, result.granularity)
@@ -272,7 +277,7 @@ def _report(plan: _ItemPlan, values: np.ndarray, count: EvaluationCount, seconds
 def faithfulness(
     explainer: AttributionExplainer,
     result: Union[AttributionResult, AttributionBatchResult],
-    inputs: Any,
+    inputs: Any = None,
     *,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     curve_points: int = 11,
@@ -283,9 +288,10 @@ def faithfulness(
 ) -> Union[FaithfulnessReport, FaithfulnessBatchReport]:
     """How faithful ``result`` is to the model behind ``explainer`` (see the module docstring for the metrics).
 
-    ``inputs`` is what was explained, since a result does not keep its chat: for one result, its messages, raw prompt
-    or ``explain_batch`` item; for an ``AttributionBatchResult``, the items given to ``explain_batch`` (result i
-    belongs to ``inputs[batch.indices[i]]``). A batch's edits are packed into shared model calls and its report
+    A result keeps what was explained (its messages, or its raw prompt), so ``inputs`` is optional; given, it is
+    used instead: for one result, its messages, raw prompt or ``explain_batch`` item; for an
+    ``AttributionBatchResult``, the items given to ``explain_batch`` (result i belongs to
+    ``inputs[batch.indices[i]]``). A batch's edits are packed into shared model calls and its report
     holds every item's report and their mean. ``curve_points`` fractions from 0 to 1 sample the curves
     (``n_features + 1`` points visit every k); ``baseline_id`` is the token of ``mode="replace"`` (default: the
     input's baseline token). Costs one no-grad row per distinct edit, no backward pass.
@@ -299,11 +305,15 @@ def faithfulness(
         return _report(plan, values, count, time.perf_counter() - started, settings, explainer)
     if not isinstance(result, AttributionBatchResult):
         raise InvalidInputError(f"result must be an AttributionResult or AttributionBatchResult, got {type(result).__name__}")
-    records = _records(inputs)
     indices = list(result.indices) or list(range(len(result.results)))
-    if len(indices) != len(result.results) or any(not 0 <= i < len(records) for i in indices):
-        raise InvalidInputError(f"inputs has {len(records)} items; the batch's results need items {indices}")
-    plans = [_plan(explainer, item_result, records[index], settings) for item_result, index in zip(result, indices)]
+    if inputs is None:
+        items: list[Any] = [None] * len(result.results)
+    else:
+        records = _records(inputs)
+        if len(indices) != len(result.results) or any(not 0 <= i < len(records) for i in indices):
+            raise InvalidInputError(f"inputs has {len(records)} items; the batch's results need items {indices}")
+        items = [records[index] for index in indices]
+    plans = [_plan(explainer, item_result, item, settings) for item_result, item in zip(result, items)]
     values, counts = _score_edits(explainer, [(p.model_input, p.keep) for p in plans], settings.mode,
                                   settings.baseline_id)
     seconds = time.perf_counter() - started
