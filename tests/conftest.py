@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
+import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -14,6 +17,44 @@ import torch
 torch.set_num_threads(1)
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import fair_forge.explainability
+
+PACKAGE_DIR = str(Path(fair_forge.explainability.__file__).resolve().parent)
+
+
+def _called_by_the_package() -> bool:
+    """Whether fair_forge's code is on the stack above the warning, not counting a module being imported between
+    them (a library importing its own modules lazily warns about itself, not about our call)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(PACKAGE_DIR):
+            return True
+        if frame.f_code.co_name == "<module>":
+            return False
+        frame = frame.f_back
+    return False
+
+
+@pytest.fixture(autouse=True)
+def library_deprecations_are_errors():
+    """A FutureWarning or DeprecationWarning raised while fair_forge's code is on the stack fails the test.
+
+    A filter such as ``error::FutureWarning:fair_forge`` only sees the frame a warning is attributed to, and a
+    library's ``stacklevel`` often lands elsewhere (transformers' past_key_values warning lands in torch's
+    ``Module.__call__``), so the stack itself is inspected. Every other warning goes to pytest's record as before.
+    """
+    record = warnings._showwarnmsg_impl  # pytest's recorder for this test
+
+    def check(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, (FutureWarning, DeprecationWarning)) and _called_by_the_package():
+            raise category(f"deprecated call made by fair_forge: {message} ({filename}:{lineno})")
+        record(warnings.WarningMessage(message, category, filename, lineno, file, line))
+
+    with warnings.catch_warnings():
+        warnings.showwarning = check
+        yield
+
 
 CORPUS = [
     "What is the capital of France? The capital of France is Paris.",

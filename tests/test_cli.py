@@ -86,7 +86,6 @@ def test_bad_messages_file_exits_2(content, expected, tmp_path: Path, capsys, mo
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["--prompt", QUESTION], "--target is required"),
         (["--prompt", QUESTION, "--target", "   "], "--target is empty"),
         (["--prompt", " ", "--target", TARGET], "--prompt is empty"),
         (["--prompt", QUESTION, "--target", TARGET, "--method", "no_such_method"], "available"),

@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -128,13 +127,11 @@ def test_two_processes_racing_without_the_lock_both_get_one_complete_folder(tmp_
 
 _LOAD_SCRIPT = textwrap.dedent(
     """
-    import json, os, time
+    import json, os
     from fair_forge.explainability import models
-    started = time.perf_counter()
     model, tokenizer = models.load_default_model()
     print(json.dumps({
         "path": str(models.default_model_path()),
-        "seconds": time.perf_counter() - started,
         "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE"),
         "chat_template": bool(tokenizer.chat_template),
     }))
@@ -148,7 +145,6 @@ def fresh_conversion(tmp_path_factory: pytest.TempPathFactory) -> dict:
     cache = tmp_path_factory.mktemp("fair_forge_cache")
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}  # the loader must set it itself
     env["FAIR_FORGE_CACHE"] = str(cache)
-    started = time.perf_counter()
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _LOAD_SCRIPT], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -161,7 +157,6 @@ def fresh_conversion(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "returncodes": [p.returncode for p in procs],
         "reports": [json.loads(out.strip().splitlines()[-1]) if out.strip() else None for out, _ in outputs],
         "stderr": [err for _, err in outputs],
-        "wall_seconds": time.perf_counter() - started,
     }
 
 
@@ -198,19 +193,14 @@ def test_loader_sets_hf_hub_offline_and_keeps_chat_template(fresh_conversion: di
 
 
 @pytest.mark.integration
-def test_later_loads_come_from_the_cache_quickly(fresh_conversion: dict, default_model, monkeypatch) -> None:
+def test_later_loads_come_from_the_cache(fresh_conversion: dict, default_model, monkeypatch) -> None:
     def no_conversion(*args, **kwargs):
         raise AssertionError("the cache was complete; nothing should be converted again")
 
     monkeypatch.setattr(models, "_convert_gguf", no_conversion)
     monkeypatch.setenv("FAIR_FORGE_CACHE", str(fresh_conversion["cache"]))
-    timings = []
-    for _ in range(3):
-        started = time.perf_counter()
-        models.load_default_model()
-        timings.append(time.perf_counter() - started)
-    # Under a second on an idle machine; the bound leaves room for a busy shared 2-core CI box.
-    assert sorted(timings)[1] < 5.0, timings
+    model, _ = models.load_default_model()
+    assert model.config.name_or_path == models.DEFAULT_MODEL_NAME
 
 
 @pytest.mark.integration

@@ -163,7 +163,7 @@ def test_result_shape_and_round_trip(tiny):
         assert QUERY[attribution.start:attribution.end].lower() == attribution.text.removeprefix("##")
     assert result.attributions[0].start is None
     assert AttributionResult.model_validate_json(result.model_dump_json()) == result
-    assert result.metadata.n_forward_passes > 0 and result.metadata.timings["query_seconds"] > 0
+    assert result.metadata.n_forward_passes > 0
 
 
 def test_explain_ranking_reuses_the_query(tiny):

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from .errors import (
     BudgetError,
     ContextLengthError,
+    ConvergenceWarning,
     ExplainabilityError,
     InvalidInputError,
     ModelLoadError,
@@ -62,6 +63,13 @@ _LAZY = {
     "plot_attributions": "visualization",
     "plot_matrix": "visualization",
     "plot_connections": "visualization",
+    "DatasetRecord": "records",
+    "DatasetRun": "datasets",
+    "explain_dataset": "datasets",
+    "generate_targets": "generation",
+    "load_results": "sinks",
+    "plot_summary": "summary",
+    "summarize": "summary",
 }
 
 
@@ -74,6 +82,13 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "DatasetRecord",
+    "DatasetRun",
+    "explain_dataset",
+    "generate_targets",
+    "load_results",
+    "plot_summary",
+    "summarize",
     "DEFAULT_ENCODER_NAME",
     "DEFAULT_MODEL_NAME",
     "IntJacobianExplainableTransformer",
@@ -93,6 +108,7 @@ __all__ = [
     "ChatMessage",
     "BudgetError",
     "ContextLengthError",
+    "ConvergenceWarning",
     "ExplainabilityError",
     "Granularity",
     "InvalidInputError",

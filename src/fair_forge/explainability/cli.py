@@ -6,7 +6,9 @@
 ``--prompt`` is sent as one user message through the tokenizer's chat template (``--raw`` sends it as plain text
 instead); ``--messages`` reads a JSON list of ``{"role": ..., "content": ...}`` objects (or an object with a
 ``messages`` list and optionally a ``target``). The default model is the embedded SmolLM2-135M-Instruct; ``--model``
-takes a local transformers folder. Bad input exits with code 2 and one line on stderr; other failures exit with 1.
+takes a local transformers folder. Without ``--target`` the model's own greedy answer is explained. Bad input exits
+with code 2 and one line on stderr; other failures exit with 1. ``dataset`` and ``summarize`` subcommands: see
+``cli_dataset.py``.
 
 Building the parser imports neither torch nor transformers (``--help`` answers at once); the model and the methods
 are imported only when an explanation runs.
@@ -55,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE.json",
         help='a JSON list of {"role": ..., "content": ...} messages, or {"messages": [...], "target": ...}',
     )
-    parser.add_argument("--target", metavar="TEXT", help="the response to explain (may also come from the JSON file)")
+    parser.add_argument(
+        "--target", metavar="TEXT",
+        help="the response to explain (may also come from the JSON file; without it, the model's own answer)",
+    )
     parser.add_argument(
         "--method", metavar="M", default=None, help="attribution method (default: integrated_gradients)"
     )
@@ -208,9 +213,7 @@ def run(args: argparse.Namespace) -> int:
     if args.messages is not None:
         messages, file_target = _read_messages(args.messages)
         target = target if target is not None else file_target
-    if target is None:
-        raise BadInput("--target is required (the response text to explain)")
-    if not target.strip():
+    if target is not None and not target.strip():
         raise BadInput("--target is empty; give the response text to explain")
     if args.prompt is not None and not args.prompt.strip():
         raise BadInput("--prompt is empty; give the user's message")
@@ -251,10 +254,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)  # exits with code 2 and a usage line on bad arguments
+    from .cli_dataset import SUBCOMMANDS  # `dataset` and `summarize`
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    build, command = SUBCOMMANDS[argv[0]] if argv and argv[0] in SUBCOMMANDS else (build_parser, run)
+    args = build().parse_args(argv[1:] if build is not build_parser else argv)  # bad arguments: exit code 2
     try:
-        return run(args)
+        return command(args)
     except (BadInput, InvalidInputError) as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT

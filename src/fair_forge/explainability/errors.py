@@ -45,5 +45,9 @@ class ModelLoadError(ExplainabilityError):
     """An embedded default model could not be found or converted."""
 
 
+class ConvergenceWarning(UserWarning):
+    """A numerical estimate (e.g. integrated gradients' path integral) ended above its error tolerance."""
+
+
 class ProbabilityUnderflowWarning(UserWarning):
     """score="prob" underflowed: the target's probability is below what the dtype holds, so attributions are lost."""

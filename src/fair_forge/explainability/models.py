@@ -92,11 +92,14 @@ def default_model_gguf_path() -> Path:
 
 
 def _converted_folder_name() -> str:
+    """Named by the package, the conversion format and transformers' major version: a folder saved by one major
+    version need not load in another (transformers 4 cannot read the tokenizer class transformers 5 saves)."""
     try:
         version = importlib.metadata.version(SMOLLM2_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
-    return f"SmolLM2-135M-Instruct-Q4_1-{version}-f32-v{_CONVERSION_FORMAT}"
+    transformers_major = importlib.metadata.version("transformers").split(".")[0]
+    return f"SmolLM2-135M-Instruct-Q4_1-{version}-f32-v{_CONVERSION_FORMAT}-transformers{transformers_major}"
 
 
 def default_model_path(cache: Optional[Path] = None) -> Path:

@@ -303,6 +303,28 @@ class AttributionBatchResult(BaseModel):
     def __getitem__(self, index: int) -> AttributionResult:
         return self.results[index]
 
+    # ---- files and tables (the dataset layout of ``sinks.py``) ------------------------------------------------
+
+    def to_dataframe(self) -> Any:
+        """The tidy long table of ``explain_dataset`` outputs: one row per feature, one per failure (needs pandas)."""
+        from .records import batch_records, records_dataframe
+
+        return records_dataframe(batch_records(self))
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write to ``path``: JSONL (one result per line) or Parquet (the tidy table), by suffix."""
+        from .sinks import save_batch
+
+        return save_batch(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "AttributionBatchResult":
+        """Read a file written by ``save`` or ``explain_dataset``, ordered by item index."""
+        from .records import batch_from_records
+        from .sinks import load_results
+
+        return batch_from_records(load_results(path))
+
     def __repr__(self) -> str:
         methods = sorted({r.method_name for r in self.results})
         return (

@@ -1,0 +1,291 @@
+"""Explain whole datasets: sources in, the streaming engine, sinks out, resumable, optionally on Ray.
+
+``explain_dataset`` reads items lazily from a list or any iterable, a pandas DataFrame, a Hugging Face dataset or a
+JSONL/CSV/Parquet file, maps their columns to a chat or a prompt and a target, lets the model generate the targets
+that are missing, streams them through ``AttributionExplainer.iter_explain`` and writes one record per item, as it
+finishes, to a JSONL or Parquet output (``sinks.py``). Every item has a stable id, so a rerun into the same output
+skips what is done. ``summarize`` turns results into a table per feature text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
+
+from .errors import ExplainabilityError, InvalidInputError
+from .explainer import AttributionExplainer, parse_granularity
+from .generation import DEFAULT_GENERATION_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, generate_targets
+from .methods import get_method
+from .records import DatasetRecord, batch_from_records
+from .sinks import open_sink, output_format, remove_output, stored_settings
+from .sources import ColumnMap, DatasetItem, iter_items, iter_source
+from .types import AttributionBatchResult, BatchFailure
+
+PathLike = Union[str, os.PathLike]
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything that decides an item's result; written into the output, compared on resume."""
+
+    method: str
+    params: dict[str, Any]
+    granularity: str
+    per_target: bool
+    generate: bool
+    max_new_tokens: int
+    generation_kwargs: dict[str, Any]
+    generation_batch_size: int
+
+    def fingerprint(self, explainer: AttributionExplainer, columns: ColumnMap) -> dict[str, Any]:
+        """The JSON-able settings an output records (batch sizes excluded: they do not change results)."""
+        explainer_settings = {"model_name": explainer.model_name, "score": explainer.score,
+                              "include_template_tokens": explainer.include_template_tokens}
+        data = {**vars(self), "explainer": explainer_settings, "columns": vars(columns)}
+        data.pop("generation_batch_size")
+        return json.loads(json.dumps(data, sort_keys=True, default=str))
+
+
+@dataclass(frozen=True)
+class DatasetRun:
+    """What a dataset run into an output did (items explained, failed, and skipped as already done), and where the
+    records are."""
+
+    path: Path
+    n_explained: int
+    n_failed: int
+    n_skipped: int
+    seconds: float
+
+    def load(self) -> AttributionBatchResult:
+        """Every record of the output (this run's and earlier ones'), as a batch result."""
+        return AttributionBatchResult.load(self.path)
+
+
+def explain_records(
+    explainer: AttributionExplainer, items: Iterable[DatasetItem], run: RunSettings
+) -> Iterator[DatasetRecord]:
+    """The engine's stream over ``items``, keyed back to their indices and ids: targets generated chunk by chunk
+    (``generation_batch_size`` at a time) as the engine pulls items, failures recorded, one record per item."""
+    pending: dict[int, DatasetItem] = {}
+    side: deque[DatasetRecord] = deque()  # items that failed before reaching the engine
+
+    def feed() -> Iterator[dict[str, Any]]:
+        position = 0
+        iterator = iter(items)
+        while chunk := list(islice(iterator, run.generation_batch_size)):
+            for item, target in _with_targets(explainer, chunk, run, side):
+                pending[position] = item
+                position += 1
+                yield item.request(target)
+
+    stream = explainer.iter_explain(feed(), method=run.method, granularity=run.granularity,
+                                    per_target=run.per_target, **run.params)
+    for position, outcome in stream:
+        yield from _drain(side)
+        item = pending.pop(position)
+        if isinstance(outcome, BatchFailure):
+            outcome = outcome.model_copy(update={"index": item.index})
+        yield DatasetRecord(item.index, item.item_id, outcome, item.metadata)
+    yield from _drain(side)
+
+
+def _drain(side: deque[DatasetRecord]) -> Iterator[DatasetRecord]:
+    while side:
+        yield side.popleft()
+
+
+def _with_targets(explainer: AttributionExplainer, chunk: list[DatasetItem], run: RunSettings,
+                  side: deque[DatasetRecord]) -> list[tuple[DatasetItem, str]]:
+    """The chunk's good items with their targets, the model generating the missing ones in one batched call (one by
+    one only when that call fails, to find the item that broke it)."""
+    ready: list[tuple[DatasetItem, str]] = []
+    to_generate: list[DatasetItem] = []
+    for item in chunk:
+        if item.error is not None:
+            side.append(DatasetRecord(item.index, item.item_id, item.error, item.metadata))
+        elif item.target is None:
+            to_generate.append(item)
+        else:
+            ready.append((item, item.target))
+
+    def generate(items: list[DatasetItem]) -> list[str]:
+        return generate_targets(explainer.model, explainer.tokenizer, [(i.messages, i.prompt) for i in items],
+                                max_new_tokens=run.max_new_tokens, batch_size=run.generation_batch_size,
+                                **run.generation_kwargs)
+
+    def answer_alone(item: DatasetItem) -> Optional[str]:
+        try:
+            return generate([item])[0]
+        except Exception as error:  # noqa: BLE001 - recorded per item
+            side.append(item.failed(error))
+            return None
+
+    try:
+        answers: list[Optional[str]] = list(generate(to_generate)) if to_generate else []
+    except Exception:  # noqa: BLE001 - retried item by item, so only the item at fault is recorded
+        answers = [answer_alone(item) for item in to_generate]
+    for item, answer in zip(to_generate, answers):
+        if answer:
+            ready.append((item, answer))
+        elif answer == "":
+            side.append(item.failed(ExplainabilityError("the model generated an empty answer: nothing to explain")))
+    return ready
+
+
+def explain_dataset(
+    explainer: AttributionExplainer,
+    source: Any,
+    out: Optional[PathLike] = None,
+    *,
+    method: Optional[str] = None,
+    granularity: Optional[str] = None,
+    per_target: bool = False,
+    messages: Optional[str] = None,
+    prompt: Optional[str] = None,
+    question: Optional[str] = None,
+    system: Optional[str] = None,
+    context: Optional[str] = None,
+    target: Optional[str] = None,
+    id_column: Optional[str] = None,
+    generate: bool = False,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    generation_kwargs: Optional[Mapping[str, Any]] = None,
+    generation_batch_size: int = DEFAULT_GENERATION_BATCH_SIZE,
+    limit: Optional[int] = None,
+    resume: bool = True,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    engine: str = "local",
+    num_workers: int = 2,
+    num_gpus_per_worker: float = 0.0,
+    address: Optional[str] = None,
+    model_loader: Union[str, os.PathLike, Callable[[], tuple[Any, Any]], None] = None,
+    **method_params: Any,
+) -> Union[DatasetRun, AttributionBatchResult]:
+    """Explain every item of ``source``; with ``out`` (a .jsonl or .parquet path) stream records there and return a
+    ``DatasetRun``, else return an ``AttributionBatchResult``.
+
+    ``messages=``, ``prompt=``, ``question=``, ``system=`` (alias ``context=``, sent as a system message),
+    ``target=`` and ``id_column=`` name source columns (defaults: ``messages``, ``prompt``, ``question``,
+    ``system``/``context``, ``target``/``answer``/``response``; ids hash the item and the settings). An item
+    without a target, or every item with ``generate=True``, gets the model's own greedy answer. An existing output
+    written with the same settings is resumed (``resume=False`` makes that an error), one written with other
+    settings is an error unless ``overwrite=True``. ``engine="ray"`` runs on Ray Data (see ``ray_engine.py``).
+    """
+    if context is not None and system is not None:
+        raise InvalidInputError("give system= or context= (the same column role), not both")
+    if engine not in ("local", "ray"):
+        raise InvalidInputError(f"engine must be 'local' or 'ray', got {engine!r}")
+    if limit is not None and limit < 0:
+        raise InvalidInputError(f"limit must be >= 0, got {limit}")
+    spec = get_method(method if method is not None else explainer.default_method)
+    level = parse_granularity(granularity if granularity is not None else explainer.default_granularity)
+    run = RunSettings(spec.name, dict(spec.resolve_params(method_params)), level.value, per_target, generate,
+                      max_new_tokens, dict(generation_kwargs or {}), generation_batch_size)
+    if max_new_tokens < 1 or generation_batch_size < 1:
+        raise InvalidInputError("max_new_tokens and generation_batch_size must be >= 1")
+    columns = ColumnMap(messages, prompt, question, system if system is not None else context, target, id_column)
+    settings = run.fingerprint(explainer, columns)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    if engine == "ray":
+        from .ray_engine import check_ray
+
+        check_ray()
+    path = Path(out) if out is not None else None
+    if path is not None:
+        _prepare_output(path, settings, resume, overwrite)
+    rows = iter_source(source, columns)
+    items = iter_items(islice(rows, limit) if limit is not None else rows, columns, generate, digest)
+
+    started = time.perf_counter()
+    sink = open_sink(path, settings) if path is not None else None
+    done = sink.done_ids() if sink is not None else set()
+    collected: list[DatasetRecord] = []
+    counts = {"ok": 0, "failed": 0, "skipped": 0}
+    progress = _progress(show_progress, _length(source, limit))
+    todo = _not_done(items, done, progress, counts)
+    try:
+        for record in _records(explainer, todo, run, engine, num_workers, num_gpus_per_worker, address, model_loader):
+            if sink is not None:
+                sink.write(record)
+            else:
+                collected.append(record)
+            counts["failed" if record.failed else "ok"] += 1
+            progress.update(1)
+            progress.set_postfix(failed=counts["failed"], refresh=False)
+    finally:
+        progress.close()
+        if sink is not None:
+            sink.close()
+    seconds = time.perf_counter() - started
+    if path is None:
+        return batch_from_records(collected, explainer.model_name, seconds)
+    return DatasetRun(path, counts["ok"], counts["failed"], counts["skipped"], seconds)
+
+
+def _prepare_output(path: Path, settings: dict[str, Any], resume: bool, overwrite: bool) -> None:
+    """Check an existing output against this run before any model call (or remove it, with ``overwrite``)."""
+    output_format(path)
+    if overwrite:
+        remove_output(path)
+        return
+    existing = stored_settings(path)
+    if existing is None:
+        return
+    if existing != settings:
+        changed = sorted(key for key in {*existing, *settings} if existing.get(key) != settings.get(key))
+        raise InvalidInputError(
+            f"{path} holds a run with other settings (differing: {changed}); pass overwrite=True to replace it, "
+            "or write to another path"
+        )
+    if not resume:
+        raise InvalidInputError(f"{path} already exists; resume it (resume=True) or replace it (overwrite=True)")
+
+
+def _records(explainer: AttributionExplainer, items: Iterator[DatasetItem], run: RunSettings, engine: str,
+             num_workers: int, num_gpus_per_worker: float, address: Optional[str],
+             model_loader: Any) -> Iterator[DatasetRecord]:
+    if engine == "local":
+        return explain_records(explainer, items, run)
+    from .ray_engine import ray_records
+
+    return ray_records(explainer, items, run, num_workers=num_workers, num_gpus_per_worker=num_gpus_per_worker,
+                       address=address, model_loader=model_loader)
+
+
+def _not_done(items: Iterable[DatasetItem], done: set[str], progress: Any,
+              counts: dict[str, int]) -> Iterator[DatasetItem]:
+    """The items an output does not hold yet; the ones it holds are counted and move the progress bar."""
+    for item in items:
+        if item.item_id in done:
+            counts["skipped"] += 1
+            progress.update(1)
+        else:
+            yield item
+
+
+def _length(source: Any, limit: Optional[int]) -> Optional[int]:
+    """How many items a source holds, when it knows (a list, a DataFrame, a Hugging Face Dataset), for the bar."""
+    try:
+        count = len(source) if not isinstance(source, (str, os.PathLike)) else None
+    except TypeError:
+        count = None
+    return min(count, limit) if count is not None and limit is not None else count if count is not None else limit
+
+
+def _progress(show: bool, total: Optional[int]) -> Any:
+    """A tqdm bar: items/s, and the failures so far as its postfix (skipped items count towards the total)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="explaining", unit="item", disable=not show)

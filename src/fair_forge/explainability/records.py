@@ -1,0 +1,162 @@
+"""One record per dataset item, and its tidy rows.
+
+A ``DatasetRecord`` is what a dataset run produces per item: its index in the source, its stable id, the result or
+the failure, and the item's own metadata columns. The tidy long table (one row per feature, a single row for a
+failure) is the Parquet layout and ``AttributionBatchResult.to_dataframe()``; it holds everything needed to rebuild
+the records exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Union
+
+from .types import AttributionBatchResult, AttributionMethod, AttributionResult, BatchFailure
+
+SETTINGS_KEY = b"fair_forge_settings"
+
+Outcome = Union[AttributionResult, BatchFailure]
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """One item of a dataset run: where it was in the source, its stable id, what came out, and its own columns."""
+
+    index: int
+    item_id: str
+    outcome: Outcome
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return isinstance(self.outcome, BatchFailure)
+
+    def to_json(self) -> str:
+        """One JSONL line (without the newline)."""
+        kind = "failure" if self.failed else "result"
+        body = {"index": self.index, "item_id": self.item_id, "metadata": self.metadata,
+                kind: json.loads(self.outcome.model_dump_json())}
+        return json.dumps(body, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, line: str) -> "DatasetRecord":
+        data = json.loads(line)
+        outcome: Outcome = (BatchFailure.model_validate(data["failure"]) if "failure" in data
+                            else _result(data["result"]))
+        return cls(data["index"], data["item_id"], outcome, data.get("metadata") or {})
+
+
+# ---- the tidy long table ----------------------------------------------------------------------------------------
+
+FEATURE_COLUMNS = ("position", "text", "score", "normalized_score", "message_index", "start", "end", "token_positions")
+TIDY_COLUMNS = ("item_id", "item_index", "status", "method", "granularity", "model_name", "prompt", "target",
+                *FEATURE_COLUMNS, "error_type", "error_message", "result_json")
+
+
+def record_rows(record: DatasetRecord) -> list[dict[str, Any]]:
+    """The tidy rows of one record: one per feature of a result, one for a failure. ``result_json`` keeps what the
+    columns do not (metadata, matrix), so the record can be rebuilt exactly; item metadata columns come last, a name
+    that clashes with a tidy column prefixed with ``meta_``."""
+    base: dict[str, Any] = dict.fromkeys(TIDY_COLUMNS)
+    base.update(item_id=record.item_id, item_index=record.index)
+    outcome = record.outcome
+    if isinstance(outcome, BatchFailure):
+        base.update(status="failed", error_type=outcome.error_type, error_message=outcome.message)
+        rows = [base]
+    else:
+        rest = outcome.model_dump(mode="json", include={"matrix", "metadata"})
+        base.update(status="ok", method=str(outcome.method), granularity=outcome.granularity.value,
+                    model_name=outcome.model_name, prompt=outcome.prompt, target=outcome.target,
+                    result_json=json.dumps(rest, ensure_ascii=False))
+        rows = [{**base, **attribution.model_dump()} for attribution in outcome.attributions] or [base]
+    extra = {(f"meta_{key}" if key in base else key): value for key, value in record.metadata.items()}
+    return [{**row, **extra} for row in rows]
+
+
+def rows_record(rows: list[dict[str, Any]]) -> DatasetRecord:
+    """Rebuild the record from its tidy rows (the inverse of ``record_rows``)."""
+    first = rows[0]
+    metadata = {(key[5:] if key.startswith("meta_") and key[5:] in TIDY_COLUMNS else key): value
+                for key, value in first.items() if key not in TIDY_COLUMNS}
+    metadata = {key: value for key, value in metadata.items() if not _is_missing(value)}
+    if first["status"] == "failed":
+        outcome: Outcome = BatchFailure(index=first["item_index"], error_type=first["error_type"],
+                                        message=first["error_message"])
+    else:
+        attributions = [{key: row[key] for key in FEATURE_COLUMNS} for row in rows if row["position"] is not None]
+        for attribution in attributions:
+            attribution["token_positions"] = list(attribution["token_positions"] or [])
+        outcome = _result({
+            "prompt": first["prompt"], "target": first["target"], "method": first["method"],
+            "granularity": first["granularity"], "model_name": first["model_name"],
+            "attributions": attributions, **json.loads(first["result_json"]),
+        })
+    return DatasetRecord(int(first["item_index"]), first["item_id"], outcome, metadata)
+
+
+def _result(data: dict[str, Any]) -> AttributionResult:
+    """Validate a stored result; a built-in method name comes back as its enum member, as the explainer sets it
+    (pydantic keeps a plain string for ``Union[AttributionMethod, str]``)."""
+    if data["method"] in AttributionMethod._value2member_map_:
+        data = {**data, "method": AttributionMethod(data["method"])}
+    return AttributionResult.model_validate(data)
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def records_dataframe(records: Iterable[DatasetRecord]) -> Any:
+    """The tidy long table of ``records`` as a pandas DataFrame."""
+    import pandas as pd
+    import pyarrow as pa
+
+    rows = [row for record in records for row in record_rows(record)]
+    return arrow_table(rows, {}).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+
+
+def arrow_table(rows: list[dict[str, Any]], settings: dict[str, Any]) -> Any:
+    import pyarrow as pa
+
+    fixed = pa.schema([
+        ("item_id", pa.string()), ("item_index", pa.int64()), ("status", pa.string()), ("method", pa.string()),
+        ("granularity", pa.string()), ("model_name", pa.string()), ("prompt", pa.string()), ("target", pa.string()),
+        ("position", pa.int64()), ("text", pa.string()), ("score", pa.float64()), ("normalized_score", pa.float64()),
+        ("message_index", pa.int64()), ("start", pa.int64()), ("end", pa.int64()),
+        ("token_positions", pa.list_(pa.int64())), ("error_type", pa.string()), ("error_message", pa.string()),
+        ("result_json", pa.string()),
+    ])
+    columns = {name: pa.array([row[name] for row in rows], type=fixed.field(name).type) for name in TIDY_COLUMNS}
+    for name in dict.fromkeys(key for row in rows for key in row if key not in columns):
+        columns[name] = pa.array([row.get(name) for row in rows])
+    table = pa.table(columns)
+    return table.replace_schema_metadata({SETTINGS_KEY: json.dumps(settings, sort_keys=True)})
+
+
+# ---- a batch result as records (``AttributionBatchResult.to_dataframe/save/load``) -----------------------------
+
+
+def batch_records(batch: AttributionBatchResult) -> list[DatasetRecord]:
+    """The records of a batch result, ordered by item index; an item's id is its index."""
+    records = [DatasetRecord(index, str(index), result) for index, result in zip(_indices(batch), batch.results)]
+    records += [DatasetRecord(failure.index, str(failure.index), failure) for failure in batch.failures]
+    return sorted(records, key=lambda record: record.index)
+
+
+def _indices(batch: AttributionBatchResult) -> list[int]:
+    return list(batch.indices) if len(batch.indices) == len(batch.results) else list(range(len(batch.results)))
+
+
+def batch_from_records(records: Iterable[DatasetRecord], model_name: Optional[str] = None,
+                       seconds: float = 0.0) -> AttributionBatchResult:
+    """Records (in any order) as a batch result ordered by item index."""
+    ordered = sorted(records, key=lambda record: record.index)
+    results = [record for record in ordered if not record.failed]
+    if model_name is None:
+        model_name = results[0].outcome.model_name if results else "unknown"
+    return AttributionBatchResult(
+        results=[record.outcome for record in results], indices=[record.index for record in results],
+        failures=[record.outcome for record in ordered if record.failed], model_name=model_name,
+        total_compute_time_seconds=seconds,
+    )
