@@ -173,8 +173,6 @@ KNOWN_GAPS: dict[str, str] = {
     "gemma3": "`explain_batch` packs rows of different lengths with padding after the shared prefix, which a "
               "sliding-window layer counts as distance: its scores differ from `explain` (~1e-2 on the zoo model). "
               "Explain such models one by one (`explain`, `iter_explain`) until packing keeps the distances.",
-    "gradient_shap": "the per-target matrix draws new noise and interpolation points for every target token, so its "
-                     "rows add up to the sequence scores only in expectation.",
 }
 
 #: Integrated gradients' settings in the zoo's completeness test. Today's fixed 64-node Gauss-Legendre rule misses

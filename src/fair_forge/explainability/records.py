@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Union
 
-from .types import AttributionBatchResult, AttributionMethod, AttributionResult, BatchFailure
+from .types import AttributionBatchResult, AttributionResult, BatchFailure
 
 SETTINGS_KEY = b"fair_forge_settings"
 
@@ -43,7 +43,7 @@ class DatasetRecord:
     def from_json(cls, line: str) -> "DatasetRecord":
         data = json.loads(line)
         outcome: Outcome = (BatchFailure.model_validate(data["failure"]) if "failure" in data
-                            else _result(data["result"]))
+                            else AttributionResult.model_validate(data["result"]))
         return cls(data["index"], data["item_id"], outcome, data.get("metadata") or {})
 
 
@@ -65,7 +65,7 @@ def record_rows(record: DatasetRecord) -> list[dict[str, Any]]:
         base.update(status="failed", error_type=outcome.error_type, error_message=outcome.message)
         rows = [base]
     else:
-        rest = outcome.model_dump(mode="json", include={"matrix", "metadata"})
+        rest = outcome.model_dump(mode="json", include={"matrix", "metadata", "messages"})
         base.update(status="ok", method=str(outcome.method), granularity=outcome.granularity.value,
                     model_name=outcome.model_name, prompt=outcome.prompt, target=outcome.target,
                     result_json=json.dumps(rest, ensure_ascii=False))
@@ -87,20 +87,12 @@ def rows_record(rows: list[dict[str, Any]]) -> DatasetRecord:
         attributions = [{key: row[key] for key in FEATURE_COLUMNS} for row in rows if row["position"] is not None]
         for attribution in attributions:
             attribution["token_positions"] = list(attribution["token_positions"] or [])
-        outcome = _result({
+        outcome = AttributionResult.model_validate({
             "prompt": first["prompt"], "target": first["target"], "method": first["method"],
             "granularity": first["granularity"], "model_name": first["model_name"],
             "attributions": attributions, **json.loads(first["result_json"]),
         })
     return DatasetRecord(int(first["item_index"]), first["item_id"], outcome, metadata)
-
-
-def _result(data: dict[str, Any]) -> AttributionResult:
-    """Validate a stored result; a built-in method name comes back as its enum member, as the explainer sets it
-    (pydantic keeps a plain string for ``Union[AttributionMethod, str]``)."""
-    if data["method"] in AttributionMethod._value2member_map_:
-        data = {**data, "method": AttributionMethod(data["method"])}
-    return AttributionResult.model_validate(data)
 
 
 def _is_missing(value: Any) -> bool:
