@@ -35,7 +35,6 @@ PATH_METHODS = {"integrated_gradients": {"n_steps": 8}, "occlusion": {}}
 #: Additive methods whose per-target matrix must add up, column by column, to the sequence-level scores.
 ADDITIVE_PER_TARGET = {"integrated_gradients": {"n_steps": 8}, "input_x_gradient": {}, "occlusion": {},
                        "kernel_shap": {"n_samples": 32}, "gradient_shap": {"n_samples": 4}}
-_DRAWS_PER_ROW = pytest.mark.xfail(strict=True, reason=KNOWN_GAPS["gradient_shap"])
 
 
 def assert_same_scores(actual: Any, expected: Any, tolerance: float = 1e-5) -> None:
@@ -126,8 +125,7 @@ def test_packed_batch_equals_one_by_one(explainer: AttributionExplainer, zoo_mod
         assert_same_scores(packed.scores, explainer.explain(**item, method=method, **params).scores)
 
 
-@pytest.mark.parametrize("method", [pytest.param(m, marks=_DRAWS_PER_ROW) if m == "gradient_shap" else m
-                                    for m in ADDITIVE_PER_TARGET])
+@pytest.mark.parametrize("method", list(ADDITIVE_PER_TARGET))
 def test_per_target_rows_add_up_to_the_sequence_scores(explainer: AttributionExplainer, zoo_model: ZooModel,
                                                         method: str) -> None:
     assert get_method(method).additive
