@@ -21,9 +21,11 @@ from sentence_transformers import SentenceTransformer
 from .errors import ContextLengthError, InvalidInputError, UnsupportedModelError
 from .models import display_name
 from .methods.similarity import (
+    DEFAULT_MAX_EVALUATIONS,
     IntegratedJacobians,
     Projections,
     attribution_matrix,
+    check_budget,
     completeness,
     per_dimension_matrix,
     resolve_path,
@@ -84,6 +86,12 @@ class SimilarityExplainer:
                 reference_token_id = self.tokenizer.unk_token_id
         if reference_token_id is None:
             raise UnsupportedModelError("the tokenizer has neither a pad nor an unk token; pass reference_token_id")
+        vocabulary = trunk.auto_model.get_input_embeddings().num_embeddings
+        if isinstance(reference_token_id, bool) or not isinstance(reference_token_id, int) \
+                or not 0 <= reference_token_id < vocabulary:
+            raise InvalidInputError(
+                f"reference_token_id must be a token id in [0, {vocabulary}), got {reference_token_id!r}"
+            )
         self.model = model
         self.reference_token_id = int(reference_token_id)
         self.batch_size = batch_size
@@ -92,14 +100,16 @@ class SimilarityExplainer:
 
     def explain(self, query: str, candidate: str, *, similarity: str = "cosine", layer_index: int = 0,
                 num_interpolation_steps: int = 50, integration: str = "gauss_legendre",
-                mode: str = "auto") -> AttributionResult:
+                mode: str = "auto", max_evaluations: int = DEFAULT_MAX_EVALUATIONS) -> AttributionResult:
         """Explain ``similarity(query, candidate)``: a query-token x candidate-token matrix and row sums.
 
         ``layer_index`` picks the encoder layer whose input is attributed (0: just after the embeddings, where
         special tokens get exactly zero); ``integration`` is 'gauss_legendre' (default), 'midpoint' or 'riemann'
         (retrivex's right Riemann sum); ``mode`` 'jvp'/'vjp' forces forward- or reverse-mode, 'auto' picks.
+        ``max_evaluations`` bounds the interpolation points over both texts (``BudgetError`` before any work).
         """
         started = time.perf_counter()
+        check_budget(num_interpolation_steps, 2, max_evaluations)
         engine = self._engine(similarity, layer_index, num_interpolation_steps, integration, mode)
         query_text, candidate_text = self._prepare(query, "query"), self._prepare(candidate, "candidate")
         query_projections = engine.project(query_text.features, query_text.reference_ids, mode=mode)
@@ -110,7 +120,7 @@ class SimilarityExplainer:
 
     def explain_ranking(self, query: str, candidates: Sequence[str], *, similarity: str = "cosine",
                         layer_index: int = 0, num_interpolation_steps: int = 50, integration: str = "gauss_legendre",
-                        mode: str = "auto") -> AttributionBatchResult:
+                        mode: str = "auto", max_evaluations: int = DEFAULT_MAX_EVALUATIONS) -> AttributionBatchResult:
         """Explain the query against every candidate, most similar first (``indices`` give candidate positions).
 
         The query's integrated projections are computed once and reused for every candidate.
@@ -118,6 +128,7 @@ class SimilarityExplainer:
         started = time.perf_counter()
         if isinstance(candidates, str) or not isinstance(candidates, Sequence) or len(candidates) == 0:
             raise InvalidInputError("candidates must be a non-empty list of strings")
+        check_budget(num_interpolation_steps, 1 + len(candidates), max_evaluations)
         engine = self._engine(similarity, layer_index, num_interpolation_steps, integration, mode)
         query_text = self._prepare(query, "query")
         candidate_texts = [self._prepare(text, f"candidates[{i}]") for i, text in enumerate(candidates)]
@@ -254,11 +265,13 @@ class IntJacobianExplainableTransformer(SentenceTransformer):
                 move_to_cpu: bool = False, show_progress: bool = True, compress_embedding_dimension: bool = True,
                 layer_index: int = 0, num_interpolation_steps: int = 250, encoder_layers_path: Optional[str] = None,
                 embeddings_layer_path: Optional[str] = None, integration: str = "gauss_legendre",
+                max_evaluations: int = DEFAULT_MAX_EVALUATIONS,
                 ) -> tuple[torch.Tensor, list[str], list[str], Optional[dict[str, float]]]:
         """``(matrix, query_tokens, candidate_tokens, details or None)`` like retrivex 0.1.0.
 
         ``matrix`` is (S_q, S_c), or (S_q, H, S_c, H) per hidden dimension with ``compress_embedding_dimension=False``.
         """
+        check_budget(num_interpolation_steps, 2, max_evaluations)
         explainer = SimilarityExplainer(self)
         engine = explainer._engine(similarity_metric, layer_index, num_interpolation_steps, integration,
                                    "auto", encoder_layers_path)

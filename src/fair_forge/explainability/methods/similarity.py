@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InvalidInputError, UnsupportedModelError
+from ..errors import BudgetError, InvalidInputError, UnsupportedModelError
 from ..models import borrowed
 
 Integration = Literal["gauss_legendre", "midpoint", "riemann"]
@@ -42,6 +42,23 @@ ENCODER_LAYER_PATHS: tuple[str, ...] = (
     "model.layers",
     "h",  # GPT-2 style
 )
+
+
+# Interpolation points (model rows) one call may evaluate, over all its texts; ``max_evaluations`` overrides it.
+DEFAULT_MAX_EVALUATIONS = 10_000
+
+
+def check_budget(steps: int, n_texts: int, max_evaluations: int) -> None:
+    """``BudgetError`` before anything is allocated when ``steps`` points for each of ``n_texts`` texts is too many."""
+    if isinstance(max_evaluations, bool) or not isinstance(max_evaluations, int) or max_evaluations < 1:
+        raise InvalidInputError(f"max_evaluations must be a positive integer, got {max_evaluations!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InvalidInputError(f"num_interpolation_steps must be a positive integer, got {steps!r}")
+    if steps * n_texts > max_evaluations:
+        raise BudgetError(
+            f"{steps} interpolation steps for {n_texts} texts are {steps * n_texts} model evaluations, more than "
+            f"max_evaluations={max_evaluations}; lower num_interpolation_steps or raise max_evaluations"
+        )
 
 
 def quadrature(rule: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
