@@ -256,6 +256,24 @@ def test_budget_counts_every_text_and_can_be_raised(tiny):
         dropin.explain(QUERY, CANDIDATE, show_progress=False, num_interpolation_steps=10**9)
 
 
+def test_adaptive_integration_meets_its_tolerance(tiny):
+    explainer = SimilarityExplainer(tiny)
+    coarse = explainer.explain(QUERY, CANDIDATE, num_interpolation_steps=2)
+    result = explainer.explain(QUERY, CANDIDATE, integration="adaptive", tolerance=1e-4,
+                               num_interpolation_steps=256)
+    reference = explainer.explain(QUERY, CANDIDATE, num_interpolation_steps=200)
+    assert coarse.metadata.completeness_error > 1e-3
+    assert result.metadata.completeness_error < 1e-4
+    np.testing.assert_allclose(result.matrix.to_numpy(), reference.matrix.to_numpy(), atol=1e-5)
+    assert result.metadata.method_params["tolerance"] == 1e-4
+    with pytest.raises(InvalidInputError, match="forward mode"):
+        explainer.explain(QUERY, CANDIDATE, integration="adaptive", mode="vjp")
+    with pytest.raises(BudgetError):
+        explainer.explain(QUERY, CANDIDATE, integration="adaptive", num_interpolation_steps=14)
+    with pytest.warns(RuntimeWarning, match="integrated Jacobians: the path integral did not reach"):
+        explainer.explain(QUERY, CANDIDATE, integration="adaptive", tolerance=1e-12, num_interpolation_steps=20)
+
+
 @pytest.mark.parametrize("reference_token_id", [-1, 10**6, 2.0, True, "0"])
 def test_reference_token_id_outside_the_vocabulary_is_a_typed_error(tiny, reference_token_id):
     with pytest.raises(InvalidInputError, match="reference_token_id"):
