@@ -14,7 +14,7 @@ from sentence_transformers.sentence_transformer.modules import Dense, Normalize,
 from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaModel, MPNetConfig, MPNetModel
 from transformers import RobertaConfig, RobertaModel
 
-from fair_forge.explainability.errors import ContextLengthError, InvalidInputError, UnsupportedModelError
+from fair_forge.explainability.errors import BudgetError, ContextLengthError, InvalidInputError, UnsupportedModelError
 from fair_forge.explainability.methods.similarity import quadrature
 from fair_forge.explainability.similarity import IntJacobianExplainableTransformer, SimilarityExplainer
 from fair_forge.explainability.types import AttributionMethod, AttributionResult, Granularity
@@ -227,6 +227,10 @@ def test_model_left_as_it_was_even_after_a_failure(tiny_dir):
     ({"integration": "simpson"}, InvalidInputError),
     ({"mode": "fast"}, InvalidInputError),
     ({"candidate": "word " * 60}, ContextLengthError),
+    ({"num_interpolation_steps": 10**9}, BudgetError),
+    ({"num_interpolation_steps": 5001}, BudgetError),  # 2 texts x 5001 > the default 10_000
+    ({"num_interpolation_steps": 8, "max_evaluations": 15}, BudgetError),
+    ({"max_evaluations": 0}, InvalidInputError),
 ])
 def test_bad_input_is_rejected_before_any_model_call(tiny, kwargs, error):
     calls = []
@@ -239,6 +243,41 @@ def test_bad_input_is_rejected_before_any_model_call(tiny, kwargs, error):
     finally:
         handle.remove()
     assert calls == []
+
+
+def test_budget_counts_every_text_and_can_be_raised(tiny):
+    explainer = SimilarityExplainer(tiny)
+    with pytest.raises(BudgetError, match="3 texts"):
+        explainer.explain_ranking(QUERY, [CANDIDATE, QUERY], num_interpolation_steps=4, max_evaluations=11)
+    ranking = explainer.explain_ranking(QUERY, [CANDIDATE, QUERY], num_interpolation_steps=4, max_evaluations=12)
+    assert len(ranking.results) == 2
+    dropin = IntJacobianExplainableTransformer(modules=list(tiny), device="cpu")
+    with pytest.raises(BudgetError):
+        dropin.explain(QUERY, CANDIDATE, show_progress=False, num_interpolation_steps=10**9)
+
+
+def test_adaptive_integration_meets_its_tolerance(tiny):
+    explainer = SimilarityExplainer(tiny)
+    coarse = explainer.explain(QUERY, CANDIDATE, num_interpolation_steps=2)
+    result = explainer.explain(QUERY, CANDIDATE, integration="adaptive", tolerance=1e-4,
+                               num_interpolation_steps=256)
+    reference = explainer.explain(QUERY, CANDIDATE, num_interpolation_steps=200)
+    assert coarse.metadata.completeness_error > 1e-3
+    assert result.metadata.completeness_error < 1e-4
+    np.testing.assert_allclose(result.matrix.to_numpy(), reference.matrix.to_numpy(), atol=1e-5)
+    assert result.metadata.method_params["tolerance"] == 1e-4
+    with pytest.raises(InvalidInputError, match="forward mode"):
+        explainer.explain(QUERY, CANDIDATE, integration="adaptive", mode="vjp")
+    with pytest.raises(BudgetError):
+        explainer.explain(QUERY, CANDIDATE, integration="adaptive", num_interpolation_steps=14)
+    with pytest.warns(RuntimeWarning, match="integrated Jacobians: the path integral did not reach"):
+        explainer.explain(QUERY, CANDIDATE, integration="adaptive", tolerance=1e-12, num_interpolation_steps=20)
+
+
+@pytest.mark.parametrize("reference_token_id", [-1, 10**6, 2.0, True, "0"])
+def test_reference_token_id_outside_the_vocabulary_is_a_typed_error(tiny, reference_token_id):
+    with pytest.raises(InvalidInputError, match="reference_token_id"):
+        SimilarityExplainer(tiny, reference_token_id=reference_token_id)
 
 
 def test_unsupported_models_get_typed_errors(tiny_dir):

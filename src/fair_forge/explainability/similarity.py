@@ -19,17 +19,21 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from .errors import ContextLengthError, InvalidInputError, UnsupportedModelError
+from .methods._quadrature import DEFAULT_TOLERANCE
 from .models import display_name
 from .prompt import validate_text
 from .methods.similarity import (
+    DEFAULT_MAX_EVALUATIONS,
     IntegratedJacobians,
     Projections,
     attribution_matrix,
+    check_budget,
     completeness,
     per_dimension_matrix,
     resolve_path,
     similarity_terms,
 )
+from .models import display_name
 from .types import (
     AttributionBatchResult,
     AttributionMatrix,
@@ -85,6 +89,12 @@ class SimilarityExplainer:
                 reference_token_id = self.tokenizer.unk_token_id
         if reference_token_id is None:
             raise UnsupportedModelError("the tokenizer has neither a pad nor an unk token; pass reference_token_id")
+        vocabulary = trunk.auto_model.get_input_embeddings().num_embeddings
+        if isinstance(reference_token_id, bool) or not isinstance(reference_token_id, int) \
+                or not 0 <= reference_token_id < vocabulary:
+            raise InvalidInputError(
+                f"reference_token_id must be a token id in [0, {vocabulary}), got {reference_token_id!r}"
+            )
         self.model = model
         self.reference_token_id = int(reference_token_id)
         self.batch_size = batch_size
@@ -93,25 +103,32 @@ class SimilarityExplainer:
 
     def explain(self, query: str, candidate: str, *, similarity: str = "cosine", layer_index: int = 0,
                 num_interpolation_steps: int = 50, integration: str = "gauss_legendre",
-                mode: str = "auto") -> AttributionResult:
+                mode: str = "auto", max_evaluations: int = DEFAULT_MAX_EVALUATIONS,
+                tolerance: float = DEFAULT_TOLERANCE) -> AttributionResult:
         """Explain ``similarity(query, candidate)``: a query-token x candidate-token matrix and row sums.
 
         ``layer_index`` picks the encoder layer whose input is attributed (0: just after the embeddings, where
-        special tokens get exactly zero); ``integration`` is 'gauss_legendre' (default), 'midpoint' or 'riemann'
-        (retrivex's right Riemann sum); ``mode`` 'jvp'/'vjp' forces forward- or reverse-mode, 'auto' picks.
+        special tokens get exactly zero); ``integration`` is 'gauss_legendre' (default), 'midpoint', 'riemann'
+        (retrivex's right Riemann sum) or 'adaptive' (refines until each text's completeness error is within
+        ``tolerance``, with ``num_interpolation_steps`` as its budget per text; see docs/methods.md);
+        ``mode`` 'jvp'/'vjp' forces forward- or reverse-mode, 'auto' picks.
+        ``max_evaluations`` bounds the interpolation points over both texts (``BudgetError`` before any work).
         """
         started = time.perf_counter()
-        engine = self._engine(similarity, layer_index, num_interpolation_steps, integration, mode)
+        check_budget(num_interpolation_steps, 2, max_evaluations)
+        engine = self._engine(similarity, layer_index, num_interpolation_steps, integration, mode,
+                              tolerance=tolerance)
         query_text, candidate_text = self._prepare(query, "query"), self._prepare(candidate, "candidate")
         query_projections = engine.project(query_text.features, query_text.reference_ids, mode=mode)
         candidate_projections = engine.project(candidate_text.features, candidate_text.reference_ids, mode=mode)
         pair = _Pair(query_text, candidate_text, query_projections, candidate_projections)
-        return self._result(pair, self._params(similarity, layer_index, num_interpolation_steps, integration, mode),
-                            time.perf_counter() - started)
+        params = self._params(similarity, layer_index, num_interpolation_steps, integration, mode, tolerance)
+        return self._result(pair, params, time.perf_counter() - started)
 
     def explain_ranking(self, query: str, candidates: Sequence[str], *, similarity: str = "cosine",
                         layer_index: int = 0, num_interpolation_steps: int = 50, integration: str = "gauss_legendre",
-                        mode: str = "auto") -> AttributionBatchResult:
+                        mode: str = "auto", max_evaluations: int = DEFAULT_MAX_EVALUATIONS,
+                        tolerance: float = DEFAULT_TOLERANCE) -> AttributionBatchResult:
         """Explain the query against every candidate, most similar first (``indices`` give candidate positions).
 
         The query's integrated projections are computed once and reused for every candidate.
@@ -119,10 +136,12 @@ class SimilarityExplainer:
         started = time.perf_counter()
         if isinstance(candidates, str) or not isinstance(candidates, Sequence) or len(candidates) == 0:
             raise InvalidInputError("candidates must be a non-empty list of strings")
-        engine = self._engine(similarity, layer_index, num_interpolation_steps, integration, mode)
+        check_budget(num_interpolation_steps, 1 + len(candidates), max_evaluations)
+        engine = self._engine(similarity, layer_index, num_interpolation_steps, integration, mode,
+                              tolerance=tolerance)
         query_text = self._prepare(query, "query")
         candidate_texts = [self._prepare(text, f"candidates[{i}]") for i, text in enumerate(candidates)]
-        params = self._params(similarity, layer_index, num_interpolation_steps, integration, mode)
+        params = self._params(similarity, layer_index, num_interpolation_steps, integration, mode, tolerance)
         query_projections = engine.project(query_text.features, query_text.reference_ids, mode=mode)
         results = []
         for index, candidate_text in enumerate(candidate_texts):
@@ -142,7 +161,8 @@ class SimilarityExplainer:
     # -- input handling --------------------------------------------------------------------------------------------
 
     def _engine(self, similarity: str, layer_index: int, steps: int, integration: str,
-                mode: str, encoder_layers_path: Optional[str] = None) -> IntegratedJacobians:
+                mode: str, encoder_layers_path: Optional[str] = None,
+                tolerance: float = DEFAULT_TOLERANCE) -> IntegratedJacobians:
         """Validate the settings (typed errors, before any model call) and build the engine."""
         if similarity not in SIMILARITIES:
             raise InvalidInputError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
@@ -151,7 +171,7 @@ class SimilarityExplainer:
         return IntegratedJacobians(
             self.model, layer_index, normalize=similarity == "cosine", integration=integration, steps=steps,
             batch_size=self.batch_size, encoder_layers_path=encoder_layers_path,
-            truncate_dim=getattr(self.model, "truncate_dim", None),
+            truncate_dim=getattr(self.model, "truncate_dim", None), tolerance=tolerance,
         )
 
     def _prepare(self, text: str, name: str) -> _Text:
@@ -187,9 +207,11 @@ class SimilarityExplainer:
     # -- output ----------------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _params(similarity: str, layer_index: int, steps: int, integration: str, mode: str) -> dict[str, Any]:
-        return {"similarity": similarity, "layer_index": layer_index, "num_interpolation_steps": steps,
-                "integration": integration, "mode": mode}
+    def _params(similarity: str, layer_index: int, steps: int, integration: str, mode: str,
+                tolerance: float) -> dict[str, Any]:
+        params = {"similarity": similarity, "layer_index": layer_index, "num_interpolation_steps": steps,
+                  "integration": integration, "mode": mode}
+        return {**params, "tolerance": tolerance} if integration == "adaptive" else params
 
     def _model_name(self) -> str:
         return display_name(getattr(self.model[0].auto_model.config, "name_or_path", None), "unknown")
@@ -256,11 +278,13 @@ class IntJacobianExplainableTransformer(SentenceTransformer):
                 move_to_cpu: bool = False, show_progress: bool = True, compress_embedding_dimension: bool = True,
                 layer_index: int = 0, num_interpolation_steps: int = 250, encoder_layers_path: Optional[str] = None,
                 embeddings_layer_path: Optional[str] = None, integration: str = "gauss_legendre",
+                max_evaluations: int = DEFAULT_MAX_EVALUATIONS,
                 ) -> tuple[torch.Tensor, list[str], list[str], Optional[dict[str, float]]]:
         """``(matrix, query_tokens, candidate_tokens, details or None)`` like retrivex 0.1.0.
 
         ``matrix`` is (S_q, S_c), or (S_q, H, S_c, H) per hidden dimension with ``compress_embedding_dimension=False``.
         """
+        check_budget(num_interpolation_steps, 2, max_evaluations)
         explainer = SimilarityExplainer(self)
         engine = explainer._engine(similarity_metric, layer_index, num_interpolation_steps, integration,
                                    "auto", encoder_layers_path)

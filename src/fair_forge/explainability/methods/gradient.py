@@ -21,20 +21,19 @@ VAR_GRAD), L2 norm for SALIENCY and SMOOTH_GRAD.
 
 from __future__ import annotations
 
-import warnings
 from typing import Iterator, Literal, Optional, Union
 
 import numpy as np
 import torch
 from pydantic import Field
 
-from ..errors import BudgetError, ConvergenceWarning, NoAttributableFeaturesError
+from ..errors import BudgetError, NoAttributableFeaturesError
 from ..scoring import EXPLAINED_SCORE, EmbeddingAnswer, EmbeddingRows
 from ..types import AttributionMethod
 from . import (Count, FiniteFloat, MethodContext, MethodParams, Plan, RawAttribution, SampledParams, TokenId,
                register_method)
 from ._coalitions import DEFAULT_MAX_EVALUATIONS
-from ._quadrature import integrate
+from ._quadrature import integrate, warn_if_unconverged
 
 Reduction = Literal["sum", "l2"]
 NOISE_SAMPLES = 16  # default number of noisy samples
@@ -46,10 +45,11 @@ BASELINE_HELP = "'zero' embedding, 'pad' (the input's pad/unk token's embedding)
 
 class StepParams(MethodParams):
     n_steps: Optional[Count] = Field(
-        None, description="integration nodes; None: the quadrature's default (64 Gauss-Legendre nodes)")
+        None, description="fixed Gauss-Legendre nodes; None: 64 nodes, then an adaptive rule while the completeness "
+                          "error is above tolerance")
     tolerance: FiniteFloat = Field(
-        0.01, gt=0, description="relative completeness error above which a ConvergenceWarning is issued")
-    max_steps: Count = Field(1024, description="most integration nodes an adaptive rule may use")
+        0.01, gt=0, description="relative completeness error the default rule refines to (else a ConvergenceWarning)")
+    max_steps: Count = Field(1024, description="most integration nodes the default rule may use")
     baseline: Baseline = Field("zero", description=BASELINE_HELP)
     max_evaluations: Count = Field(
         DEFAULT_MAX_EVALUATIONS, description="refuse (BudgetError) explanations that would need more model evaluations")
@@ -164,11 +164,7 @@ def integrated_gradients(context: MethodContext) -> Plan:
         except StopIteration as stop:
             integral = stop.value
             break
-    if not integral.converged:
-        warnings.warn(
-            f"integrated gradients: relative completeness error {integral.error:.3g} is above tolerance="
-            f"{params['tolerance']} after {integral.n_evaluations} steps; raise n_steps (or max_steps)",
-            ConvergenceWarning, stacklevel=2)
+    warn_if_unconverged(integral, params["tolerance"], "integrated gradients")
     raw = embeddings.result(torch.from_numpy(integral.value)[..., None], "sum")  # (outputs, A, 1)
     delta = abs(float(raw.feature_scores.sum()) - total)
     raw.metadata.update(

@@ -26,11 +26,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InvalidInputError, UnsupportedModelError
+from ..errors import BudgetError, InvalidInputError, UnsupportedModelError
 from ..models import borrowed
+from ._quadrature import DEFAULT_TOLERANCE, integrate, warn_if_unconverged
 
-Integration = Literal["gauss_legendre", "midpoint", "riemann"]
-INTEGRATION_RULES: tuple[str, ...] = ("gauss_legendre", "midpoint", "riemann")
+Integration = Literal["gauss_legendre", "midpoint", "riemann", "adaptive"]
+FIXED_RULES: tuple[str, ...] = ("gauss_legendre", "midpoint", "riemann")
+INTEGRATION_RULES: tuple[str, ...] = FIXED_RULES + ("adaptive",)
 
 # Where the list of encoder layers lives, relative to the Hugging Face model, per architecture family.
 ENCODER_LAYER_PATHS: tuple[str, ...] = (
@@ -44,14 +46,31 @@ ENCODER_LAYER_PATHS: tuple[str, ...] = (
 )
 
 
+# Interpolation points (model rows) one call may evaluate, over all its texts; ``max_evaluations`` overrides it.
+DEFAULT_MAX_EVALUATIONS = 10_000
+
+
+def check_budget(steps: int, n_texts: int, max_evaluations: int) -> None:
+    """``BudgetError`` before anything is allocated when ``steps`` points for each of ``n_texts`` texts is too many."""
+    if isinstance(max_evaluations, bool) or not isinstance(max_evaluations, int) or max_evaluations < 1:
+        raise InvalidInputError(f"max_evaluations must be a positive integer, got {max_evaluations!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InvalidInputError(f"num_interpolation_steps must be a positive integer, got {steps!r}")
+    if steps * n_texts > max_evaluations:
+        raise BudgetError(
+            f"{steps} interpolation steps for {n_texts} texts are {steps * n_texts} model evaluations, more than "
+            f"max_evaluations={max_evaluations}; lower num_interpolation_steps or raise max_evaluations"
+        )
+
+
 def quadrature(rule: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exactly ``steps`` nodes in (0, 1] and their weights (float64) for integrating over alpha in [0, 1].
 
     ``gauss_legendre`` is exact for polynomials of degree 2*steps - 1; ``midpoint`` uses (k - 1/2)/steps;
     ``riemann`` is the right Riemann sum k/steps, k = 1..steps, the rule of retrivex 0.1.0.
     """
-    if rule not in INTEGRATION_RULES:
-        raise InvalidInputError(f"integration must be one of {INTEGRATION_RULES}, got {rule!r}")
+    if rule not in FIXED_RULES:
+        raise InvalidInputError(f"integration must be one of {FIXED_RULES}, got {rule!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InvalidInputError(f"num_interpolation_steps must be a positive integer, got {steps!r}")
     if rule == "gauss_legendre":
@@ -120,7 +139,9 @@ class IntegratedJacobians:
 
     The model is borrowed: hooks live only inside one call and are removed in ``finally``; modes and
     ``requires_grad`` flags are restored. ``batch_size`` bounds the sequences evaluated in one model call
-    (interpolation points x tangents, or x cotangents).
+    (interpolation points x tangents, or x cotangents). ``integration="adaptive"`` integrates each text with the
+    adaptive rule of ``_quadrature`` (forward mode only) until the completeness error of its projections onto
+    g(a) - g(r_a) is within ``tolerance``, with ``steps`` as the budget of interpolation points per text.
     """
 
     def __init__(
@@ -134,9 +155,16 @@ class IntegratedJacobians:
         batch_size: int = 512,
         encoder_layers_path: Optional[str] = None,
         truncate_dim: Optional[int] = None,
+        tolerance: float = DEFAULT_TOLERANCE,
     ) -> None:
         self.model = model
-        self.alphas, self.weights = quadrature(integration, steps)
+        self.adaptive = integration == "adaptive"
+        if self.adaptive:
+            integrate(1.0, tolerance=tolerance, max_steps=steps)  # typed errors for the settings, nothing run
+            self.alphas = self.weights = torch.zeros(0, dtype=torch.float64)
+        else:
+            self.alphas, self.weights = quadrature(integration, steps)
+        self.steps, self.tolerance = steps, tolerance
         layers = find_encoder_layers(model[0].auto_model, encoder_layers_path)
         if isinstance(layer_index, bool) or not isinstance(layer_index, int) or not 0 <= layer_index < len(layers):
             raise InvalidInputError(f"layer_index must be an integer in [0, {len(layers)}), got {layer_index!r}")
@@ -201,6 +229,9 @@ class IntegratedJacobians:
         """
         if mode not in ("auto", "jvp", "vjp"):
             raise InvalidInputError(f"mode must be 'auto', 'jvp' or 'vjp', got {mode!r}")
+        if self.adaptive and (mode == "vjp" or full_jacobian):
+            raise InvalidInputError("integration='adaptive' runs in forward mode: use mode='jvp' or 'auto' and no "
+                                    "per-dimension attributions, or a fixed integration rule")
         started = time.perf_counter()
         with borrowed(self.model):
             pair = {
@@ -217,7 +248,11 @@ class IntegratedJacobians:
             if mode == "auto":
                 active = int((difference.abs().amax(-1) > 0).sum())
                 mode = "jvp" if JVP_COST * active <= ends.shape[-1] else "vjp"
-            if mode == "vjp" or full_jacobian:
+            if self.adaptive:
+                weighted = None
+                projections = self._adaptive_projections(features, hidden[1], difference,
+                                                         (ends[0] - ends[1]).double(), counts)
+            elif mode == "vjp" or full_jacobian:
                 jacobian = self._integrated_jacobian(features, hidden[1], difference, ends.shape[-1], counts, progress)
                 weighted = jacobian * difference.to(jacobian.dtype)
                 projections = weighted.sum(-1).T.contiguous()
@@ -234,12 +269,12 @@ class IntegratedJacobians:
             seconds=time.perf_counter() - started,
         )
 
-    def _points(self, reference: torch.Tensor, difference: torch.Tensor, chunk: slice) -> torch.Tensor:
-        alphas = self.alphas[chunk].to(device=reference.device, dtype=reference.dtype)
+    def _points(self, reference: torch.Tensor, difference: torch.Tensor, chunk: slice,
+                alphas: Optional[torch.Tensor] = None) -> torch.Tensor:
+        alphas = (self.alphas if alphas is None else alphas)[chunk].to(device=reference.device, dtype=reference.dtype)
         return reference.unsqueeze(0) + alphas.view(-1, 1, 1) * difference.unsqueeze(0)
 
-    def _chunks(self, per_point: int, progress: Optional[ProgressFactory]) -> Iterator[slice]:
-        steps = len(self.alphas)
+    def _chunks(self, steps: int, per_point: int, progress: Optional[ProgressFactory] = None) -> Iterator[slice]:
         size = max(1, min(steps, self.batch_size // max(1, per_point)))
         starts = range(0, steps, size)
         bar = progress(len(starts)) if progress is not None else None
@@ -250,27 +285,63 @@ class IntegratedJacobians:
         if bar is not None:
             bar.close()
 
+    def _adaptive_projections(self, features: dict[str, Any], reference: torch.Tensor, difference: torch.Tensor,
+                              change: torch.Tensor, counts: dict[str, int]) -> torch.Tensor:
+        """(S, D) float64 P by the adaptive rule, its completeness measured along ``change`` = g(a) - g(r_a).
+
+        Each round's points go through the model in chunks of ``batch_size`` rows; the rule keeps only weighted sums.
+        """
+        size = float(change.norm())
+        direction = change / size if size else change
+        rule = integrate(size, tolerance=self.tolerance, max_steps=self.steps)
+        alphas = next(rule)
+        while True:
+            points = torch.from_numpy(alphas)
+            active = int((difference.abs().amax(-1) > 0).sum())
+            rows = [self._jvp_at(features, reference, difference, points[chunk], change.shape[-1], counts)
+                    for chunk in self._chunks(len(points), active)]
+            per_point = torch.cat(rows)  # (k, S, D)
+            try:
+                alphas = rule.send(((per_point.sum(1) @ direction).cpu().numpy(), per_point.cpu().numpy()))
+            except StopIteration as stop:
+                integral = stop.value
+                break
+        warn_if_unconverged(integral, self.tolerance, "integrated Jacobians")
+        return torch.from_numpy(integral.value).to(difference.device)
+
+    def _jvp_at(self, features: dict[str, Any], reference: torch.Tensor, difference: torch.Tensor,
+                alphas: torch.Tensor, out_dim: int, counts: dict[str, int]) -> torch.Tensor:
+        """(k, S, D) float64: d g / d alpha split by token at the path points ``alphas``, in one model call.
+
+        Forward-mode JVPs, one tangent per token that differs from its reference, vmapped so the primal pass is
+        shared; tokens equal to their reference get exact zeros. (Forward-mode AD needs the math attention kernel.)
+        """
+        active = torch.nonzero(difference.abs().amax(-1) > 0).flatten()
+        rows = len(alphas)
+        full = torch.zeros((rows, difference.shape[0], out_dim), dtype=torch.float64, device=difference.device)
+        if len(active) == 0:
+            return full
+        tangents = torch.zeros((len(active),) + tuple(difference.shape), dtype=difference.dtype,
+                               device=difference.device)
+        tangents[torch.arange(len(active)), active] = difference[active]
+        encode = lambda x: self._encode(features, replacement=x)  # noqa: E731
+        points = self._points(reference, difference, slice(None), alphas)
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH), torch.no_grad():
+            tangent = tangents.unsqueeze(1).expand(-1, rows, -1, -1)
+            jvps = torch.func.vmap(lambda t: torch.func.jvp(encode, (points,), (t,))[1])(tangent)  # (T, k, D)
+        counts["n_forward_passes"] += rows
+        counts["n_jvp_passes"] += rows * len(active)
+        full[:, active] = jvps.double().transpose(0, 1)
+        return full
+
     def _jvp_projections(self, features: dict[str, Any], reference: torch.Tensor, difference: torch.Tensor,
                          out_dim: int, counts: dict[str, int], progress: Optional[ProgressFactory]) -> torch.Tensor:
-        """(S, D) float64: P[i] for every token i; tokens equal to their reference get exact zeros, no tangent."""
-        active = torch.nonzero(difference.abs().amax(-1) > 0).flatten()
+        """(S, D) float64: P[i] for every token i by the fixed rule, accumulated chunk by chunk."""
         full = torch.zeros((difference.shape[0], out_dim), dtype=torch.float64, device=difference.device)
-        if len(active) > 0:
-            tangents = torch.zeros((len(active),) + tuple(difference.shape), dtype=difference.dtype,
-                                   device=difference.device)
-            tangents[torch.arange(len(active)), active] = difference[active]
-            encode = lambda x: self._encode(features, replacement=x)  # noqa: E731
-            # forward-mode AD needs the math attention kernel (fused CPU/flash kernels have no JVP rule)
-            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH), torch.no_grad():
-                for chunk in self._chunks(len(active), progress):
-                    points = self._points(reference, difference, chunk)
-                    rows = points.shape[0]
-                    tangent = tangents.unsqueeze(1).expand(-1, rows, -1, -1)
-                    jvps = torch.func.vmap(lambda t: torch.func.jvp(encode, (points,), (t,))[1])(tangent)
-                    weights = self.weights[chunk].to(jvps.device)
-                    full[active] += torch.einsum("n,tnd->td", weights, jvps.double())
-                    counts["n_forward_passes"] += rows
-                    counts["n_jvp_passes"] += rows * len(active)
+        active = int((difference.abs().amax(-1) > 0).sum())
+        for chunk in self._chunks(len(self.alphas), active, progress):
+            per_point = self._jvp_at(features, reference, difference, self.alphas[chunk], out_dim, counts)
+            full += torch.einsum("n,nsd->sd", self.weights[chunk].to(full.device), per_point)
         return full
 
     def _integrated_jacobian(self, features: dict[str, Any], reference: torch.Tensor, difference: torch.Tensor,
@@ -279,7 +350,7 @@ class IntegratedJacobians:
         """(D, S, H) float64: sum_n w_n dg/dx at x(alpha_n), by batched backward passes over D cotangents."""
         jacobian = torch.zeros((out_dim,) + tuple(difference.shape), dtype=torch.float64, device=difference.device)
         eye = torch.eye(out_dim, dtype=difference.dtype, device=difference.device)
-        for chunk in self._chunks(out_dim, progress):
+        for chunk in self._chunks(len(self.alphas), out_dim, progress):
             points = self._points(reference, difference, chunk).requires_grad_(True)
             rows = points.shape[0]
             with torch.enable_grad():
