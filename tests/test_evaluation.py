@@ -299,7 +299,6 @@ def test_remove_mode_equals_scoring_the_edited_text_on_smollm2(smollm2) -> None:
     """Deleting words from the message, applying the chat template and scoring the target with the model directly
     gives the report's curve values wherever the edited text tokenizes into exactly the kept tokens."""
     model, tokenizer = smollm2
-    torch.set_num_threads(2)
     question = "What is the capital city of France and Germany?"
     messages = [{"role": "user", "content": question}]
     target = "The capital of France is Paris."
