@@ -29,7 +29,7 @@ from fair_forge.explainability.prompt import build_model_input  # noqa: E402
 from fair_forge.explainability.scoring import (  # noqa: E402
     TargetScorer,
     contiguous_head_input,
-    masked_rows_per_call,
+    rows_per_call,
 )
 
 THREADS = 2  # like bench_gradient; on a busy machine, 1 thread avoids oversubscription stalls
@@ -72,7 +72,7 @@ def full_length_rows(model: Any, tokenizer: Any, batch_size: Optional[int]) -> i
     floor and interpreto get this many."""
     model_input = build_model_input(tokenizer, target=TARGET, messages=MESSAGES)
     vocab_size = TargetScorer(model).vocab_size
-    return batch_size or masked_rows_per_call(model_input.length, model_input.n_target, vocab_size)
+    return rows_per_call(model_input.length, model_input.n_target, vocab_size, gradients=False, batch_size=batch_size)
 
 
 def ours(model: Any, tokenizer: Any, batch_size: Optional[int], repeats: int) -> list[dict[str, Any]]:

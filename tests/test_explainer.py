@@ -157,7 +157,8 @@ def test_result_contents_and_json_round_trip(tiny_gpt2):
     peak = max(abs(s) for s in result.scores)
     assert [a.normalized_score for a in result.attributions] == pytest.approx([s / peak for s in result.scores])
     assert max(abs(a.normalized_score) for a in result.attributions) == pytest.approx(1.0)
-    assert result.metadata.method_params == {"n_steps": 8, "baseline": "zero", "batch_size": None}
+    assert result.metadata.method_params == {"n_steps": 8, "baseline": "zero", "batch_size": None, "tolerance": 0.01,
+                                             "max_steps": 1024, "max_evaluations": 100_000}
     assert result.metadata.compute_time_seconds > 0 and result.metadata.n_tokens_processed > 0
     top = result.get_top_k(3)
     assert [abs(a.score) for a in top] == sorted((abs(s) for s in result.scores), reverse=True)[:3]

@@ -197,3 +197,140 @@ def test_prefix_cache_does_not_change_gradient_results(tiny_lm, method):
         target=TARGET, method=method, per_target=True, **kwargs, **params)
     np.testing.assert_allclose(cached.scores, plain.scores, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(cached.matrix.to_numpy(), plain.matrix.to_numpy(), rtol=1e-4, atol=1e-7)
+
+
+# ---- each method equals captum (or plain autograd) on the same function, with the same noise ------------------------
+
+from captum.attr import InputXGradient, IntegratedGradients, Saliency  # noqa: E402
+
+from fair_forge.explainability import BudgetError, ConvergenceWarning  # noqa: E402
+from fair_forge.explainability.methods.gradient import SAMPLES_PER_REQUEST, noise_chunks  # noqa: E402
+
+
+def score_function(model, tokenizer):
+    """(x (1, A, H) attributable embeddings, f: (B, A, H) -> (B, n_target) target log-probs): the function the
+    methods attribute, written by hand (full sequence, no cache, plain log-softmax)."""
+    model_input = build_model_input(tokenizer, messages=MESSAGES, target=TARGET)
+    embeddings = model.get_input_embeddings()(model_input.input_ids).detach()
+    positions = torch.from_numpy(np.flatnonzero(model_input.attributable))
+    targets = torch.arange(model_input.target_start, model_input.length)
+
+    def f(points: torch.Tensor) -> torch.Tensor:
+        batch = embeddings.expand(points.shape[0], -1, -1).clone()
+        batch[:, positions] = points
+        log_probs = torch.log_softmax(model(inputs_embeds=batch).logits, -1)
+        return log_probs[:, targets - 1, model_input.input_ids[targets]]
+
+    return embeddings[positions].unsqueeze(0), f
+
+
+def token_sums(result, per_token: torch.Tensor, tokenizer) -> np.ndarray:
+    """(A,) values per attributable token -> the sum over each feature's tokens."""
+    model_input = build_model_input(tokenizer, messages=MESSAGES, target=TARGET)
+    index = {int(p): i for i, p in enumerate(np.flatnonzero(model_input.attributable))}
+    return np.array([float(per_token[[index[p] for p in a.token_positions]].sum()) for a in result.attributions])
+
+
+@pytest.mark.parametrize("per_target_row", [None, 0, -1])
+def test_integrated_gradients_equal_captum(tiny_gpt2, per_target_row):
+    model, tokenizer = tiny_gpt2
+    x, f = score_function(model, tokenizer)
+    result = explain(model, tokenizer, AttributionMethod.INTEGRATED_GRADIENTS, per_target=True, n_steps=16)
+    if per_target_row is None:
+        forward, ours = (lambda p: f(p).sum(-1)), np.asarray(result.scores)
+    else:
+        forward, ours = (lambda p: f(p)[:, per_target_row]), result.matrix.to_numpy()[per_target_row]
+    ig = IntegratedGradients(forward, multiply_by_inputs=True)
+    expected = ig.attribute(x, baselines=torch.zeros_like(x), n_steps=16, method="gausslegendre")[0].sum(-1)
+    np.testing.assert_allclose(ours, token_sums(result, expected.detach(), tokenizer), rtol=1e-4, atol=1e-5)
+    assert result.metadata.n_steps_used == 16 and result.metadata.integration_error >= 0
+
+
+def test_input_x_gradient_and_saliency_equal_captum(tiny_gpt2):
+    model, tokenizer = tiny_gpt2
+    x, f = score_function(model, tokenizer)
+    forward = lambda p: f(p).sum(-1)  # noqa: E731
+    ixg = explain(model, tokenizer, AttributionMethod.INPUT_X_GRADIENT)
+    expected = InputXGradient(forward).attribute(x)[0].sum(-1).detach()
+    np.testing.assert_allclose(ixg.scores, token_sums(ixg, expected, tokenizer), rtol=1e-5, atol=1e-6)
+    saliency = explain(model, tokenizer, AttributionMethod.SALIENCY)
+    gradient = Saliency(forward).attribute(x, abs=False)[0].detach()
+    expected = np.sqrt(token_sums(saliency, gradient.square().sum(-1), tokenizer))
+    np.testing.assert_allclose(saliency.scores, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", [AttributionMethod.SMOOTH_GRAD, AttributionMethod.SQUARE_GRAD,
+                                    AttributionMethod.VAR_GRAD])
+def test_noise_tunnel_methods_equal_captum_gradients_at_the_same_noisy_points(tiny_gpt2, method):
+    model, tokenizer = tiny_gpt2
+    x, f = score_function(model, tokenizer)
+    n_samples = SAMPLES_PER_REQUEST + 3  # two draws: the running statistics cross a request boundary
+    result = explain(model, tokenizer, method, n_samples=n_samples, noise_std=0.5, seed=7)
+    noise = torch.cat(list(noise_chunks(7, n_samples, tuple(x.shape[1:]), 0.5 * float(x.std()))))
+    gradients = Saliency(lambda p: f(p).sum(-1)).attribute(x + noise, abs=False).detach().double()  # (S, A, H)
+    if method is AttributionMethod.SMOOTH_GRAD:
+        expected = np.sqrt(token_sums(result, gradients.mean(0).square().sum(-1), tokenizer))
+    elif method is AttributionMethod.SQUARE_GRAD:
+        expected = token_sums(result, gradients.square().mean(0).sum(-1), tokenizer)
+    else:
+        expected = token_sums(result, gradients.var(0, unbiased=False).sum(-1), tokenizer)
+    np.testing.assert_allclose(result.scores, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_shap_equals_autograd_at_the_same_points(tiny_gpt2):
+    model, tokenizer = tiny_gpt2
+    x, f = score_function(model, tokenizer)
+    n_samples = SAMPLES_PER_REQUEST + 3
+    result = explain(model, tokenizer, AttributionMethod.GRADIENT_SHAP, n_samples=n_samples, noise_std=0.3, seed=5)
+    noisy = x + torch.cat(list(noise_chunks(5, n_samples, tuple(x.shape[1:]), 0.3 * float(x.std()))))
+    generator = torch.Generator().manual_seed(6)
+    alphas = torch.cat([torch.rand((min(SAMPLES_PER_REQUEST, n_samples - start), 1, 1), generator=generator)
+                        for start in range(0, n_samples, SAMPLES_PER_REQUEST)])
+    points = (alphas * noisy).requires_grad_(True)  # zero baseline
+    (gradients,) = torch.autograd.grad(f(points).sum(), points)
+    expected = token_sums(result, (noisy * gradients).mean(0).sum(-1).detach(), tokenizer)
+    np.testing.assert_allclose(result.scores, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("method", "params"), [
+    (AttributionMethod.INTEGRATED_GRADIENTS, {"n_steps": 10**5}),
+    (AttributionMethod.SMOOTH_GRAD, {"n_samples": 10**6}),
+    (AttributionMethod.GRADIENT_SHAP, {"n_samples": 40, "max_evaluations": 39}),
+])
+def test_gradient_budgets_are_checked_before_any_model_call(tiny_gpt2, method, params):
+    model, tokenizer = tiny_gpt2
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(BudgetError, match="max_evaluations"):
+            explain(model, tokenizer, method, **params)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_max_evaluations_lets_a_large_run_through(tiny_gpt2):
+    result = explain(*tiny_gpt2, AttributionMethod.SMOOTH_GRAD, n_samples=40, max_evaluations=40)
+    assert result.metadata.n_backward_passes >= 1
+
+
+def test_integrated_gradients_inside_inference_mode(tiny_gpt2):
+    model, tokenizer = tiny_gpt2
+    reference = explain(model, tokenizer, AttributionMethod.INTEGRATED_GRADIENTS, n_steps=8)
+    with torch.inference_mode():
+        inside = explain(model, tokenizer, AttributionMethod.INTEGRATED_GRADIENTS, n_steps=8)
+    np.testing.assert_allclose(inside.scores, reference.scores, rtol=1e-6, atol=1e-7)
+
+
+def test_integrated_gradients_warn_above_their_tolerance(tiny_gpt2):
+    with pytest.warns(ConvergenceWarning, match="tolerance"):
+        result = explain(*tiny_gpt2, AttributionMethod.INTEGRATED_GRADIENTS, n_steps=2, tolerance=1e-12)
+    assert not result.metadata.converged and result.metadata.integration_error > 1e-12
+
+
+@pytest.mark.parametrize("baseline", [10**6, -1, 2.5])
+def test_integrated_gradients_baseline_outside_the_vocabulary_is_a_typed_error(tiny_gpt2, baseline):
+    from fair_forge.explainability import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="baseline"):
+        explain(*tiny_gpt2, AttributionMethod.INTEGRATED_GRADIENTS, baseline=baseline)

@@ -6,6 +6,7 @@ Only the names below are public; everything else is an implementation detail.
 from .errors import (
     BudgetError,
     ContextLengthError,
+    ConvergenceWarning,
     ExplainabilityError,
     InvalidInputError,
     ModelLoadError,
@@ -65,6 +66,7 @@ __all__ = [
     "BatchFailure",
     "BudgetError",
     "ContextLengthError",
+    "ConvergenceWarning",
     "ExplainabilityError",
     "Granularity",
     "InvalidInputError",

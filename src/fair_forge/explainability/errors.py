@@ -36,3 +36,7 @@ class UnsupportedModelError(ExplainabilityError):
 
 class ModelLoadError(ExplainabilityError):
     """An embedded default model could not be found or converted."""
+
+
+class ConvergenceWarning(UserWarning):
+    """A numerical estimate (e.g. integrated gradients' path integral) ended above its error tolerance."""

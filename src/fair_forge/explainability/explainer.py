@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from . import engine
 from .errors import ContextLengthError, ExplainabilityError, InvalidInputError
 from .methods import MethodContext, MethodSpec, RawAttribution, get_method
-from .methods.gradient import TOKENS_PER_BATCH
 from .models import borrowed, display_name
-from .packing import PACKED_ITEMS, Coordinator
 from .prompt import ModelInput, build_model_input
 from .scoring import ScoreKind, TargetScorer, model_context_length
 from .segment import Feature, build_features
@@ -55,12 +53,19 @@ def _method_label(name: str) -> Union[AttributionMethod, str]:
 
 
 @dataclass(frozen=True)
-class _Request:
-    """One validated explanation request: everything checked, nothing computed yet."""
+class _Settings:
+    """What every item of a call shares, validated once: the method, its parameters, granularity, per_target."""
 
     spec: MethodSpec
     params: dict[str, Any]
     granularity: Granularity
+    per_target: bool
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One tokenized item: everything checked, nothing computed yet."""
+
     model_input: ModelInput
     features: list[Feature]
 
@@ -69,9 +74,9 @@ class AttributionExplainer:
     """Explains which parts of the input drove a causal LM to a target response.
 
     ``score`` picks the explained quantity (sum of target log-probs by default, or "mean", or "prob");
-    ``include_template_tokens`` makes chat-template tokens attributable too; ``batch_size`` is the number of
-    sequences per model call for perturbation methods (None: sized by a token and a logits budget, see
-    ``scoring.masked_rows_per_call``; gradient methods take their own ``batch_size`` parameter);
+    ``include_template_tokens`` makes chat-template tokens attributable too; ``batch_size`` caps the rows per
+    model call (None: sized by a token and a logits budget, see ``scoring.rows_per_call``; a method's own
+    ``batch_size`` parameter overrides it);
     ``prefix_cache`` runs the unchanging start of the input (system prompt, chat header) once per explanation.
     """
 
@@ -102,7 +107,7 @@ class AttributionExplainer:
         self.include_template_tokens = include_template_tokens
         self.prefix_cache = prefix_cache
 
-    # ---- one explanation --------------------------------------------------------------------------------------
+    # ---- one explanation ----------------------------------------------------------------------------------------
 
     def explain(
         self,
@@ -120,23 +125,27 @@ class AttributionExplainer:
         ``per_target=True`` also returns a (target tokens x features) matrix. Method parameters (``n_steps``,
         ``n_samples``, ``baseline``, ``noise_std``, ``seed``, ``batch_size``, ...) are passed as keywords.
         """
-        request = self._prepare(messages, prompt, target, method, granularity, method_params)
-        with borrowed(self.model):
-            return self._run(request, per_target)
+        settings = self._settings(method, granularity, per_target, method_params)
+        request = self._prepare(messages, prompt, target, settings)
+        ((_, outcome),) = self._outcomes([request], settings)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
-    def _prepare(
-        self,
-        messages: Optional[Messages],
-        prompt: Optional[str],
-        target: Optional[str],
-        method: Optional[MethodLike],
-        granularity: Optional[GranularityLike],
-        method_params: Mapping[str, Any],
-    ) -> _Request:
-        """Validate everything and tokenize; raises typed errors before any model call."""
+    def _settings(self, method: Optional[MethodLike], granularity: Optional[GranularityLike], per_target: bool,
+                  method_params: Mapping[str, Any]) -> _Settings:
+        """The method and its validated parameters: every settings error is raised here, once, before any item."""
         spec = get_method(method if method is not None else self.default_method)
-        params = spec.resolve_params(method_params)
+        scorer = TargetScorer(self.model)  # a typed error for a model without parameters
+        params = spec.resolve_params(method_params, vocab_size=scorer.vocab_size)
         level = parse_granularity(granularity if granularity is not None else self.default_granularity)
+        if spec.kind == "gradient":
+            scorer.embedding_layer()  # typed error for models without input embeddings
+        return _Settings(spec, params, level, bool(per_target))
+
+    def _prepare(self, messages: Optional[Messages], prompt: Optional[str], target: Optional[str],
+                 settings: _Settings) -> _Request:
+        """Check and tokenize one item; raises typed errors before any model call."""
         if target is None:
             raise InvalidInputError("target is required: the response text to explain")
         model_input = build_model_input(
@@ -152,27 +161,53 @@ class AttributionExplainer:
                 f"prompt + target are {model_input.length} tokens but the model takes at most {limit}; "
                 "shorten the prompt or the target"
             )
-        features = build_features(model_input, level)
-        if spec.kind == "gradient":
-            TargetScorer(self.model).embedding_layer()  # typed error for models without input embeddings
-        return _Request(spec, params, level, model_input, features)
+        return _Request(model_input, build_features(model_input, settings.granularity))
 
-    def _run(self, request: _Request, per_target: bool, scorer: Optional[TargetScorer] = None) -> AttributionResult:
-        """Run the request's method; the caller borrows the model (see ``models.borrowed``)."""
-        if scorer is None:
-            scorer = TargetScorer(self.model, score=self.score, batch_size=self.batch_size,
-                                  prefix_cache=self.prefix_cache)
-        context = MethodContext(scorer, request.model_input, request.features, request.params, per_target)
-        started = time.perf_counter()
-        raw = request.spec.run(context)
-        elapsed = time.perf_counter() - started
-        return self._result(request, raw, scorer, elapsed)
+    def _outcomes(self, requests: Iterable[Union[_Request, Exception]], settings: _Settings
+                  ) -> Iterator[tuple[int, Union[AttributionResult, Exception]]]:
+        """Run prepared items through the batch engine (``engine.run``); (index, result or error) as items finish.
 
-    def _result(self, request: _Request, raw: RawAttribution, scorer: TargetScorer, elapsed: float) -> AttributionResult:
+        The model is borrowed for the whole run; the items share one prefix cache (a dataset's system prompt runs
+        once) and the rows-per-call cap (the method's ``batch_size``, else the explainer's).
+        """
+        batch_size = settings.params.get("batch_size") or self.batch_size
+        prefixes: dict = {}
+        in_flight: dict[int, _Request] = {}
+
+        def jobs() -> Iterator[Union[engine.Job, engine.Rejected]]:
+            for index, request in enumerate(requests):
+                if isinstance(request, Exception):
+                    yield engine.Rejected(index, request)
+                    continue
+                scorer = TargetScorer(self.model, score=self.score, batch_size=batch_size,
+                                      prefix_cache=self.prefix_cache, prefixes=prefixes)
+                context = MethodContext(scorer, request.model_input, request.features, dict(settings.params),
+                                        settings.per_target)
+                in_flight[index] = request
+                yield engine.Job(index, request.model_input, scorer, settings.spec.plan(context))
+
+        with borrowed(self.model):
+            for finished in engine.run(jobs(), batch_size=batch_size):
+                request = in_flight.pop(finished.index, None)
+                if finished.error is not None:
+                    yield finished.index, finished.error
+                    continue
+                try:
+                    result: Union[AttributionResult, Exception] = self._result(
+                        settings, request, finished.value, finished.job.scorer)
+                except Exception as error:  # noqa: BLE001 - a malformed backend answer fails its item only
+                    result = error
+                yield finished.index, result
+
+    def _result(self, settings: _Settings, request: _Request, raw: RawAttribution,
+                scorer: TargetScorer) -> AttributionResult:
+        spec = settings.spec
+        if not isinstance(raw, RawAttribution):
+            raise ExplainabilityError(f"method {spec.name} returned {type(raw).__name__}, not a RawAttribution")
         scores = np.asarray(raw.feature_scores, dtype=float).reshape(-1)
         if scores.shape[0] != len(request.features):
             raise ExplainabilityError(
-                f"method {request.spec.name} returned {scores.shape[0]} scores for {len(request.features)} features"
+                f"method {spec.name} returned {scores.shape[0]} scores for {len(request.features)} features"
             )
         normalized = normalize_scores(scores.tolist())
         attributions = [
@@ -196,23 +231,23 @@ class AttributionExplainer:
                 values=np.asarray(raw.matrix, dtype=float).tolist(),
             )
         metadata = AttributionMetadata(
-            compute_time_seconds=elapsed,
+            compute_time_seconds=scorer.count.seconds,
             n_forward_passes=scorer.count.forward_passes,
             n_backward_passes=scorer.count.backward_passes,
             n_tokens_processed=scorer.count.tokens_processed,
-            method_params=dict(request.params),
+            method_params=dict(settings.params),
             score=self.score,
             n_features=len(request.features),
             n_target_tokens=request.model_input.n_target,
             **raw.metadata,
         )
         if self.verbose:
-            print(f"[fair_forge] {request.spec.name}: {len(scores)} features in {elapsed:.2f}s")
+            print(f"[fair_forge] {spec.name}: {len(scores)} features in {scorer.count.seconds:.2f}s")
         return AttributionResult(
             prompt=request.model_input.prompt,
             target=request.model_input.target,
-            method=_method_label(request.spec.name),
-            granularity=request.granularity,
+            method=_method_label(spec.name),
+            granularity=settings.granularity,
             attributions=attributions,
             matrix=matrix,
             model_name=self.model_name,
@@ -235,55 +270,31 @@ class AttributionExplainer:
 
         Items are ``(messages_or_prompt, target)`` pairs, dicts with ``messages`` or ``prompt`` (or ``question``,
         sent as one user message) and ``target`` (or ``answer``), or a pandas DataFrame with those columns.
-        This is a pure map over items: an item's result depends only on the settings and the item. Underneath, up
-        to ``PACKED_ITEMS`` items are explained side by side and their model inputs packed into shared model calls
-        (``packing.py``: masked rows, or embedding rows with their gradients; rows of similar length together; a
-        system prompt shared by the items computed once), which gives the same scores as explaining them one by
-        one up to float rounding. An item's ``compute_time_seconds`` is then the time it was in flight and its pass
-        counts are the model calls its rows took part in.
+        This is a pure map over items: an item's result depends only on the settings and the item. It collects
+        ``iter_explain``: the batch engine runs a window of items together and packs their model calls (rows of
+        similar length together; a system prompt shared by the items computed once), which gives the same scores
+        as explaining them one by one up to float rounding, and bit-identical results on every run. An item's
+        pass counts are the model calls its rows took part in; its ``compute_time_seconds`` is its share of those
+        calls (in proportion to its rows) plus the time its method's own arithmetic took.
         """
-        spec = get_method(method if method is not None else self.default_method)
-        params = spec.resolve_params(method_params)  # parameter errors concern every item: raise them once, now
-        level = parse_granularity(granularity if granularity is not None else self.default_granularity)
         records = _records(items)
         started = time.perf_counter()
-        requests: dict[int, _Request] = {}
-        errors: dict[int, BaseException] = {}
-        for index, record in enumerate(records):  # every item checked and tokenized before any model call
-            try:
-                messages, prompt, target = _item_fields(record)
-                requests[index] = self._prepare(messages, prompt, target, spec.name, level, method_params)
-            except Exception as error:  # noqa: BLE001 - recorded per item; nothing the user gave is lost
-                errors[index] = error
         progress = _progress(len(records), show_progress)
-        progress.update(len(errors))
-        coordinator = self._coordinator(spec, params, requests.values())
-        order = list(requests)
-        tasks = [
-            partial(self._run, requests[index], per_target,
-                    coordinator.scorer(self.model, score=self.score, prefix_cache=self.prefix_cache))
-            for index in order
-        ]
-        with borrowed(self.model):
-            outcomes = dict(zip(order, coordinator.run(tasks, on_done=lambda _: progress.update(1))))
-        progress.close()
-        outcomes.update((index, (False, error)) for index, error in errors.items())
-        results: list[AttributionResult] = []
-        indices: list[int] = []
-        failures: list[BatchFailure] = []
-        for index in sorted(outcomes):
-            ok, value = outcomes[index]
-            if ok:
-                results.append(value)
-                indices.append(index)
-            else:
-                failures.append(BatchFailure(index=index, error_type=type(value).__name__, message=str(value)))
+        outcomes: dict[int, Union[AttributionResult, BatchFailure]] = {}
+        try:
+            for index, outcome in self.iter_explain(records, method=method, granularity=granularity,
+                                                    per_target=per_target, **method_params):
+                outcomes[index] = outcome
+                progress.update(1)
+        finally:
+            progress.close()
+        results = [outcomes[index] for index in sorted(outcomes) if isinstance(outcomes[index], AttributionResult)]
         return AttributionBatchResult(
             results=results,
-            indices=indices,
+            indices=[index for index in sorted(outcomes) if isinstance(outcomes[index], AttributionResult)],
             model_name=self.model_name,
             total_compute_time_seconds=time.perf_counter() - started,
-            failures=failures,
+            failures=[outcome for _, outcome in sorted(outcomes.items()) if isinstance(outcome, BatchFailure)],
         )
 
     def iter_explain(
@@ -298,33 +309,29 @@ class AttributionExplainer:
         """Stream ``(index, result or failure)`` over ``items`` (any iterable, read lazily), as items finish.
 
         Items are those of ``explain_batch``. Settings errors (unknown method, bad parameter) are raised before
-        the first item is read; an item that fails yields a ``BatchFailure`` and the stream goes on.
+        the first item is read; an item that fails yields a ``BatchFailure`` and the stream goes on. At most
+        ``engine.ITEMS_IN_FLIGHT`` items are in flight at once, so items may finish out of input order.
         """
-        spec = get_method(method if method is not None else self.default_method)
-        spec.resolve_params(method_params)
-        level = parse_granularity(granularity if granularity is not None else self.default_granularity)
+        settings = self._settings(method, granularity, per_target, method_params)
         if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
             raise InvalidInputError("items must be an iterable of (messages_or_prompt, target) pairs or dicts")
-        for index, record in enumerate(items):
-            try:
-                messages, prompt, target = _item_fields(record)
-                request = self._prepare(messages, prompt, target, spec.name, level, method_params)
-                with borrowed(self.model):
-                    result: Union[AttributionResult, BatchFailure] = self._run(request, per_target)
-            except Exception as error:  # noqa: BLE001 - recorded per item; nothing the user gave is lost
-                result = BatchFailure(index=index, error_type=type(error).__name__, message=str(error))
-            yield index, result
+        return self._stream(items, settings)
 
-    def _coordinator(self, spec: MethodSpec, params: Mapping[str, Any], requests: Iterable[_Request]) -> Coordinator:
-        """The packer for one batch: masked rows per call as for one item; gradient rows per forward + backward pass
-        as many as the method's batches hold (``batch_size`` rows of the longest item, or its token budget)."""
-        rows = params.get("batch_size")
-        if spec.kind == "gradient" and rows is not None:
-            tokens = int(rows) * max((request.model_input.length for request in requests), default=1)
-        else:
-            tokens = TOKENS_PER_BATCH
-        masked_rows = rows if spec.kind == "perturbation" and rows is not None else self.batch_size
-        return Coordinator(batch_size=masked_rows, max_workers=PACKED_ITEMS, tokens_per_call=tokens)
+    def _stream(self, items: Iterable[Any], settings: _Settings
+                ) -> Iterator[tuple[int, Union[AttributionResult, BatchFailure]]]:
+        def prepared() -> Iterator[Union[_Request, Exception]]:
+            for record in items:
+                try:
+                    messages, prompt, target = _item_fields(record)
+                    yield self._prepare(messages, prompt, target, settings)
+                except Exception as error:  # noqa: BLE001 - recorded per item; nothing the user gave is lost
+                    yield error
+
+        for index, outcome in self._outcomes(prepared(), settings):
+            if isinstance(outcome, Exception):
+                yield index, BatchFailure(index=index, error_type=type(outcome).__name__, message=str(outcome))
+            else:
+                yield index, outcome
 
     # ---- display ----------------------------------------------------------------------------------------------
 

@@ -1,10 +1,11 @@
-"""TargetScorer: teacher-forced log p(target_t | prefix) for batches of inputs, the one way methods call the model.
+"""TargetScorer and the packer: teacher-forced log p(target_t | prefix), the one way the library calls the model.
 
-Batching, dtype handling and the counting of model evaluations live here so every method gets them for free.
-``score_row_requests`` and ``score_embedding_requests`` pack rows of one or several inputs into shared model calls
-(``packing.py`` uses them to run the items of ``explain_batch`` together).
-Only the logits of the positions that predict target tokens are computed (``logits_to_keep``) and they never leave
-the model's device: the target log-probs are gathered there and only (batch, n_target) floats come back.
+A method asks for model calls with two small requests: ``MaskedRows`` (token keep-masks over one input, answered
+with target log-probs) and ``EmbeddingRows`` (attributable-token embeddings, answered with target log-probs and,
+if wanted, the gradient of one scalar per row). ``score_row_requests`` and ``score_embedding_requests`` answer the
+requests of one or many inputs in shared, budgeted model calls; ``rows_per_call`` is the one place that decides how
+many rows a call holds. Only the logits of the positions that predict target tokens are computed
+(``logits_to_keep``) and they never leave the model's device: only (rows, n_target) floats come back.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence, TypeVar
 
@@ -24,20 +26,27 @@ from .prompt import ModelInput
 ScoreKind = Literal["sum", "mean", "prob"]
 T = TypeVar("T")
 SCORE_KINDS: tuple[str, ...] = ("sum", "mean", "prob")
-# batch_size=None: masked rows per model call fill MASKED_TOKENS_PER_CALL tokens (after the cached prefix) and at most
-# LOGITS_PER_CALL float32 logits (rows x (n_target + 1) x vocab, 128 MB), whichever allows fewer rows. On 2 CPU threads
-# 64 rows of 20 tokens ran LIME 1.29x faster than 16 rows, and 128 rows no faster than 64 (SmolLM2, demo input).
+# batch_size=None sizes every call by budgets (read at call time, see ``rows_per_call``): no-grad calls hold at most
+# MASKED_TOKENS_PER_CALL tokens after the cached prefix (on 2 CPU threads 64 rows of 20 tokens ran LIME 1.29x faster
+# than 16 rows, and 128 rows no faster than 64; SmolLM2, demo input); forward + backward calls hold at most
+# GRADIENT_TOKENS_PER_CALL tokens. Both hold at most LOGITS_PER_CALL float32 logits (rows x (n_target + 1) x vocab,
+# 128 MB); a backward pass keeps about GRADIENT_LOGITS_COPIES such tensors alive (logits, log-softmax, their grads).
 MASKED_TOKENS_PER_CALL = 1024
+GRADIENT_TOKENS_PER_CALL = 4096
 LOGITS_PER_CALL = 2**25
+GRADIENT_LOGITS_COPIES = 4
+EXPLAINED_SCORE = -1  # EmbeddingRows.outputs: differentiate the explained score (else: a target token's index)
 
 
 @dataclass
 class EvaluationCount:
-    """Model evaluations made so far: forward and backward passes and the tokens they processed."""
+    """Model evaluations made so far: forward and backward passes, the tokens they processed, and the seconds of
+    the calls (a packed call's time is shared among its inputs in proportion to their tokens)."""
 
     forward_passes: int = 0
     backward_passes: int = 0
     tokens_processed: int = 0
+    seconds: float = 0.0
 
 
 def model_context_length(model: Any) -> Optional[int]:
@@ -55,6 +64,19 @@ def _output_layer(model: Any) -> Optional[torch.nn.Module]:
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
     return head if isinstance(head, torch.nn.Module) else None
+
+
+def cache_argument(model: Any) -> str:
+    """The name ``model.forward`` takes its key/value cache under: ``cache`` from transformers 5.24 on (the old
+    name is deprecated there), ``past_key_values`` before. A wrapper that passes ``**kwargs`` on gets the installed
+    transformers' name."""
+    parameters = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 @contextlib.contextmanager
@@ -80,23 +102,63 @@ def contiguous_head_input(model: Any) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Prefix:
-    """The model's key/value cache for the first ``length`` tokens, shared by every row of every batch."""
+    """The model's key/value cache for the first ``length`` tokens, shared by every row of every call."""
 
     length: int
     cache: Any
 
 
+# ---- requests: the model calls a method plans ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MaskedRows:
+    """Score the input with the tokens where ``keep`` (n, L) is False masked: replaced by ``baseline_id``, or with
+    ``remove=True`` deleted (kept tokens move right; freed slots leave attention and positions). Answer: (n, n_target)
+    float64 target log-probs."""
+
+    keep: np.ndarray
+    baseline_id: int
+    remove: bool = False
+
+
+@dataclass(frozen=True)
+class EmbeddingRows:
+    """Score the input with the attributable tokens' embeddings replaced by ``embeds`` (n, A, H), A = the input's
+    attributable tokens in order. ``outputs`` (n,) says per row which scalar to differentiate: ``EXPLAINED_SCORE``
+    or the index of a target token (its log-prob); None: the explained score for every row. Answer:
+    ``EmbeddingAnswer``."""
+
+    embeds: torch.Tensor
+    outputs: Optional[np.ndarray] = None
+    gradients: bool = True
+
+
+@dataclass(frozen=True)
+class EmbeddingAnswer:
+    """(n, n_target) float64 target log-probs of the rows, and the (n, A, H) float32 gradient of each row's scalar
+    w.r.t. its own embeddings (None when not asked for)."""
+
+    log_probs: np.ndarray
+    gradients: Optional[torch.Tensor]
+
+
+Request = MaskedRows | EmbeddingRows
+
+
 class TargetScorer:
-    """Scores the target of a ``ModelInput`` under masked ids or perturbed embeddings, in batches.
+    """Scores the target of a ``ModelInput`` under masked ids or perturbed embeddings, and counts what it cost.
 
     ``score`` is the explained quantity: the sum of target-token log-probs (default), their mean, or the
     probability of the whole target (exp of the sum). With ``prefix_cache`` (default), the tokens before the first
-    one a batch varies (system prompt, chat header) go through the model once and their key/value cache is reused
-    by every row; models whose forward returns no cache are scored without it.
+    one a call varies (system prompt, chat header) go through the model once and their key/value cache is reused
+    by every row; models whose forward returns no cache are scored without it. ``prefixes`` shares those caches
+    between scorers (the items of one batch). ``batch_size`` caps the rows per model call (None: budgets).
     """
 
     def __init__(
-        self, model: Any, *, score: ScoreKind = "sum", batch_size: Optional[int] = None, prefix_cache: bool = True
+        self, model: Any, *, score: ScoreKind = "sum", batch_size: Optional[int] = None, prefix_cache: bool = True,
+        prefixes: Optional[dict[tuple[int, ...], Optional[Prefix]]] = None,
     ) -> None:
         if score not in SCORE_KINDS:
             raise InvalidInputError(f"score must be one of {SCORE_KINDS}, got {score!r}")
@@ -106,11 +168,15 @@ class TargetScorer:
         self.score = score
         self.batch_size = batch_size
         self.count = EvaluationCount()
-        parameter = next(model.parameters())
+        parameter = next(model.parameters(), None)
+        if parameter is None:
+            raise UnsupportedModelError(f"{type(model).__name__} has no parameters: it is not a language model")
         self.device, self.dtype = parameter.device, parameter.dtype
-        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        forward_parameters = inspect.signature(model.forward).parameters
+        self._keeps_logits = "logits_to_keep" in forward_parameters
+        self._cache_argument = cache_argument(model)
         self.prefix_cache = prefix_cache
-        self._prefixes: dict[tuple[int, ...], Optional[Prefix]] = {}
+        self._prefixes = {} if prefixes is None else prefixes
 
     @property
     def vocab_size(self) -> int:
@@ -120,8 +186,6 @@ class TargetScorer:
             return value
         weight = getattr(_output_layer(self.model), "weight", None)
         return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else 1
-
-    # ---- the explained quantity -------------------------------------------------------------------------------
 
     def reduce(self, log_probs: torch.Tensor) -> torch.Tensor:
         """(..., n_target) target log-probs -> (...) explained score."""
@@ -145,22 +209,27 @@ class TargetScorer:
         return layer
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Input embeddings of ``input_ids`` (no gradient), on the model's device."""
+        """Input embeddings of ``input_ids`` (no gradient), on the model's device, in float32."""
         with torch.no_grad():
-            return self.embedding_layer()(input_ids.to(self.device))
+            return self.embedding_layer()(input_ids.to(self.device)).float()
 
     def prefix(self, input_ids: torch.Tensor, length: int) -> Optional[Prefix]:
-        """The cached first ``length`` tokens of ``input_ids`` (computed once per scorer), or None without caching."""
+        """The cached first ``length`` tokens of ``input_ids`` (computed once, by the first scorer that needs it),
+        or None without caching."""
         if not self.prefix_cache or length < 1:
             return None
         key = tuple(input_ids[:length].tolist())
         if key not in self._prefixes:
             kwargs = {"logits_to_keep": 1} if self._keeps_logits else {}  # the prefix's logits are never used
-            with torch.no_grad():
+            started = time.perf_counter()
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors: gradient calls will attend to them
                 output = self.model(input_ids=input_ids[:length].unsqueeze(0).to(self.device), use_cache=True, **kwargs)
             self.count.forward_passes += 1
             self.count.tokens_processed += length
-            cache = getattr(output, "past_key_values", None)
+            self.count.seconds += time.perf_counter() - started
+            cache = getattr(output, "cache", None)
+            if cache is None:
+                cache = getattr(output, "past_key_values", None)
             usable = cache is not None and hasattr(cache, "batch_repeat_interleave")
             self._prefixes[key] = Prefix(length, cache) if usable else None
         return self._prefixes[key]
@@ -182,20 +251,6 @@ class TargetScorer:
         the tokens after it. With an ``attention_mask`` (B, [prefix +] L) (0 for padding or removed tokens),
         position ids count only attended tokens. ``count=False`` leaves the counting to the caller.
         """
-        return self._forward(target_ids, input_ids=input_ids, inputs_embeds=inputs_embeds,
-                             attention_mask=attention_mask, prefix=prefix, count=count)
-
-    def _forward(
-        self,
-        target_ids: torch.Tensor,
-        *,
-        input_ids: Optional[torch.Tensor],
-        inputs_embeds: Optional[torch.Tensor],
-        attention_mask: Optional[torch.Tensor],
-        prefix: Optional[Prefix],
-        count: bool,
-    ) -> torch.Tensor:
-        """The model call behind ``target_log_probs``, made in the calling thread."""
         n_target = int(target_ids.shape[-1])
         batch = input_ids if input_ids is not None else inputs_embeds
         size, length = int(batch.shape[0]), int(batch.shape[1])
@@ -203,7 +258,7 @@ class TargetScorer:
         if prefix is not None:
             cache = copy.deepcopy(prefix.cache)  # the forward appends to it
             cache.batch_repeat_interleave(size)
-            kwargs.update(use_cache=True, past_key_values=cache)
+            kwargs.update({"use_cache": True, self._cache_argument: cache})
         if input_ids is not None:
             kwargs["input_ids"] = input_ids.to(self.device)
         else:
@@ -236,8 +291,6 @@ class TargetScorer:
         """(B,) explained score of rows of input embeddings (after ``prefix``), differentiable w.r.t. them."""
         return self.reduce(self.target_log_probs(target_ids, inputs_embeds=inputs_embeds, prefix=prefix))
 
-    # ---- masked ids (perturbation methods) --------------------------------------------------------------------
-
     def score_token_masks(
         self,
         model_input: ModelInput,
@@ -248,93 +301,156 @@ class TargetScorer:
         per_target: bool = False,
         batch_size: Optional[int] = None,
     ) -> np.ndarray:
-        """Score ``model_input`` with the tokens where ``keep`` (n, L) is False masked out.
+        """Score ``model_input`` with the tokens where ``keep`` (n, L) is False masked out, right away.
 
-        Masked tokens are replaced by ``baseline_id`` (default: the input's baseline token), or deleted with
-        ``remove=True`` (the kept tokens move right and the freed slots are left out of attention and positions).
-        Identical rows are scored once, ``batch_size`` rows per model call (default: the scorer's; None sizes calls by
-        ``MASKED_TOKENS_PER_CALL`` and ``LOGITS_PER_CALL``). Returns (n,)
-        explained scores, or (n, n_target) target log-probs with ``per_target=True``.
+        For backends that call the model themselves (user-registered ``run(context)`` functions): a ``MaskedRows``
+        request answered alone, ``batch_size`` rows per call (default: the scorer's). Returns (n,) explained scores,
+        or (n, n_target) target log-probs with ``per_target=True``.
         """
-        keep = np.asarray(keep, dtype=bool)
-        if keep.ndim != 2 or keep.shape[1] != model_input.length:
-            raise InvalidInputError(f"keep must have shape (n, {model_input.length}), got {keep.shape}")
-        if not keep[:, model_input.target_start :].all():
-            raise InvalidInputError("target tokens cannot be masked")
-        unique, inverse = np.unique(keep, axis=0, return_inverse=True)
-        ids = model_input.input_ids
-        # tokens before the first attributable (and first masked) one are the same in every row of every call:
-        # computed once per explanation
-        varied = np.flatnonzero(~unique.all(axis=0))
-        start = min(np.flatnonzero(model_input.attributable)[:1].tolist() + varied[:1].tolist() + [model_input.target_start])
-        prefix = self.prefix(ids, start)
-        start = prefix.length if prefix is not None else 0
-        mask = torch.from_numpy(unique[:, start:])
-        rows = ids[start:].expand(len(unique), -1)
-        if remove:  # kept tokens moved right, so the last kept one predicts the first target token
-            order = torch.sort(mask.long(), dim=1, stable=True).indices  # removed positions first, order kept
-            request = RowRequest(rows.gather(1, order), model_input.target_ids, prefix,
-                                 attention=mask.long().gather(1, order))
-        else:
-            baseline = model_input.baseline_token_id if baseline_id is None else int(baseline_id)
-            request = RowRequest(torch.where(mask, rows, torch.full_like(rows, baseline)), model_input.target_ids, prefix)
-        log_probs = self.score_rows(request, batch_size or self.batch_size)
-        scores = (log_probs if per_target else self.reduce(log_probs)).double().cpu().numpy()
-        return scores[inverse.reshape(-1)]
+        baseline = model_input.baseline_token_id if baseline_id is None else int(baseline_id)
+        request = MaskedRows(np.asarray(keep, dtype=bool), baseline, remove)
+        (log_probs,) = score_row_requests([(self, model_input, request)], batch_size or self.batch_size)
+        return log_probs if per_target else self.reduce(torch.from_numpy(log_probs)).numpy()
 
-    def score_rows(self, request: RowRequest, batch_size: Optional[int]) -> torch.Tensor:
-        """(n, n_target) target log-probs of the request's rows, ``batch_size`` rows per model call (None: sized)."""
-        return score_row_requests([(self, request)], batch_size)[0]
+
+# ---- the packer: many inputs' rows in budgeted model calls -----------------------------------------------------------
+
+
+def rows_per_call(width: int, n_target: int, vocab_size: int, *, gradients: bool,
+                  batch_size: Optional[int] = None) -> int:
+    """Rows of ``width`` tokens (after the cached prefix) per model call: ``batch_size`` if given, else what the
+    token budget and the logits budget allow (see the budgets at the top of this module), at least one."""
+    if batch_size is not None:
+        return batch_size
+    tokens = GRADIENT_TOKENS_PER_CALL if gradients else MASKED_TOKENS_PER_CALL
+    logits = LOGITS_PER_CALL // GRADIENT_LOGITS_COPIES if gradients else LOGITS_PER_CALL
+    return max(1, min(tokens // max(width, 1), logits // ((n_target + 1) * vocab_size)))
 
 
 @dataclass(frozen=True)
-class RowRequest:
-    """Rows of one input to score without gradients, every row ending with ``target_ids``.
+class _Rows:
+    """One request's rows, laid out for the model: what follows the prefix, ready to be right-aligned in a call."""
 
-    ``ids`` (n, l) are the tokens after ``prefix`` (the whole sequence without one); ``attention`` (n, l), if
-    given, is 0 for tokens removed from attention.
-    """
-
-    ids: torch.Tensor
-    target_ids: torch.Tensor
+    scorer: TargetScorer
     prefix: Optional[Prefix]
-    attention: Optional[torch.Tensor] = None
+    target_ids: torch.Tensor
+    ids: Optional[torch.Tensor] = None  # (n, l) token ids, or
+    base: Optional[torch.Tensor] = None  # (l, H) embeddings of the tokens after the prefix, whose ...
+    positions: Optional[torch.Tensor] = None  # ... attributable positions (relative to the prefix) take ...
+    embeds: Optional[torch.Tensor] = None  # ... (n, A, H) embeddings
+    attention: Optional[torch.Tensor] = None  # (n, l): 0 for removed tokens
+    outputs: Optional[np.ndarray] = None  # (n,) scalar to differentiate per row
+
+    @property
+    def size(self) -> int:
+        return int((self.ids if self.ids is not None else self.embeds).shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.ids.shape[1]) if self.ids is not None else int(self.base.shape[0])
+
+
+def _masked_rows(scorer: TargetScorer, model_input: ModelInput, request: MaskedRows) -> tuple[_Rows, np.ndarray]:
+    """The distinct rows of a masked request after their shared prefix, and each original row's distinct index."""
+    keep = np.asarray(request.keep, dtype=bool)
+    if keep.ndim != 2 or keep.shape[1] != model_input.length:
+        raise InvalidInputError(f"keep must have shape (n, {model_input.length}), got {keep.shape}")
+    if not keep[:, model_input.target_start :].all():
+        raise InvalidInputError("target tokens cannot be masked")
+    unique, inverse = np.unique(keep, axis=0, return_inverse=True)
+    ids = model_input.input_ids
+    # tokens before the first attributable (and first masked) one are the same in every row of every call
+    varied = np.flatnonzero(~unique.all(axis=0))
+    start = min(np.flatnonzero(model_input.attributable)[:1].tolist() + varied[:1].tolist() + [model_input.target_start])
+    prefix = scorer.prefix(ids, start)
+    start = prefix.length if prefix is not None else 0
+    mask = torch.from_numpy(unique[:, start:])
+    rows = ids[start:].expand(len(unique), -1)
+    if request.remove:  # kept tokens moved right, so the last kept one predicts the first target token
+        order = torch.sort(mask.long(), dim=1, stable=True).indices  # removed positions first, order kept
+        laid = _Rows(scorer, prefix, model_input.target_ids, ids=rows.gather(1, order),
+                     attention=mask.long().gather(1, order))
+    else:
+        laid = _Rows(scorer, prefix, model_input.target_ids,
+                     ids=torch.where(mask, rows, torch.full_like(rows, int(request.baseline_id))))
+    return laid, inverse.reshape(-1)
+
+
+def _embedding_rows(scorer: TargetScorer, model_input: ModelInput, request: EmbeddingRows) -> _Rows:
+    """An embedding request after its prefix (the tokens before the first attributable one, cached)."""
+    positions = torch.from_numpy(np.flatnonzero(model_input.attributable))
+    embeds = request.embeds
+    if embeds.ndim != 3 or embeds.shape[1] != len(positions):
+        raise InvalidInputError(f"embeds must have shape (n, {len(positions)}, H), got {tuple(embeds.shape)}")
+    prefix = scorer.prefix(model_input.input_ids, int(positions[0]))
+    start = prefix.length if prefix is not None else 0
+    outputs = request.outputs if request.outputs is not None else np.full(len(embeds), EXPLAINED_SCORE)
+    return _Rows(scorer, prefix, model_input.target_ids, base=scorer.embed(model_input.input_ids[start:]),
+                 positions=(positions - start).to(scorer.device), embeds=embeds, outputs=np.asarray(outputs))
 
 
 def score_row_requests(
-    requests: Sequence[tuple[TargetScorer, RowRequest]], batch_size: Optional[int]
-) -> list[torch.Tensor]:
-    """Score every request's rows, packing rows of different requests (inputs) into the same model calls.
+    requests: Sequence[tuple[TargetScorer, ModelInput, MaskedRows]], batch_size: Optional[int] = None
+) -> list[np.ndarray]:
+    """(n_i, n_target_i) float64 target log-probs per masked request, rows of all requests packed into shared calls.
 
-    Rows that share a prefix (the same cached object) go through the model together, shortest first, at most
-    ``batch_size`` per call (None: as many as ``masked_rows_per_call`` allows for the call's longest row). Rows
-    shorter than the longest in their call are padded between the prefix and their own tokens and the padding is
-    removed from attention, so every row ends at the last position and its target log-probs are read from the end.
-    Each scorer counts the calls its rows took part in. Returns one (n_i, n_target_i) float32 tensor per request,
-    in request order.
+    Each distinct row of a request is scored once. Rows that share a prefix go through the model together, shortest
+    first, ``rows_per_call`` rows per call (``batch_size`` if given); shorter rows are padded on the left, out of
+    attention and positions. Each request's scorer counts the calls its rows took part in.
     """
-    results = [torch.empty(len(r.ids), int(r.target_ids.shape[-1])) for _, r in requests]
-    vocab_size = requests[0][0].vocab_size if requests else 1
-    entries = [(index, row) for index, (_, request) in enumerate(requests) for row in range(len(request.ids))]
-    for group in _by_prefix_then_width(entries, lambda entry: requests[entry[0]][1].prefix,
-                                       lambda entry: int(requests[entry[0]][1].ids.shape[1])):
-        calls: list[list[tuple[int, int]]] = [[]]
-        n_target = 0  # the current call's longest target
-        for entry in group:
-            request = requests[entry[0]][1]
-            width, tail = int(request.ids.shape[1]), int(request.target_ids.shape[-1])  # width: the longest (sorted)
-            limit = batch_size or masked_rows_per_call(width, max(n_target, tail), vocab_size)
-            if calls[-1] and len(calls[-1]) >= limit:
-                calls.append([])
-                n_target = 0
-            calls[-1].append(entry)
-            n_target = max(n_target, tail)
-        for call in calls:
-            with torch.no_grad():
-                log_probs = _score_packed([(requests[index], row) for index, row in call])
-            for (index, row), values in zip(call, log_probs):
-                results[index][row] = values[len(values) - results[index].shape[1] :].cpu()
-    return results
+    laid = [_masked_rows(scorer, model_input, request) for scorer, model_input, request in requests]
+    answers = _score([rows for rows, _ in laid], batch_size, gradients=False)
+    return [log_probs[inverse] for (log_probs, _), (_, inverse) in zip(answers, laid)]
+
+
+def score_embedding_requests(
+    requests: Sequence[tuple[TargetScorer, ModelInput, EmbeddingRows]], batch_size: Optional[int] = None
+) -> list[EmbeddingAnswer]:
+    """The answers of embedding requests of one or many inputs, rows packed into shared calls as for masked rows:
+    one forward (and, where a request asks for gradients, one backward) pass per call. The rows of a call are
+    independent, so the gradient of the sum of their scalars gives each row exactly its own gradient."""
+    laid = [_embedding_rows(scorer, model_input, request) for scorer, model_input, request in requests]
+    answers: list[Optional[EmbeddingAnswer]] = [None] * len(requests)
+    for wanted in (False, True):
+        chosen = [index for index, request in enumerate(requests) if request[2].gradients == wanted]
+        for index, (log_probs, gradients) in zip(chosen, _score([laid[i] for i in chosen], batch_size, wanted)):
+            answers[index] = EmbeddingAnswer(log_probs, gradients)
+    return answers  # type: ignore[return-value]
+
+
+def _score(requests: Sequence[_Rows], batch_size: Optional[int], gradients: bool
+           ) -> list[tuple[np.ndarray, Optional[torch.Tensor]]]:
+    """(log-probs, gradients or None) per request, its rows cut into calls by prefix, then width."""
+    results = [(np.empty((r.size, int(r.target_ids.shape[-1]))), None) for r in requests]
+    grads = [torch.empty(tuple(r.embeds.shape), device=r.base.device) if gradients else None for r in requests]
+    entries = [(index, row) for index, rows in enumerate(requests) for row in range(rows.size)]
+    for group in _by_prefix_then_width(entries, lambda entry: requests[entry[0]].prefix,
+                                       lambda entry: requests[entry[0]].width):
+        for call in _calls(group, requests, batch_size, gradients):
+            log_probs, call_grads = _call([(requests[index], row) for index, row in call], gradients)
+            for position, (index, row) in enumerate(call):
+                results[index][0][row] = log_probs[position, log_probs.shape[1] - results[index][0].shape[1] :]
+                if gradients:
+                    grads[index][row] = call_grads[position]
+    return [(log_probs, grad) for (log_probs, _), grad in zip(results, grads)]
+
+
+def _calls(group: list[tuple[int, int]], requests: Sequence[_Rows], batch_size: Optional[int], gradients: bool
+           ) -> list[list[tuple[int, int]]]:
+    """A width-sorted group of (request, row) entries cut into calls of at most ``rows_per_call`` rows."""
+    calls: list[list[tuple[int, int]]] = [[]]
+    n_target = 0  # the current call's longest target
+    for entry in group:
+        rows = requests[entry[0]]
+        tail = int(rows.target_ids.shape[-1])
+        limit = rows_per_call(rows.width, max(n_target, tail), rows.scorer.vocab_size, gradients=gradients,
+                              batch_size=batch_size)  # rows.width is the call's widest so far: the group is sorted
+        if calls[-1] and len(calls[-1]) >= limit:
+            calls.append([])
+            n_target = 0
+        calls[-1].append(entry)
+        n_target = max(n_target, tail)
+    return calls
 
 
 def _by_prefix_then_width(
@@ -348,127 +464,92 @@ def _by_prefix_then_width(
     return [sorted(group, key=width) for group in groups.values()]
 
 
-def masked_rows_per_call(width: int, n_target: int, vocab_size: int) -> int:
-    """Rows of ``width`` tokens per no-grad model call when no batch size is given (see ``MASKED_TOKENS_PER_CALL``)."""
-    return max(1, min(MASKED_TOKENS_PER_CALL // max(width, 1), LOGITS_PER_CALL // ((n_target + 1) * vocab_size)))
+def _call(rows: Sequence[tuple[_Rows, int]], gradients: bool) -> tuple[np.ndarray, Optional[torch.Tensor]]:
+    """One model call over ``rows`` (one prefix): right-aligned (rows, max n_target) float64 log-probs, and with
+    ``gradients`` each row's (A, H) gradient of its own scalar. Runs outside ``torch.inference_mode`` (a caller's
+    inference mode would forbid the gradient) and with gradients enabled only where asked for."""
+    with torch.inference_mode(False):
+        return _call_model(rows, gradients)
 
 
-def _score_packed(rows: Sequence[tuple[tuple[TargetScorer, RowRequest], int]]) -> list[torch.Tensor]:
-    """One model call over ``rows`` (all with the same prefix); per row its right-aligned target log-probs."""
-    scorer, first = rows[0][0]
-    width, attention, targets = _layout(
-        [int(request.ids.shape[1]) for (_, request), _ in rows],
-        [request.target_ids for (_, request), _ in rows],
-        [None if request.attention is None else request.attention[row] for (_, request), row in rows],
-        first.prefix,
-    )
-    ids = torch.zeros((len(rows), width), dtype=first.ids.dtype)  # padding id: never attended
-    for position, ((_, request), row) in enumerate(rows):
-        ids[position, width - request.ids.shape[1] :] = request.ids[row]
-    log_probs = scorer._forward(targets, input_ids=ids, inputs_embeds=None, attention_mask=attention,
-                                prefix=first.prefix, count=False)
-    _count_call([owner for (owner, _), _ in rows], width)
-    return list(log_probs)
-
-
-def _layout(
-    lengths: Sequence[int], row_targets: Sequence[torch.Tensor], row_attention: Sequence[Optional[torch.Tensor]],
-    prefix: Optional[Prefix],
-) -> tuple[int, Optional[torch.Tensor], torch.Tensor]:
-    """Width, attention mask and (rows, max n_target) right-aligned target ids of a packed call.
-
-    Rows are right-aligned; the slots before a shorter row (and its own removed tokens) are out of attention. The
-    mask covers the prefix too, and is None when every row fills the width and attends to every token.
-    """
-    width, n_target, size = max(lengths), max(int(t.shape[-1]) for t in row_targets), len(lengths)
+def _call_model(rows: Sequence[tuple[_Rows, int]], gradients: bool) -> tuple[np.ndarray, Optional[torch.Tensor]]:
+    first = rows[0][0]
+    scorer, prefix = first.scorer, first.prefix
+    lengths = [laid.width for laid, _ in rows]
+    width, n_target, size = max(lengths), max(int(laid.target_ids.shape[-1]) for laid, _ in rows), len(rows)
     attention = torch.zeros((size, width), dtype=torch.long)
-    targets = torch.zeros((size, n_target), dtype=row_targets[0].dtype)
-    padded = False
-    for row, (length, target, attended) in enumerate(zip(lengths, row_targets, row_attention)):
-        attention[row, width - length :] = 1 if attended is None else attended
-        targets[row, n_target - int(target.shape[-1]) :] = target
-        padded = padded or length < width or attended is not None
-    if not padded:
-        return width, None, targets
-    if prefix is not None:
+    targets = torch.zeros((size, n_target), dtype=first.target_ids.dtype)
+    for position, (laid, row) in enumerate(rows):
+        attention[position, width - laid.width :] = 1 if laid.attention is None else laid.attention[row]
+        targets[position, n_target - int(laid.target_ids.shape[-1]) :] = laid.target_ids
+    padded = bool((attention == 0).any())
+    if padded and prefix is not None:
         attention = torch.cat([torch.ones((size, prefix.length), dtype=torch.long), attention], dim=1)
-    return width, attention, targets
+    mask = attention if padded else None
+    started = time.perf_counter()
+    if first.ids is not None:
+        ids = torch.zeros((size, width), dtype=first.ids.dtype)  # padding id: never attended
+        for position, (laid, row) in enumerate(rows):
+            ids[position, width - laid.width :] = laid.ids[row]
+        with torch.no_grad():
+            log_probs = scorer.target_log_probs(targets, input_ids=ids, attention_mask=mask, prefix=prefix,
+                                                count=False)
+        grads = None
+    else:
+        log_probs, grads = _embedding_call(rows, targets, mask, width, gradients)
+    _account(rows, width, gradients, time.perf_counter() - started)
+    return log_probs.detach().double().cpu().numpy(), grads
 
 
-def _count_call(owners: Sequence[TargetScorer], width: int) -> None:
-    """Every scorer with rows (``owners``, one per row) in a call of ``width`` counts the call and its rows' tokens."""
-    for owner in {id(owner): owner for owner in owners}.values():
-        owner.count.forward_passes += 1
-        owner.count.tokens_processed += width * sum(1 for other in owners if other is owner)
-
-
-@dataclass(frozen=True)
-class EmbeddingRequest:
-    """Rows of input embeddings (n, l, H) after ``prefix``, each ending with ``target_ids``, whose explained score and
-    its gradient w.r.t. the embeddings are wanted."""
-
-    embeds: torch.Tensor
-    target_ids: torch.Tensor
-    prefix: Optional[Prefix]
-
-
-def score_embedding_requests(
-    requests: Sequence[tuple[TargetScorer, EmbeddingRequest]], tokens_per_call: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(scores (n_i,), gradients (n_i, l_i, H)) per request, several requests per forward + backward pass.
-
-    Whole requests sharing a prefix are packed into one call while it holds at most ``tokens_per_call`` tokens
-    (a request larger than that runs alone). Rows are padded between the prefix and their own embeddings, the
-    padding out of attention and positions; the rows of a call are independent, so the gradient of the sum of
-    their scores gives each row exactly its own gradient. Each scorer counts the passes its rows took part in.
-    """
-    results: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * len(requests)
-    for indices in _by_prefix_then_width(range(len(requests)), lambda index: requests[index][1].prefix,
-                                         lambda index: int(requests[index][1].embeds.shape[1])):
-        calls: list[list[int]] = [[]]
-        for index in indices:
-            call = calls[-1] + [index]
-            rows = sum(int(requests[i][1].embeds.shape[0]) for i in call)
-            width = max(int(requests[i][1].embeds.shape[1]) for i in call)
-            if calls[-1] and rows * width > tokens_per_call:
-                calls.append([index])
-            else:
-                calls[-1] = call
-        for call in calls:
-            for index, result in zip(call, _score_embeddings_packed([requests[i] for i in call])):
-                results[index] = result
-    return results  # type: ignore[return-value]
-
-
-def _score_embeddings_packed(
-    requests: Sequence[tuple[TargetScorer, EmbeddingRequest]]
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One forward and one backward over the rows of ``requests`` (same prefix)."""
-    scorer, first = requests[0]
-    owners = [owner for owner, request in requests for _ in range(request.embeds.shape[0])]
-    width, attention, targets = _layout(
-        [int(request.embeds.shape[1]) for owner, request in requests for _ in range(request.embeds.shape[0])],
-        [request.target_ids for owner, request in requests for _ in range(request.embeds.shape[0])],
-        [None] * len(owners),
-        first.prefix,
-    )
-    embeds = torch.zeros((len(owners), width, first.embeds.shape[-1]), dtype=torch.float32, device=first.embeds.device)
-    spans, start = [], 0
-    for owner, request in requests:
-        rows, length = int(request.embeds.shape[0]), int(request.embeds.shape[1])
-        embeds[start : start + rows, width - length :] = request.embeds
-        spans.append((start, rows, length, int(request.target_ids.shape[-1])))
-        start += rows
-    embeds.requires_grad_(True)
-    with torch.enable_grad():
-        log_probs = scorer._forward(targets, input_ids=None, inputs_embeds=embeds, attention_mask=attention,
-                                    prefix=first.prefix, count=False)
+def _embedding_call(rows: Sequence[tuple[_Rows, int]], targets: torch.Tensor, mask: Optional[torch.Tensor],
+                    width: int, gradients: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The forward (and backward) pass of a call of embedding rows, written into their inputs' full sequences."""
+    first = rows[0][0]
+    embeds = torch.zeros((len(rows), width, first.base.shape[-1]), dtype=torch.float32, device=first.base.device)
+    for position, (laid, row) in enumerate(rows):
+        offset = width - laid.width
+        embeds[position, offset:] = laid.base
+        embeds[position, offset + laid.positions] = laid.embeds[row].to(embeds.device, torch.float32)
+    with torch.set_grad_enabled(gradients):
+        embeds.requires_grad_(gradients)
+        log_probs = first.scorer.target_log_probs(targets, inputs_embeds=embeds, attention_mask=mask,
+                                                  prefix=first.prefix, count=False)
+        if not gradients:
+            return log_probs, None
         n_target = log_probs.shape[-1]
-        scores = [owner.reduce(log_probs[begin : begin + rows, n_target - tail :])
-                  for (owner, _), (begin, rows, _, tail) in zip(requests, spans)]
-        (gradients,) = torch.autograd.grad(torch.cat(scores).sum(), embeds)
-    _count_call(owners, width)
-    return [
-        (score.detach(), gradients[begin : begin + rows, width - length :])
-        for score, (begin, rows, length, _) in zip(scores, spans)
-    ]
+        scalars = []
+        for position, (laid, row) in enumerate(rows):
+            own = log_probs[position, n_target - int(laid.target_ids.shape[-1]) :]
+            output = int(laid.outputs[row])
+            scalars.append(laid.scorer.reduce(own) if output == EXPLAINED_SCORE else own[output])
+        (grads,) = torch.autograd.grad(torch.stack(scalars).sum(), embeds)
+    rows_grads = torch.stack([grads[position, width - laid.width + laid.positions]
+                              for position, (laid, _) in enumerate(rows)])
+    return log_probs, rows_grads.detach()
+
+
+def _account(rows: Sequence[tuple[_Rows, int]], width: int, gradients: bool, seconds: float) -> None:
+    """Every scorer with rows in a call counts the call once, its rows' tokens, and its share of the call's time."""
+    owners = {id(laid.scorer): laid.scorer for laid, _ in rows}
+    for key, owner in owners.items():
+        own_rows = sum(1 for laid, _ in rows if id(laid.scorer) == key)
+        owner.count.forward_passes += 1
+        owner.count.backward_passes += int(gradients)
+        owner.count.tokens_processed += width * own_rows
+        owner.count.seconds += seconds * own_rows / len(rows)
+
+
+def answer_requests(requests: Sequence[tuple[TargetScorer, ModelInput, Request]],
+                    batch_size: Optional[int] = None) -> list[Any]:
+    """The answer to every request (masked rows: log-probs; embedding rows: an ``EmbeddingAnswer``), in order, the
+    rows of all masked requests packed together and those of all embedding requests together."""
+    answers: list[Any] = [None] * len(requests)
+    for kind, score in ((MaskedRows, score_row_requests), (EmbeddingRows, score_embedding_requests)):
+        chosen = [index for index, (_, _, request) in enumerate(requests) if isinstance(request, kind)]
+        if chosen:
+            for index, answer in zip(chosen, score([requests[i] for i in chosen], batch_size)):
+                answers[index] = answer
+    if any(answer is None for answer in answers):
+        unknown = next(type(r).__name__ for (_, _, r), a in zip(requests, answers) if a is None)
+        raise InvalidInputError(f"a method asked for {unknown}; requests are MaskedRows or EmbeddingRows")
+    return answers

@@ -1,18 +1,26 @@
 """The method registry: built-in backends register themselves with a decorator, users add their own the same way.
 
-A backend is a function ``run(context: MethodContext) -> RawAttribution``. It receives the scorer (the only way to
-call the model), the tokenized input, the features to attribute to and its validated parameters, and returns one
-score per feature (and optionally a target-token x feature matrix). It never sees the user's raw text.
+A backend is either a *plan*, a generator function ``plan(context)`` that yields the model calls it needs
+(``scoring.MaskedRows``, ``scoring.EmbeddingRows``), receives their answers and returns a ``RawAttribution`` (the
+batch engine packs the calls of many items), or a plain function ``run(context) -> RawAttribution`` that calls the
+model itself through ``context.scorer`` (run alone, unpacked). Either way it sees the tokenized input, the
+features to attribute to and its validated parameters, never the user's raw text.
+
+Parameters are pydantic models (``MethodParams`` subclasses, ``extra="forbid"``): types, ranges, defaults and
+cross-field rules are checked once, before any item runs; the docs' parameter tables are rendered from them.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Generator, Literal, Mapping, Optional, Union
 
 import numpy as np
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
-from ..errors import InvalidInputError, UnknownMethodError
+from ..errors import BudgetError, InvalidInputError, UnknownMethodError
+from ._coalitions import DEFAULT_MAX_EVALUATIONS
 from ..types import AttributionMethod
 
 if TYPE_CHECKING:  # imported for annotations only, to keep this module free of model code
@@ -21,6 +29,8 @@ if TYPE_CHECKING:  # imported for annotations only, to keep this module free of 
     from ..segment import Feature
 
 MethodKind = Literal["gradient", "perturbation"]
+METHOD_KINDS: tuple[str, ...] = ("gradient", "perturbation")
+SEED_LIMIT = 2**32
 
 
 @dataclass
@@ -43,53 +53,119 @@ class RawAttribution:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-Backend = Callable[[MethodContext], RawAttribution]
+Backend = Callable[[MethodContext], Any]  # a plan (generator function) or a plain run function
+Plan = Generator[Any, Any, RawAttribution]
+
+
+# ---- parameter types shared by the methods' models ------------------------------------------------------------------
+
+
+def _integer(value: Any) -> Any:
+    """Integers (numpy's too) pass as int; bools and floats are refused rather than silently converted."""
+    if isinstance(value, (bool, np.bool_)) or isinstance(value, float):
+        raise ValueError(f"must be an integer, got {value!r}")
+    return int(value) if isinstance(value, np.integer) else value
+
+
+Count = Annotated[int, BeforeValidator(_integer), Field(ge=1, strict=True)]
+TokenId = Annotated[int, BeforeValidator(_integer), Field(ge=0, strict=True)]
+Seed = Optional[Annotated[int, BeforeValidator(_integer), Field(ge=0, lt=SEED_LIMIT, strict=True)]]
+Flag = Annotated[bool, Field(strict=True)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class MethodParams(BaseModel):
+    """Parameters every method takes; subclasses add their own. Frozen, unknown names refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_size: Optional[Count] = Field(
+        None, description="rows per model call; None: as many as the token and logits budgets allow (packed)")
+
+    def planned_evaluations(self) -> int:
+        """Model evaluations these settings need for any item, known before seeing one (0: depends on the item)."""
+        return 0
+
+
+class SampledParams(MethodParams):
+    """Parameters of methods that draw random samples within an evaluation budget."""
+
+    seed: Seed = Field(0, description="seed of the method's own generator (None: fresh randomness each run)")
+    max_evaluations: Count = Field(
+        DEFAULT_MAX_EVALUATIONS, description="refuse (BudgetError) explanations that would need more model evaluations")
+
+
+# ---- the registry ---------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its backend, what kind of access it needs, and its parameters with defaults."""
+    """A registered method: its backend, what kind of access it needs, and its parameter model."""
 
     name: str
     kind: MethodKind
-    run: Backend
+    backend: Backend
     additive: bool
-    defaults: Mapping[str, Any]
+    params: type[BaseModel]
     description: str = ""
 
-    def resolve_params(self, given: Mapping[str, Any]) -> dict[str, Any]:
-        """Defaults overlaid with ``given``; unknown names are an error that lists the accepted ones."""
-        unknown = sorted(set(given) - set(self.defaults))
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Every parameter with its default."""
+        return {name: info.get_default(call_default_factory=True) for name, info in self.params.model_fields.items()}
+
+    def resolve_params(self, given: Mapping[str, Any], vocab_size: Optional[int] = None) -> dict[str, Any]:
+        """``given`` validated by the method's model, defaults filled in; a typed error that says what is wrong.
+
+        With ``vocab_size``, a token-id ``baseline`` must lie in the model's vocabulary.
+        """
+        unknown = sorted(set(given) - set(self.params.model_fields))
         if unknown:
             raise InvalidInputError(
-                f"{self.name} does not take parameter(s) {unknown}; it accepts {sorted(self.defaults)}"
-            )
-        params = {**self.defaults, **given}
-        check_shared_params(params)
+                f"{self.name} does not take parameter(s) {unknown}; it accepts {sorted(self.params.model_fields)}")
+        try:
+            model = self.params.model_validate(dict(given))
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in issue['loc']) or 'parameters'}: {issue['msg']} "
+                f"(got {issue.get('input')!r})" for issue in error.errors())
+            raise InvalidInputError(f"{self.name}: {problems}") from None
+        params = model.model_dump()
+        planned, budget = getattr(model, "planned_evaluations", lambda: 0)(), params.get("max_evaluations")
+        if isinstance(budget, int) and planned > budget:
+            raise BudgetError(f"{self.name} would need {planned} model evaluations, more than max_evaluations="
+                              f"{budget}; lower the steps or samples, or raise max_evaluations")
+        baseline = params.get("baseline")
+        if vocab_size is not None and isinstance(baseline, int) and baseline >= vocab_size:
+            raise InvalidInputError(
+                f"{self.name}: baseline token id {baseline} is outside the model's vocabulary of {vocab_size} tokens")
         return params
 
+    def plan(self, context: MethodContext) -> Plan:
+        """The backend as a plan: a plan backend's own generator, or a plain one run at once (asking for nothing)."""
+        if inspect.isgeneratorfunction(self.backend):
+            return self.backend(context)
+        return _run_alone(self.backend, context)
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    def run(self, context: MethodContext) -> RawAttribution:
+        """Run the backend alone, its requests answered one at a time by ``context.scorer``."""
+        from ..scoring import answer_requests
+
+        plan = self.plan(context)
+        batch_size = context.params.get("batch_size") or context.scorer.batch_size
+        answer = None
+        while True:
+            try:
+                request = plan.send(answer)
+            except StopIteration as stop:
+                return stop.value
+            (answer,) = answer_requests([(context.scorer, context.model_input, request)], batch_size)
 
 
-def check_shared_params(params: Mapping[str, Any]) -> None:
-    """Type and range checks for the parameter names shared across methods, so they fail before any model call."""
-    if "n_steps" in params and not (_is_int(params["n_steps"]) and params["n_steps"] >= 1):
-        raise InvalidInputError(f"n_steps must be a positive integer, got {params['n_steps']!r}")
-    for name in ("n_samples", "batch_size"):  # None: the method picks (e.g. by feature count or memory)
-        if params.get(name) is not None and not (_is_int(params[name]) and params[name] >= 1):
-            raise InvalidInputError(f"{name} must be a positive integer or None, got {params[name]!r}")
-    if "seed" in params and not _is_int(params["seed"]):
-        raise InvalidInputError(f"seed must be an integer, got {params['seed']!r}")
-    if "noise_std" in params:
-        value = params["noise_std"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise InvalidInputError(f"noise_std must be a number >= 0, got {value!r}")
-    if "baseline" in params:
-        value = params["baseline"]
-        if not (value in ("zero", "pad") or _is_int(value)):
-            raise InvalidInputError(f"baseline must be 'zero', 'pad' or a token id, got {value!r}")
+def _run_alone(run: Backend, context: MethodContext) -> Plan:
+    """A plain backend as a plan that asks for nothing: it calls the model itself through its scorer."""
+    yield from ()
+    return run(context)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -109,23 +185,34 @@ def register_method(
     *,
     kind: MethodKind,
     additive: bool,
+    params: Optional[type[MethodParams]] = None,
     defaults: Optional[Mapping[str, Any]] = None,
     description: str = "",
     replace: bool = False,
 ) -> Callable[[Backend], Backend]:
-    """Decorator that registers ``run`` under ``name``.
+    """Decorator that registers a backend (a plan generator function or a plain ``run`` function) under ``name``.
 
-    ``kind="gradient"`` backends may use the scorer's embedding-level calls and need a model with input embeddings;
-    ``kind="perturbation"`` backends only score masked inputs. ``additive=True`` declares that feature scores add up
-    (to f(input) - f(baseline)), which allows summing tokens into words and sentences.
+    ``kind="gradient"`` backends use embedding rows and need a model with input embeddings; ``kind="perturbation"``
+    backends only score masked inputs. ``additive=True`` declares that feature scores add up (to f(input) -
+    f(baseline)), which allows summing tokens into words and sentences. Parameters: a ``params`` model, or
+    ``defaults`` (name -> default, any type; unknown names are refused).
     """
     key = method_name(name)
+    if kind not in METHOD_KINDS:
+        raise InvalidInputError(f"kind must be one of {METHOD_KINDS}, got {kind!r}")
+    if not isinstance(additive, bool):
+        raise InvalidInputError(f"additive must be True or False, got {additive!r}")
+    if params is not None and defaults is not None:
+        raise InvalidInputError("give either params (a model) or defaults (a dict), not both")
+    model = params or create_model(
+        f"{key}_params", __config__=ConfigDict(extra="forbid", frozen=True),
+        **{name: (Any, value) for name, value in (defaults or {}).items()})
 
-    def decorator(run: Backend) -> Backend:
+    def decorator(backend: Backend) -> Backend:
         if key in _REGISTRY and not replace:
             raise ValueError(f"method {key!r} is already registered; pass replace=True to override it")
-        _REGISTRY[key] = MethodSpec(key, kind, run, additive, dict(defaults or {}), description)
-        return run
+        _REGISTRY[key] = MethodSpec(key, kind, backend, additive, model, description)
+        return backend
 
     return decorator
 
@@ -146,6 +233,44 @@ def available_methods() -> list[str]:
     """Names of every registered method, sorted."""
     _load_builtins()
     return sorted(_REGISTRY)
+
+
+def parameter_table(model: type[BaseModel]) -> str:
+    """A markdown table of a parameter model's fields: name, type, default, meaning (what docs/methods.md shows)."""
+    lines = ["| parameter | type | default | meaning |", "|---|---|---|---|"]
+    for name, info in model.model_fields.items():
+        kind = _type_name(info.annotation)
+        bounds = [f"{symbol} {value}" for meta in info.metadata for symbol, attribute in
+                  ((">=", "ge"), (">", "gt"), ("<", "lt"), ("<=", "le")) if (value := getattr(meta, attribute, None)) is not None]
+        kind += f" ({', '.join(bounds)})" if bounds else ""
+        default = repr(info.get_default(call_default_factory=True))
+        lines.append(f"| `{name}` | {kind} | `{default}` | {info.description or ''} |")
+    return "\n".join(lines)
+
+
+def _type_name(annotation: Any) -> str:
+    """A short readable name of a parameter's type (``int or None``, ``'zero' or 'pad' or int``)."""
+    origin = getattr(annotation, "__origin__", None)
+    if origin is Annotated:
+        return _type_name(annotation.__origin__)
+    args = getattr(annotation, "__args__", None)
+    if origin is Literal:
+        return " or ".join(repr(value) for value in args)
+    if origin is Union or type(annotation).__name__ == "UnionType":
+        return " or ".join("None" if arg is type(None) else _type_name(arg) for arg in args)
+    if annotation is Any:
+        return "any"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def methods_reference() -> str:
+    """The parameter tables of every built-in method, in docs/methods.md's "Parameters" section."""
+    sections = []
+    for name in available_methods():
+        spec = get_method(name)
+        if spec.params.__module__.startswith(__name__):
+            sections.append(f"### `{name}`\n\n{spec.description}\n\n{parameter_table(spec.params)}\n")
+    return "\n".join(sections)
 
 
 def _load_builtins() -> None:

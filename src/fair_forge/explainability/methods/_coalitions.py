@@ -13,6 +13,10 @@ Shared conventions:
 - Every estimator checks its planned number of evaluations against ``max_evaluations`` before calling ``v`` and
   raises ``BudgetError`` rather than starting something that cannot finish (e.g. exact Shapley values over 30
   features need 2^30 evaluations).
+- Masks first, values, then fit: each estimator is a generator (``*_plan``) that yields its distinct masks,
+  receives their values and returns its ``Estimate``. The batch engine drives the plans of many inputs together;
+  ``run_with`` drives one with a value function, which is what the plain functions (``occlusion``, ``lime``, ...)
+  do.
 - Default number of samples (LIME, KernelSHAP): ``max(100, 4 * d)``, i.e. 100 up to 25 features and 4 coalitions
   per feature beyond, so the weighted regressions stay over-determined. KernelSHAP never takes more than the
   2^d - 2 coalitions that exist, so with the default it is exact for d <= 6.
@@ -20,10 +24,9 @@ Shared conventions:
 
 from __future__ import annotations
 
-import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Generator, Optional
 
 import numpy as np
 
@@ -35,8 +38,6 @@ DEFAULT_MAX_EVALUATIONS = 100_000
 DEFAULT_SOBOL_SAMPLES = 32
 SOBOL_MAX_DIMENSION = 21201  # scipy.stats.qmc.Sobol supports at most this many dimensions (2 per feature here)
 
-# shap's KernelExplainer draws coalitions from numpy's global RNG; seeding it is only safe one caller at a time.
-_GLOBAL_RNG_LOCK = threading.Lock()
 
 
 @dataclass
@@ -121,14 +122,32 @@ def _check_budget(method: str, planned: int, max_evaluations: int, hint: str) ->
         )
 
 
-def occlusion(
-    value_fn: ValueFunction,
-    n_features: int,
-    *,
-    window: int = 1,
-    stride: int = 1,
-    batch_size: Optional[int] = None,
-) -> Estimate:
+
+
+EstimatorPlan = Generator[np.ndarray, np.ndarray, Estimate]
+
+
+def run_with(plan: EstimatorPlan, value_fn: ValueFunction, n_features: int,
+             batch_size: Optional[int] = None) -> Estimate:
+    """Drive an estimator plan with a value function (each distinct mask once, ``batch_size`` masks per call)."""
+    evaluator = MaskEvaluator(value_fn, n_features, batch_size)
+    masks = next(plan)
+    while True:
+        try:
+            masks = plan.send(evaluator(masks))
+        except StopIteration as stop:
+            return stop.value
+
+
+def _distinct_values(masks: np.ndarray) -> Generator[np.ndarray, np.ndarray, tuple[np.ndarray, int]]:
+    """Yield each distinct mask of ``masks`` once, receive their values; return the values of every mask (in the
+    order of ``masks``) and how many distinct masks were scored."""
+    unique, inverse = np.unique(masks, axis=0, return_inverse=True)
+    values = np.asarray((yield unique), dtype=np.float64)
+    return values[inverse.reshape(-1)], len(unique)
+
+
+def occlusion_plan(n_features: int, *, window: int = 1, stride: int = 1) -> EstimatorPlan:
     """v(all) - v(all but a window of consecutive features), averaged over the windows covering each feature.
 
     ``window=1, stride=1`` is leave-one-out. A window longer than the feature list is shortened to it, and a last
@@ -143,31 +162,35 @@ def occlusion(
     masks = np.ones((len(starts) + 1, n_features), dtype=bool)
     for row, start in enumerate(starts, start=1):
         masks[row, start : start + window] = False
-    evaluator = MaskEvaluator(value_fn, n_features, batch_size)
-    scores = evaluator(masks)
+    scores, n_evaluations = yield from _distinct_values(masks)
     drops = (scores[:1] - scores[1:]).reshape(len(starts), -1)  # (windows, K)
     covered = ~masks[1:]  # (windows, d): which features each window hides
+    if not covered.any(0).all():
+        raise InvalidInputError(f"window={window} with stride={stride} leaves features never masked")
     per_feature = covered.T.astype(np.float64) @ drops / covered.sum(0)[:, None]  # (d, K)
     values = per_feature[:, 0] if scores.ndim == 1 else per_feature.T
-    return Estimate(values, evaluator.n_evaluations, {"n_windows": len(starts)})
+    return Estimate(values, n_evaluations, {"n_windows": len(starts)})
 
 
-def kernel_shap(
-    value_fn: ValueFunction,
+def kernel_shap_plan(
     n_features: int,
     *,
     n_samples: Optional[int] = None,
     exact: bool = False,
     seed: Optional[int] = 0,
-    batch_size: Optional[int] = None,
     max_evaluations: int = DEFAULT_MAX_EVALUATIONS,
-) -> Estimate:
+) -> EstimatorPlan:
     """Shapley values of ``v`` by shap's KernelExplainer over binary coalitions (background: no feature kept).
 
     With ``exact=True``, or whenever ``n_samples`` reaches the 2^d - 2 proper coalitions, shap enumerates all of
     them and the result is the exact Shapley values (summing to v(all) - v(none)); otherwise shap enumerates the
     subset sizes the budget covers and samples the rest in complementary pairs. shap's L1 feature selection is
     off, so every feature gets a value and the efficiency constraint holds for sampled runs too.
+
+    shap draws its coalitions from numpy's global RNG: each shap call seeds it with ``seed`` and restores the
+    caller's state afterwards, so the user's random stream is unchanged. shap picks its coalitions before it sees
+    any value, so a first pass with placeholder values finds them; they are yielded (with all and none) in one
+    batch, and a second pass with the same seed reads every value from that batch.
     """
     import shap
 
@@ -181,42 +204,41 @@ def kernel_shap(
         n_samples = default_n_samples(n_features) if n_samples is None else check_count("n_samples", n_samples, 1)
         n_samples = min(n_samples, n_coalitions)
         _check_budget("KernelSHAP", n_samples + 2, max_evaluations, "lower n_samples")
-    evaluator = MaskEvaluator(value_fn, n_features, batch_size)
     everything, nothing = np.ones((1, n_features), dtype=bool), np.zeros((1, n_features), dtype=bool)
-    references = evaluator(np.concatenate([everything, nothing]))  # one batch; shap's own calls then hit the cache
-
     run_seed = int(np.random.default_rng().integers(2**32)) if seed is None else seed  # both passes draw alike
 
     def shap_values(model: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-        with _GLOBAL_RNG_LOCK:
-            state = np.random.get_state()
-            try:
-                np.random.seed(run_seed)
-                explainer = shap.KernelExplainer(model, nothing.astype(np.float64))
-                return explainer.shap_values(everything[0].astype(np.float64), nsamples=max(n_samples, 1),
-                                             l1_reg=False, silent=True)
-            finally:
-                np.random.set_state(state)
+        state = np.random.get_state()
+        try:
+            np.random.seed(run_seed)
+            explainer = shap.KernelExplainer(model, nothing.astype(np.float64))
+            return explainer.shap_values(everything[0].astype(np.float64), nsamples=max(n_samples, 1),
+                                         l1_reg=False, silent=True)
+        finally:
+            np.random.set_state(state)
 
-    # shap picks its coalitions before it sees any value, so a first pass with placeholder values finds them; they
-    # are scored outside the lock (the value function may wait on a model shared with other explanations), and the
-    # second pass, with the same seed, reads every value from the evaluator's cache
-    asked: list[np.ndarray] = []
+    asked: list[np.ndarray] = [everything, nothing]
 
     def record(coalitions: np.ndarray) -> np.ndarray:
         asked.append(coalitions > 0.5)
-        return np.zeros((len(coalitions), *references.shape[1:]))
+        return np.zeros(len(coalitions))
 
     shap_values(record)
-    evaluator(np.concatenate(asked))
-    phi = shap_values(lambda coalitions: evaluator(coalitions > 0.5))
+    masks = np.concatenate(asked)
+    values, n_evaluations = yield from _distinct_values(masks)
+    table = {row.tobytes(): value for row, value in zip(np.packbits(masks, axis=1), values)}
+
+    def lookup(coalitions: np.ndarray) -> np.ndarray:
+        return np.stack([table[row.tobytes()] for row in np.packbits(coalitions > 0.5, axis=1)])
+
+    phi = shap_values(lookup)
     extras = {
         "exact": n_samples >= n_coalitions,
         "n_coalitions": n_samples,
-        "value_all": float(references[0].reshape(-1)[0]),  # first output column
-        "value_none": float(references[1].reshape(-1)[0]),
+        "value_all": float(values[0].reshape(-1)[0]),  # first output column
+        "value_none": float(values[1].reshape(-1)[0]),
     }
-    return Estimate(_per_column(np.asarray(phi, dtype=np.float64)), evaluator.n_evaluations, extras)
+    return Estimate(_per_column(np.asarray(phi, dtype=np.float64)), n_evaluations, extras)
 
 
 def lime_samples(n_features: int, n_samples: int, rng: np.random.Generator) -> np.ndarray:
@@ -233,17 +255,15 @@ def lime_kernel(distances: np.ndarray, kernel_width: float) -> np.ndarray:
     return np.sqrt(np.exp(-(distances**2) / kernel_width**2))
 
 
-def lime(
-    value_fn: ValueFunction,
+def lime_plan(
     n_features: int,
     *,
     n_samples: Optional[int] = None,
     kernel_width: float = 25.0,
     alpha: float = 1.0,
     seed: Optional[int] = 0,
-    batch_size: Optional[int] = None,
     max_evaluations: int = DEFAULT_MAX_EVALUATIONS,
-) -> Estimate:
+) -> EstimatorPlan:
     """Coefficients of LIME's weighted Ridge surrogate (lime.lime_base.LimeBase) fitted on binary coalitions.
 
     Neighbourhood, distance (cosine distance to the full input x 100) and kernel are LimeTextExplainer's; the fit
@@ -256,12 +276,11 @@ def lime(
 
     _check_features(n_features)
     n_samples = default_n_samples(n_features) if n_samples is None else check_count("n_samples", n_samples, 2)
-    if isinstance(kernel_width, bool) or not isinstance(kernel_width, (int, float)) or not kernel_width > 0:
-        raise InvalidInputError(f"kernel_width must be > 0, got {kernel_width!r}")
+    if isinstance(kernel_width, bool) or not isinstance(kernel_width, (int, float)) or not 0 < kernel_width < np.inf:
+        raise InvalidInputError(f"kernel_width must be a finite number > 0, got {kernel_width!r}")
     _check_budget("LIME", n_samples, max_evaluations, "lower n_samples")
     masks = lime_samples(n_features, n_samples, np.random.default_rng(seed))
-    evaluator = MaskEvaluator(value_fn, n_features, batch_size)
-    scores = evaluator(masks)
+    scores, n_evaluations = yield from _distinct_values(masks)
     labels = scores.reshape(n_samples, -1)
     data = masks.astype(np.float64)
     distances = (1.0 - np.sqrt(masks.sum(1) / n_features)) * 100.0  # cosine distance of a 0/1 row to all-ones
@@ -278,18 +297,16 @@ def lime(
         rest = Ridge(alpha=alpha, fit_intercept=True).fit(data, labels[:, 1:], sample_weight=weights)
         coefficients[1:] = rest.coef_
     values = coefficients[0] if scores.ndim == 1 else coefficients
-    return Estimate(values, evaluator.n_evaluations, {"r2": float(r2), "intercept": float(intercept)})
+    return Estimate(values, n_evaluations, {"r2": float(r2), "intercept": float(intercept)})
 
 
-def sobol_total(
-    value_fn: ValueFunction,
+def sobol_plan(
     n_features: int,
     *,
     n_samples: Optional[int] = None,
     seed: Optional[int] = 0,
-    batch_size: Optional[int] = None,
     max_evaluations: int = DEFAULT_MAX_EVALUATIONS,
-) -> Estimate:
+) -> EstimatorPlan:
     """Total-order Sobol indices of ``v`` over independent fair-coin feature masks (Jansen estimator).
 
     Two mask matrices A and B come from one scrambled Sobol sequence in 2d dimensions (thresholded at 1/2); AB_i
@@ -313,8 +330,7 @@ def sobol_total(
     ab = np.repeat(a[None], n_features, axis=0)  # (d, N, d)
     features = np.arange(n_features)
     ab[features, :, features] = b.T
-    evaluator = MaskEvaluator(value_fn, n_features, batch_size)
-    scores = evaluator(np.concatenate([a, b, ab.reshape(-1, n_features)]))
+    scores, n_evaluations = yield from _distinct_values(np.concatenate([a, b, ab.reshape(-1, n_features)]))
     columns = scores.reshape(len(scores), -1)
     f_a, f_b = columns[:n_samples], columns[n_samples : 2 * n_samples]
     f_ab = columns[2 * n_samples :].reshape(n_features, n_samples, -1)
@@ -322,4 +338,27 @@ def sobol_total(
     total = 0.5 * ((f_a[None] - f_ab) ** 2).mean(axis=1)  # (d, K)
     indices = np.divide(total, variance, out=np.zeros_like(total), where=variance > 0)
     values = indices[:, 0] if scores.ndim == 1 else indices.T
-    return Estimate(values, evaluator.n_evaluations, {"variance": float(variance[0])})
+    return Estimate(values, n_evaluations, {"variance": float(variance[0])})
+
+
+def occlusion(value_fn: ValueFunction, n_features: int, *, batch_size: Optional[int] = None,
+              **params: Any) -> Estimate:
+    """``occlusion_plan`` driven by ``value_fn``."""
+    return run_with(occlusion_plan(n_features, **params), value_fn, n_features, batch_size)
+
+
+def kernel_shap(value_fn: ValueFunction, n_features: int, *, batch_size: Optional[int] = None,
+                **params: Any) -> Estimate:
+    """``kernel_shap_plan`` driven by ``value_fn``."""
+    return run_with(kernel_shap_plan(n_features, **params), value_fn, n_features, batch_size)
+
+
+def lime(value_fn: ValueFunction, n_features: int, *, batch_size: Optional[int] = None, **params: Any) -> Estimate:
+    """``lime_plan`` driven by ``value_fn``."""
+    return run_with(lime_plan(n_features, **params), value_fn, n_features, batch_size)
+
+
+def sobol_total(value_fn: ValueFunction, n_features: int, *, batch_size: Optional[int] = None,
+                **params: Any) -> Estimate:
+    """``sobol_plan`` driven by ``value_fn``."""
+    return run_with(sobol_plan(n_features, **params), value_fn, n_features, batch_size)

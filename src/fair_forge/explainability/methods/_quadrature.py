@@ -51,9 +51,13 @@ def relative_error(estimate: float, total: float) -> Optional[float]:
 
 
 def integrate(
-    total: float, *, n_steps: Optional[int] = None, tolerance: float = 0.01
+    total: float, *, n_steps: Optional[int] = None, tolerance: float = 0.01, max_steps: Optional[int] = None
 ) -> Generator[np.ndarray, Integrand, Integral]:
-    """Fixed Gauss-Legendre rule with ``n_steps`` nodes (default ``DEFAULT_STEPS``), asked for in one batch."""
+    """Fixed Gauss-Legendre rule with ``n_steps`` nodes (default ``DEFAULT_STEPS``), asked for in one batch.
+
+    ``max_steps`` (a positive int) bounds adaptive rules; the fixed rule only validates it."""
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
     nodes, weights = gauss_legendre(n_steps or DEFAULT_STEPS)
     scalar, vector = yield nodes
     scalar, vector = np.asarray(scalar, dtype=np.float64), np.asarray(vector, dtype=np.float64)

@@ -1,224 +1,266 @@
-"""Gradient methods through captum, on the input embeddings of the attributable tokens.
+"""Gradient methods on the input embeddings of the attributable tokens, as plans for the batch engine.
 
-captum sees only the embeddings of the attributable tokens, shape (1, A, H); the forward function writes them into
-the full sequence (template and target tokens fixed) and returns the explained score. So baselines, noise and
-interpolation touch only what is attributed, and for the additive methods the token scores add up exactly to
-f(input) - f(baseline). Interpolation steps and noise samples go through the model in batches of ``batch_size``
-rows, one forward and one backward pass per batch. Noise and random interpolation points (SMOOTH_GRAD, SQUARE_GRAD,
-VAR_GRAD, GRADIENT_SHAP) come from a generator seeded by ``seed``, so results do not depend on the batch size or on
-the global RNG (captum's NoiseTunnel draws per batch from the global RNG, which would make them depend on both).
+A method yields ``EmbeddingRows``: points (n, A, H) for the A attributable tokens (template and target tokens stay
+as they are, so baselines, noise and interpolation touch only what is attributed), and which scalar each row
+differentiates (the explained score, or one target token's log-prob for the per-target matrix). It receives the
+rows' gradients and computes its attribution itself:
 
-Reduction over the hidden dimension, per method (and the same reduction over a feature's tokens):
-  additive (INTEGRATED_GRADIENTS, GRADIENT_SHAP, INPUT_X_GRADIENT): signed sum of (x - baseline) * gradient;
-  SALIENCY, SMOOTH_GRAD: L2 norm of the (mean) gradient;
-  SQUARE_GRAD, VAR_GRAD: sum over dimensions of the mean squared gradient / of the gradient's variance.
+  INTEGRATED_GRADIENTS: (x - b) * the path integral of the gradient, by ``_quadrature.integrate`` (steps, achieved
+      error and a ``ConvergenceWarning`` when the error stays above ``tolerance``); token scores add up to
+      f(x) - f(b) up to that error;
+  GRADIENT_SHAP: mean of (x + noise - b) * gradient at b + alpha (x + noise - b), alpha ~ U(0, 1);
+  INPUT_X_GRADIENT: x * gradient;  SALIENCY: the gradient;
+  SMOOTH_GRAD / SQUARE_GRAD / VAR_GRAD: mean / mean square / variance of the gradient at noisy copies of x, kept as
+      running sums, so memory does not grow with ``n_samples``.
+
+Noise and random interpolation points come from generators seeded by ``seed``, drawn ``SAMPLES_PER_REQUEST``
+samples at a time: results depend neither on the global RNG nor on the batch size. Reduction over the hidden
+dimension and a feature's tokens: signed sum for the additive methods (and the already non-negative SQUARE_GRAD,
+VAR_GRAD), L2 norm for SALIENCY and SMOOTH_GRAD.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Literal, Optional
+import warnings
+from typing import Iterator, Literal, Optional, Union
 
 import numpy as np
 import torch
-from captum.attr import InputXGradient, IntegratedGradients, Saliency
+from pydantic import Field
 
+from ..errors import BudgetError, ConvergenceWarning, NoAttributableFeaturesError
+from ..scoring import EXPLAINED_SCORE, EmbeddingAnswer, EmbeddingRows
 from ..types import AttributionMethod
-from . import MethodContext, RawAttribution, register_method
+from . import (Count, FiniteFloat, MethodContext, MethodParams, Plan, RawAttribution, SampledParams, TokenId,
+               register_method)
+from ._coalitions import DEFAULT_MAX_EVALUATIONS
+from ._quadrature import integrate
 
 Reduction = Literal["sum", "l2"]
-TOKENS_PER_BATCH = 4096  # default batch: as many rows (steps, samples) as fit this many tokens
-
-# batch_size=None sizes batches by TOKENS_PER_BATCH; noise_std is relative to the std of the input embeddings
-_STEP_PARAMS = {"n_steps": 64, "baseline": "zero", "batch_size": None}
-NOISE_SAMPLES = 16  # default (and n_samples=None) number of noisy samples
-_NOISE_PARAMS = {"n_samples": NOISE_SAMPLES, "noise_std": 0.1, "seed": 0, "batch_size": None}
-_SHAP_PARAMS = {"n_samples": NOISE_SAMPLES, "noise_std": 0.0, "baseline": "zero", "seed": 0, "batch_size": None}
-_PLAIN_PARAMS = {"batch_size": None}
+NOISE_SAMPLES = 16  # default number of noisy samples
+SAMPLES_PER_REQUEST = 16  # noise is drawn, and rows requested, this many samples at a time
+STEPS_PER_REQUEST = 64  # interpolation points per request (times the outputs with per_target)
+Baseline = Union[Literal["zero", "pad"], TokenId]
+BASELINE_HELP = "'zero' embedding, 'pad' (the input's pad/unk token's embedding) or a token id's embedding"
 
 
-def _batch_rows(context: MethodContext) -> int:
-    """Rows per model call: the ``batch_size`` parameter, or as many as fit ``TOKENS_PER_BATCH`` tokens."""
-    if context.params["batch_size"] is None:
-        return max(1, TOKENS_PER_BATCH // context.model_input.length)
-    return int(context.params["batch_size"])
+class StepParams(MethodParams):
+    n_steps: Optional[Count] = Field(
+        None, description="integration nodes; None: the quadrature's default (64 Gauss-Legendre nodes)")
+    tolerance: FiniteFloat = Field(
+        0.01, gt=0, description="relative completeness error above which a ConvergenceWarning is issued")
+    max_steps: Count = Field(1024, description="most integration nodes an adaptive rule may use")
+    baseline: Baseline = Field("zero", description=BASELINE_HELP)
+    max_evaluations: Count = Field(
+        DEFAULT_MAX_EVALUATIONS, description="refuse (BudgetError) explanations that would need more model evaluations")
+
+    def planned_evaluations(self) -> int:
+        return (self.n_steps or self.max_steps) + 2  # the path's points and its two ends
 
 
-class _EmbeddingTask:
-    """The pieces every gradient method shares: the attributable embeddings and a forward function over them."""
+class NoiseParams(SampledParams):
+    n_samples: Count = Field(NOISE_SAMPLES, description="noisy samples (rows) per output")
+    noise_std: FiniteFloat = Field(0.1, ge=0, description="noise standard deviation, relative to std(input embeddings)")
+
+    def planned_evaluations(self) -> int:
+        return self.n_samples
+
+
+class ShapParams(NoiseParams):
+    noise_std: FiniteFloat = Field(0.0, ge=0, description="noise standard deviation, relative to std(input embeddings)")
+    baseline: Baseline = Field("zero", description=BASELINE_HELP)
+
+
+class _Embeddings:
+    """The attributable tokens' embeddings of one explanation, the outputs it differentiates, and the reductions."""
 
     def __init__(self, context: MethodContext) -> None:
+        if not context.features:
+            raise NoAttributableFeaturesError("there are no features to attribute to")
         self.context = context
         scorer, model_input = context.scorer, context.model_input
-        self.positions = torch.from_numpy(np.flatnonzero(model_input.attributable))
         scorer.embedding_layer()  # typed error for models without input embeddings, before any model call
-        # the tokens before the first attributable one never change: the scorer runs them once (prefix cache)
-        self.prefix = scorer.prefix(model_input.input_ids, int(self.positions[0]))
-        start = self.prefix.length if self.prefix is not None else 0
-        self.full = scorer.embed(model_input.input_ids[start:]).float()  # (L - start, H); float32 gradients
-        self._positions_on_device = (self.positions - start).to(self.full.device)
-        self.inputs = self.full[self._positions_on_device].unsqueeze(0)  # (1, A, H)
-        self.target_ids = model_input.target_ids
-        self.n_target = model_input.n_target
+        positions = np.flatnonzero(model_input.attributable)
+        self.inputs = scorer.embed(model_input.input_ids[positions])  # (A, H) float32
+        index = {int(p): i for i, p in enumerate(positions)}
+        self.membership = torch.zeros(len(context.features), len(positions), dtype=torch.float64)  # (F, A)
+        for row, feature in enumerate(context.features):
+            self.membership[row, [index[p] for p in feature.token_positions]] = 1.0
+        # the explained score, then (per_target) each target token's log-prob
+        self.outputs = [EXPLAINED_SCORE] + (list(range(model_input.n_target)) if context.per_target else [])
 
-    def forward(self, attributed: torch.Tensor, per_target: bool = False) -> torch.Tensor:
-        """(B, A, H) attributable embeddings -> (B,) explained score, or (B, n_target) log-probs."""
-        scorer = self.context.scorer
-        batch = self.full.unsqueeze(0).expand(attributed.shape[0], -1, -1).clone()
-        batch[:, self._positions_on_device] = attributed
-        if torch.is_grad_enabled() and attributed.requires_grad:
-            scorer.count.backward_passes += 1  # captum differentiates every forward it makes with grad enabled
-        if per_target:
-            return scorer.target_log_probs(self.target_ids, inputs_embeds=batch, prefix=self.prefix)
-        return scorer.score_embeddings(self.target_ids, batch, self.prefix)
-
-    def baseline(self, spec: Any) -> torch.Tensor:
-        """(1, A, H) baseline: "zero", "pad" (the input's baseline token) or a token id, at every attributed token."""
+    def baseline(self, spec: Union[str, int]) -> torch.Tensor:
+        """(A, H) baseline: "zero", "pad" (the input's baseline token) or a token id, at every attributed token."""
         if spec == "zero":
             return torch.zeros_like(self.inputs)
-        if spec == "pad":
-            spec = self.context.model_input.baseline_token_id
-        embedding = self.context.scorer.embed(torch.tensor([int(spec)])).float()
-        return embedding.expand_as(self.inputs[0]).unsqueeze(0).clone()
+        token = self.context.model_input.baseline_token_id if spec == "pad" else int(spec)
+        return self.context.scorer.embed(torch.tensor([token])).expand_as(self.inputs).clone()
 
-    def runs(self) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor], Callable[..., torch.Tensor]]]:
-        """(inputs, captum target, forward) for the sequence score, then per target token if a matrix is asked."""
-        yield self.inputs.clone().requires_grad_(True), None, self.forward
-        if self.context.per_target:
-            repeated = self.inputs.expand(self.n_target, -1, -1).clone().requires_grad_(True)
-            targets = torch.arange(self.n_target, device=repeated.device)  # captum gathers on the output's device
-            yield repeated, targets, lambda x: self.forward(x, per_target=True)
+    def check_budget(self, method: str, rows_per_output: int, max_evaluations: int, hint: str, fixed: int = 0) -> None:
+        """BudgetError before any model call when this item's rows (``rows_per_output`` per output, + ``fixed``)
+        exceed ``max_evaluations`` (with per_target, every target token is an output)."""
+        planned = rows_per_output * len(self.outputs) + fixed
+        if planned > max_evaluations:
+            raise BudgetError(f"{method} would need {planned} gradient rows, more than "
+                              f"max_evaluations={max_evaluations}; {hint}")
 
-    def feature_scores(self, attributions: torch.Tensor, reduction: Reduction) -> np.ndarray:
-        """(..., A, H) attributions -> (..., n_features): sum, or L2 norm over each feature's tokens and dims."""
-        index = {int(p): i for i, p in enumerate(self.positions)}
-        membership = torch.zeros(len(self.context.features), len(index), dtype=torch.float64)
-        for row, feature in enumerate(self.context.features):
-            membership[row, [index[p] for p in feature.token_positions]] = 1.0
-        values = attributions.detach().double().cpu()
+    def rows(self, points: torch.Tensor) -> EmbeddingRows:
+        """Every point (k, A, H), once per output: k x outputs rows (point-major)."""
+        repeated = points.repeat_interleave(len(self.outputs), dim=0)
+        return EmbeddingRows(repeated, np.tile(self.outputs, len(points)))
+
+    def per_output(self, answer: EmbeddingAnswer) -> torch.Tensor:
+        """(k x outputs, A, H) gradients of ``rows`` -> (outputs, k, A, H)."""
+        gradients = answer.gradients.double()
+        return gradients.reshape(-1, len(self.outputs), *gradients.shape[1:]).transpose(0, 1)
+
+    def result(self, token_values: torch.Tensor, reduction: Reduction, **metadata: object) -> RawAttribution:
+        """(outputs, A, H) per-token, per-dimension values -> feature scores (and the per-target matrix)."""
+        values = token_values.double().cpu()
         if reduction == "sum":
-            return (values.sum(-1) @ membership.T).numpy()
-        return (values.square().sum(-1) @ membership.T).sqrt().numpy()
+            features = values.sum(-1) @ self.membership.T
+        else:
+            features = (values.square().sum(-1) @ self.membership.T).sqrt()
+        features = features.numpy()
+        matrix = features[1:] if self.context.per_target else None
+        return RawAttribution(feature_scores=features[0], matrix=matrix, metadata=dict(metadata))
 
 
-def _sample_gradients(
-    fn: Callable[..., torch.Tensor], points: torch.Tensor, target: Optional[torch.Tensor], rows: int
-) -> torch.Tensor:
-    """Gradients of ``fn`` at (S, R, A, H) ``points`` (S samples of R inputs), ``rows`` points per model call."""
-    samples, inputs = points.shape[:2]
-    flat = points.reshape(samples * inputs, *points.shape[2:])
-    targets = None if target is None else target.repeat(samples)
-    saliency = Saliency(fn)
-    gradients = [
-        saliency.attribute(flat[i : i + rows].clone().requires_grad_(True), abs=False,
-                           target=None if targets is None else targets[i : i + rows])
-        for i in range(0, flat.shape[0], rows)
-    ]
-    return torch.cat(gradients).reshape(points.shape)
+def _seed(params: dict) -> int:
+    """The run's seed: the given one, or fresh randomness (not the global RNG) for None."""
+    return int(np.random.default_rng().integers(2**32)) if params["seed"] is None else int(params["seed"])
 
 
-def _gaussian(context: MethodContext, task: _EmbeddingTask, shape: tuple[int, ...]) -> torch.Tensor:
-    """Noise of std ``noise_std`` x std(input embeddings), from a generator seeded by ``seed``.
-
-    Drawn on the CPU from its own generator: independent of the global RNG, of the device and of the batch size.
-    """
-    generator = torch.Generator().manual_seed(int(context.params["seed"]))
-    stdev = float(context.params["noise_std"]) * float(task.inputs.std())
-    return (torch.randn(shape, generator=generator) * stdev).to(task.inputs.device)
+def noise_chunks(seed: int, n_samples: int, shape: tuple[int, ...], stdev: float) -> Iterator[torch.Tensor]:
+    """Gaussian noise for ``n_samples`` samples of ``shape``, ``SAMPLES_PER_REQUEST`` at a time, from a CPU generator
+    seeded by ``seed``: independent of the global RNG, the device and the batch size."""
+    generator = torch.Generator().manual_seed(seed)
+    for start in range(0, n_samples, SAMPLES_PER_REQUEST):
+        yield torch.randn((min(SAMPLES_PER_REQUEST, n_samples - start), *shape), generator=generator) * stdev
 
 
-def _collect(task: _EmbeddingTask, attribute: Callable[..., torch.Tensor], reduction: Reduction) -> RawAttribution:
-    """Run ``attribute(inputs, target, forward)`` for the sequence score (and per target token) and reduce."""
-    results = [task.feature_scores(attribute(x, target, fn), reduction) for x, target, fn in task.runs()]
-    return RawAttribution(feature_scores=results[0][0], matrix=results[1] if len(results) > 1 else None)
-
-
-@register_method(AttributionMethod.INTEGRATED_GRADIENTS, kind="gradient", additive=True, defaults=_STEP_PARAMS,
-                 description="path integral of gradients from a baseline (Gauss-Legendre quadrature)")
-def integrated_gradients(context: MethodContext) -> RawAttribution:
-    n_steps = int(context.params["n_steps"])
-    batch_size = _batch_rows(context)
-    task = _EmbeddingTask(context)
-    baseline = task.baseline(context.params["baseline"])
-
-    def attribute(x: torch.Tensor, target: Optional[torch.Tensor], fn: Callable[..., torch.Tensor]) -> torch.Tensor:
-        ig = IntegratedGradients(fn, multiply_by_inputs=True)
-        return ig.attribute(x, baselines=baseline.expand_as(x), target=target, n_steps=n_steps,
-                            method="gausslegendre", internal_batch_size=max(batch_size, x.shape[0]))
-
-    raw = _collect(task, attribute, "sum")
-    with torch.no_grad():
-        endpoints = task.forward(torch.cat([task.inputs, baseline]))
-    difference = float(endpoints[0] - endpoints[1])
-    delta = abs(float(raw.feature_scores.sum()) - difference)
+@register_method(AttributionMethod.INTEGRATED_GRADIENTS, kind="gradient", additive=True, params=StepParams,
+                 description="path integral of gradients from a baseline (quadrature with an error estimate)")
+def integrated_gradients(context: MethodContext) -> Plan:
+    params = context.params
+    embeddings = _Embeddings(context)
+    embeddings.check_budget("integrated gradients", params["n_steps"] or params["max_steps"],
+                            params["max_evaluations"], "lower n_steps or max_steps", fixed=2)
+    x, b = embeddings.inputs, embeddings.baseline(params["baseline"])
+    ends = yield EmbeddingRows(torch.stack([x, b]), gradients=False)
+    log_probs = torch.from_numpy(ends.log_probs)
+    endpoints = [context.scorer.reduce(log_probs)] + [log_probs[:, t] for t in embeddings.outputs[1:]]
+    totals = [float(value[0] - value[1]) for value in endpoints]
+    rules = [integrate(total, n_steps=params["n_steps"], tolerance=params["tolerance"],
+                       max_steps=params["max_steps"]) for total in totals]
+    pending = {output: next(rule) for output, rule in enumerate(rules)}
+    integrals = {}
+    while pending:  # every rule's points of a round go out together, at most STEPS_PER_REQUEST rows a request
+        pairs = [(output, float(alpha)) for output in sorted(pending) for alpha in pending[output]]
+        contributions: dict[int, list[torch.Tensor]] = {output: [] for output in pending}
+        for start in range(0, len(pairs), STEPS_PER_REQUEST):
+            chunk = pairs[start : start + STEPS_PER_REQUEST]
+            alphas = torch.tensor([alpha for _, alpha in chunk], dtype=x.dtype, device=x.device)[:, None, None]
+            outputs = np.array([embeddings.outputs[output] for output, _ in chunk])
+            answer = yield EmbeddingRows(b + alphas * (x - b), outputs)
+            for (output, _), gradient in zip(chunk, answer.gradients):
+                contributions[output].append(((x - b).double() * gradient.double()).sum(-1).cpu())
+        for output in sorted(pending):
+            vector = torch.stack(contributions[output]).numpy()  # (k, A)
+            try:
+                pending[output] = rules[output].send((vector.sum(1), vector))
+            except StopIteration as stop:
+                integrals[output] = stop.value
+                del pending[output]
+    sequence = integrals[0]
+    if not sequence.converged:
+        warnings.warn(
+            f"integrated gradients: relative completeness error {sequence.error:.3g} is above tolerance="
+            f"{params['tolerance']} after {sequence.n_evaluations} steps; raise n_steps (or max_steps)",
+            ConvergenceWarning, stacklevel=2)
+    values = torch.stack([torch.from_numpy(integrals[o].value) for o in range(len(rules))])[..., None]  # (O, A, 1)
+    raw = embeddings.result(values, "sum")
+    delta = abs(float(raw.feature_scores.sum()) - totals[0])
     raw.metadata.update(
-        convergence_delta=delta,
-        relative_convergence_delta=delta / abs(difference) if difference else None,
-        score_input=float(endpoints[0]),
-        score_baseline=float(endpoints[1]),
+        convergence_delta=delta, relative_convergence_delta=delta / abs(totals[0]) if totals[0] else None,
+        score_input=float(endpoints[0][0]), score_baseline=float(endpoints[0][1]),
+        n_steps_used=sequence.n_evaluations, integration_error=sequence.error, converged=sequence.converged,
     )
     return raw
 
 
-@register_method(AttributionMethod.GRADIENT_SHAP, kind="gradient", additive=True, defaults=_SHAP_PARAMS,
+@register_method(AttributionMethod.GRADIENT_SHAP, kind="gradient", additive=True, params=ShapParams,
                  description="expected gradients at random points between baseline and (noisy) input")
-def gradient_shap(context: MethodContext) -> RawAttribution:
-    n_samples = int(context.params["n_samples"] or NOISE_SAMPLES)
-    task = _EmbeddingTask(context)
-    baseline = task.baseline(context.params["baseline"])
+def gradient_shap(context: MethodContext) -> Plan:
+    params = context.params
+    embeddings = _Embeddings(context)
+    embeddings.check_budget("gradient_shap", params["n_samples"], params["max_evaluations"], "lower n_samples")
+    x, b = embeddings.inputs, embeddings.baseline(params["baseline"])
+    seed = _seed(params)
+    alphas = torch.Generator().manual_seed(seed + 1)
+    total = torch.zeros((len(embeddings.outputs), *x.shape), dtype=torch.float64, device=x.device)
+    stdev = float(params["noise_std"]) * float(x.std())
+    for noise in noise_chunks(seed, params["n_samples"], tuple(x.shape), stdev):
+        noisy = x + noise.to(x.device)
+        alpha = torch.rand((len(noise), 1, 1), generator=alphas).to(x.device)
+        answer = yield embeddings.rows(b + alpha * (noisy - b))
+        total += ((noisy - b).double().unsqueeze(0) * embeddings.per_output(answer)).sum(1)
+    return embeddings.result(total / params["n_samples"], "sum")
 
-    def attribute(x: torch.Tensor, target: Optional[torch.Tensor], fn: Callable[..., torch.Tensor]) -> torch.Tensor:
-        # E[(x + noise - b) * grad f(b + alpha (x + noise - b))], alpha ~ U(0, 1): captum's GradientShap estimator,
-        # sampled from a seeded generator so that batch size and global RNG do not change the result
-        noisy = x.unsqueeze(0) + _gaussian(context, task, (n_samples, *x.shape))
-        generator = torch.Generator().manual_seed(int(context.params["seed"]) + 1)
-        alphas = torch.rand((n_samples, x.shape[0], 1, 1), generator=generator).to(x.device)
-        points = baseline + alphas * (noisy - baseline)
-        gradients = _sample_gradients(fn, points, target, _batch_rows(context))
-        return ((noisy - baseline) * gradients).mean(0)
 
-    return _collect(task, attribute, "sum")
-
-
-@register_method(AttributionMethod.INPUT_X_GRADIENT, kind="gradient", additive=True, defaults=_PLAIN_PARAMS,
+@register_method(AttributionMethod.INPUT_X_GRADIENT, kind="gradient", additive=True, params=MethodParams,
                  description="input embedding times gradient, summed over the hidden dimension")
-def input_x_gradient(context: MethodContext) -> RawAttribution:
-    task = _EmbeddingTask(context)
-    return _collect(task, lambda x, target, fn: InputXGradient(fn).attribute(x, target=target), "sum")
+def input_x_gradient(context: MethodContext) -> Plan:
+    embeddings = _Embeddings(context)
+    answer = yield embeddings.rows(embeddings.inputs.unsqueeze(0))
+    return embeddings.result(embeddings.inputs.double() * embeddings.per_output(answer)[:, 0], "sum")
 
 
-@register_method(AttributionMethod.SALIENCY, kind="gradient", additive=False, defaults=_PLAIN_PARAMS,
+@register_method(AttributionMethod.SALIENCY, kind="gradient", additive=False, params=MethodParams,
                  description="L2 norm of the gradient")
-def saliency(context: MethodContext) -> RawAttribution:
-    task = _EmbeddingTask(context)
-    return _collect(task, lambda x, target, fn: Saliency(fn).attribute(x, target=target, abs=False), "l2")
+def saliency(context: MethodContext) -> Plan:
+    embeddings = _Embeddings(context)
+    answer = yield embeddings.rows(embeddings.inputs.unsqueeze(0))
+    return embeddings.result(embeddings.per_output(answer)[:, 0], "l2")
 
 
-def _noisy_gradients(context: MethodContext, reduction: Reduction,
-                     statistic: Callable[[torch.Tensor], torch.Tensor]) -> RawAttribution:
-    """``statistic`` over the sample axis of gradients at noisy copies of the input (SmoothGrad family)."""
-    n_samples = int(context.params["n_samples"] or NOISE_SAMPLES)
-    task = _EmbeddingTask(context)
+def _noisy_gradients(context: MethodContext, statistic: Literal["mean", "square", "variance"]) -> Plan:
+    """Running sums of the gradient (and its square) at noisy copies of the input -> the SmoothGrad family."""
+    params = context.params
+    embeddings = _Embeddings(context)
+    embeddings.check_budget(f"{statistic} of noisy gradients", params["n_samples"], params["max_evaluations"],
+                            "lower n_samples")
+    x = embeddings.inputs
+    shape = (len(embeddings.outputs), *x.shape)
+    total = torch.zeros(shape, dtype=torch.float64, device=x.device)
+    squares = torch.zeros(shape, dtype=torch.float64, device=x.device)
+    stdev = float(params["noise_std"]) * float(x.std())
+    for noise in noise_chunks(_seed(params), params["n_samples"], tuple(x.shape), stdev):
+        answer = yield embeddings.rows(x + noise.to(x.device))
+        gradients = embeddings.per_output(answer)
+        total += gradients.sum(1)
+        squares += gradients.square().sum(1)
+    mean, mean_square = total / params["n_samples"], squares / params["n_samples"]
+    if statistic == "mean":
+        return embeddings.result(mean, "l2")
+    if statistic == "square":
+        return embeddings.result(mean_square, "sum")
+    return embeddings.result((mean_square - mean.square()).clamp(min=0.0), "sum")
 
-    def attribute(x: torch.Tensor, target: Optional[torch.Tensor], fn: Callable[..., torch.Tensor]) -> torch.Tensor:
-        points = x.unsqueeze(0) + _gaussian(context, task, (n_samples, *x.shape))
-        return statistic(_sample_gradients(fn, points, target, _batch_rows(context)))
 
-    return _collect(task, attribute, reduction)
-
-
-@register_method(AttributionMethod.SMOOTH_GRAD, kind="gradient", additive=False, defaults=_NOISE_PARAMS,
+@register_method(AttributionMethod.SMOOTH_GRAD, kind="gradient", additive=False, params=NoiseParams,
                  description="L2 norm of the gradient averaged over noisy copies of the input")
-def smooth_grad(context: MethodContext) -> RawAttribution:
-    return _noisy_gradients(context, "l2", lambda g: g.mean(0))
+def smooth_grad(context: MethodContext) -> Plan:
+    return (yield from _noisy_gradients(context, "mean"))
 
 
-@register_method(AttributionMethod.SQUARE_GRAD, kind="gradient", additive=False, defaults=_NOISE_PARAMS,
+@register_method(AttributionMethod.SQUARE_GRAD, kind="gradient", additive=False, params=NoiseParams,
                  description="mean squared gradient over noisy copies, summed over the hidden dimension")
-def square_grad(context: MethodContext) -> RawAttribution:
-    return _noisy_gradients(context, "sum", lambda g: g.square().mean(0))
+def square_grad(context: MethodContext) -> Plan:
+    return (yield from _noisy_gradients(context, "square"))
 
 
-@register_method(AttributionMethod.VAR_GRAD, kind="gradient", additive=False, defaults=_NOISE_PARAMS,
+@register_method(AttributionMethod.VAR_GRAD, kind="gradient", additive=False, params=NoiseParams,
                  description="variance of the gradient over noisy copies, summed over the hidden dimension")
-def var_grad(context: MethodContext) -> RawAttribution:
-    return _noisy_gradients(context, "sum", lambda g: g.var(0, unbiased=False))
+def var_grad(context: MethodContext) -> Plan:
+    return (yield from _noisy_gradients(context, "variance"))
