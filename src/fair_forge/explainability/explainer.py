@@ -14,7 +14,7 @@ from .methods import MethodContext, MethodSpec, RawAttribution, get_method
 from .models import borrowed, display_name
 from .prompt import ModelInput, build_model_input
 from .scoring import ScoreKind, TargetScorer, model_context_length
-from .segment import Feature, build_features
+from .segment import Feature, build_features, check_message_indices, restrict_to_messages
 from .types import (
     AttributionBatchResult,
     AttributionMatrix,
@@ -60,6 +60,7 @@ class _Settings:
     params: dict[str, Any]
     granularity: Granularity
     per_target: bool
+    attribute_messages: Optional[tuple[int, ...]] = None  # None: every message's text is attributable
 
 
 @dataclass(frozen=True)
@@ -118,14 +119,16 @@ class AttributionExplainer:
         method: Optional[MethodLike] = None,
         granularity: Optional[GranularityLike] = None,
         per_target: bool = False,
+        attribute_messages: Optional[Sequence[int]] = None,
         **method_params: Any,
     ) -> AttributionResult:
         """Attribute ``target`` to the features of ``messages`` (chat) or ``prompt`` (raw text).
 
-        ``per_target=True`` also returns a (target tokens x features) matrix. Method parameters (``n_steps``,
+        ``per_target=True`` also returns a (target tokens x features) matrix. ``attribute_messages=[i, ...]``
+        attributes to those messages only; the others (e.g. the question) stay as unperturbed context. Method parameters (``n_steps``,
         ``n_samples``, ``baseline``, ``noise_std``, ``seed``, ``batch_size``, ...) are passed as keywords.
         """
-        settings = self._settings(method, granularity, per_target, method_params)
+        settings = self._settings(method, granularity, per_target, method_params, attribute_messages)
         request = self._prepare(messages, prompt, target, settings)
         ((_, outcome),) = self._outcomes([request], settings)
         if isinstance(outcome, Exception):
@@ -133,7 +136,7 @@ class AttributionExplainer:
         return outcome
 
     def _settings(self, method: Optional[MethodLike], granularity: Optional[GranularityLike], per_target: bool,
-                  method_params: Mapping[str, Any]) -> _Settings:
+                  method_params: Mapping[str, Any], attribute_messages: Optional[Sequence[int]] = None) -> _Settings:
         """The method and its validated parameters: every settings error is raised here, once, before any item."""
         spec = get_method(method if method is not None else self.default_method)
         scorer = TargetScorer(self.model)  # a typed error for a model without parameters
@@ -141,7 +144,7 @@ class AttributionExplainer:
         level = parse_granularity(granularity if granularity is not None else self.default_granularity)
         if spec.kind == "gradient":
             scorer.embedding_layer()  # typed error for models without input embeddings
-        return _Settings(spec, params, level, bool(per_target))
+        return _Settings(spec, params, level, bool(per_target), check_message_indices(attribute_messages))
 
     def _prepare(self, messages: Optional[Messages], prompt: Optional[str], target: Optional[str],
                  settings: _Settings) -> _Request:
@@ -161,6 +164,7 @@ class AttributionExplainer:
                 f"prompt + target are {model_input.length} tokens but the model takes at most {limit}; "
                 "shorten the prompt or the target"
             )
+        model_input = restrict_to_messages(model_input, settings.attribute_messages)
         return _Request(model_input, build_features(model_input, settings.granularity))
 
     def _outcomes(self, requests: Iterable[Union[_Request, Exception]], settings: _Settings
@@ -264,6 +268,7 @@ class AttributionExplainer:
         granularity: Optional[GranularityLike] = None,
         per_target: bool = False,
         show_progress: bool = True,
+        attribute_messages: Optional[Sequence[int]] = None,
         **method_params: Any,
     ) -> AttributionBatchResult:
         """Explain every item; an item that fails is recorded in ``failures`` and the others still return.
@@ -283,7 +288,8 @@ class AttributionExplainer:
         outcomes: dict[int, Union[AttributionResult, BatchFailure]] = {}
         try:
             for index, outcome in self.iter_explain(records, method=method, granularity=granularity,
-                                                    per_target=per_target, **method_params):
+                                                    per_target=per_target, attribute_messages=attribute_messages,
+                                                    **method_params):
                 outcomes[index] = outcome
                 progress.update(1)
         finally:
@@ -304,6 +310,7 @@ class AttributionExplainer:
         method: Optional[MethodLike] = None,
         granularity: Optional[GranularityLike] = None,
         per_target: bool = False,
+        attribute_messages: Optional[Sequence[int]] = None,
         **method_params: Any,
     ) -> Iterator[tuple[int, Union[AttributionResult, BatchFailure]]]:
         """Stream ``(index, result or failure)`` over ``items`` (any iterable, read lazily), as items finish.
@@ -312,7 +319,7 @@ class AttributionExplainer:
         the first item is read; an item that fails yields a ``BatchFailure`` and the stream goes on. At most
         ``engine.ITEMS_IN_FLIGHT`` items are in flight at once, so items may finish out of input order.
         """
-        settings = self._settings(method, granularity, per_target, method_params)
+        settings = self._settings(method, granularity, per_target, method_params, attribute_messages)
         if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
             raise InvalidInputError("items must be an iterable of (messages_or_prompt, target) pairs or dicts")
         return self._stream(items, settings)

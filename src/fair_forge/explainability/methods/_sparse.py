@@ -10,12 +10,14 @@ The Lasso picks the features; their coefficients are then refitted by least squa
 ``4 * alpha`` on 0/1 masks. So a value function that is exactly linear in a few features is recovered exactly.
 
 Same conventions as ``_coalitions``: ``v(masks) -> scores``, masks (n, d) bool with True = kept, scores (n,) or
-(n, K); the estimate is (d,) or (K, d), each output column fitted on its own.
+(n, K); the estimate is (d,) or (K, d), each output column fitted on its own. ``sparse_plan`` is the generator the
+batch engine drives (it yields its distinct masks once, receives their values and returns the ``Estimate``);
+``sparse_surrogate`` drives it with a value function.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -23,12 +25,14 @@ from ..errors import InvalidInputError
 from ._coalitions import (
     DEFAULT_MAX_EVALUATIONS,
     Estimate,
-    MaskEvaluator,
+    EstimatorPlan,
     ValueFunction,
     _check_budget,
     _check_features,
+    _distinct_values,
     _per_column,
     check_count,
+    run_with,
 )
 
 DEFAULT_ALPHA = 0.01  # ContextCite's Lasso regularization, in units of the explained score
@@ -58,16 +62,14 @@ def _fit_column(data: np.ndarray, labels: np.ndarray, alpha: float) -> tuple[np.
     return coefficients, float(solution[0])
 
 
-def sparse_surrogate(
-    value_fn: ValueFunction,
+def sparse_plan(
     n_features: int,
     *,
     n_samples: Optional[int] = None,
     alpha: float = DEFAULT_ALPHA,
     seed: Optional[int] = 0,
-    batch_size: Optional[int] = None,
     max_evaluations: int = DEFAULT_MAX_EVALUATIONS,
-) -> Estimate:
+) -> EstimatorPlan:
     """Coefficients of a sparse linear model of ``v`` fitted on ``n_samples`` random half-ablations.
 
     ``n_samples`` defaults to ``default_n_ablations(d)`` (32 to 64). Extras: ``intercept`` and the fit's ``r2`` on
@@ -79,8 +81,7 @@ def sparse_surrogate(
         raise InvalidInputError(f"alpha must be a number > 0, got {alpha!r}")
     _check_budget("the sparse surrogate", n_samples, max_evaluations, "lower n_samples")
     masks = ablation_masks(n_features, n_samples, np.random.default_rng(seed))
-    evaluator = MaskEvaluator(value_fn, n_features, batch_size)
-    scores = evaluator(masks)
+    scores, n_evaluations = yield from _distinct_values(masks)
     labels = scores.reshape(n_samples, -1)
     data = masks.astype(np.float64)
     fits = [_fit_column(data, labels[:, column], float(alpha)) for column in range(labels.shape[1])]
@@ -91,4 +92,10 @@ def sparse_surrogate(
     r2 = 1.0 - float(np.square(residual).sum()) / spread if spread > 0 else 1.0
     values = coefficients[0] if scores.ndim == 1 else _per_column(coefficients.T)
     extras = {"intercept": intercept, "r2": r2, "n_selected": int(np.count_nonzero(coefficients[0]))}
-    return Estimate(values, evaluator.n_evaluations, extras)
+    return Estimate(values, n_evaluations, extras)
+
+
+def sparse_surrogate(value_fn: ValueFunction, n_features: int, *, batch_size: Optional[int] = None,
+                     **params: Any) -> Estimate:
+    """``sparse_plan`` driven by ``value_fn`` (``batch_size`` masks per call)."""
+    return run_with(sparse_plan(n_features, **params), value_fn, n_features, batch_size)
