@@ -67,9 +67,18 @@ def _integer(value: Any) -> Any:
     return int(value) if isinstance(value, np.integer) else value
 
 
+def _seed(value: Any) -> Optional[int]:
+    """None (fresh randomness) or an integer in [0, 2**32): the one rule, and the message says both."""
+    if value is None:
+        return None
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and 0 <= value < SEED_LIMIT:
+        return int(value)
+    raise ValueError("must be None (fresh randomness) or an integer in [0, 2**32)")
+
+
 Count = Annotated[int, BeforeValidator(_integer), Field(ge=1, strict=True)]
 TokenId = Annotated[int, BeforeValidator(_integer), Field(ge=0, strict=True)]
-Seed = Optional[Annotated[int, BeforeValidator(_integer), Field(ge=0, lt=SEED_LIMIT, strict=True)]]
+Seed = Annotated[Optional[int], BeforeValidator(_seed)]
 Flag = Annotated[bool, Field(strict=True)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -127,7 +136,8 @@ class MethodSpec:
             model = self.params.model_validate(dict(given))
         except ValidationError as error:
             problems = "; ".join(
-                f"{'.'.join(str(part) for part in issue['loc']) or 'parameters'}: {issue['msg']} "
+                f"{'.'.join(str(part) for part in issue['loc']) or 'parameters'}: "
+                f"{issue['msg'].removeprefix('Value error, ')} "
                 f"(got {issue.get('input')!r})" for issue in error.errors())
             raise InvalidInputError(f"{self.name}: {problems}") from None
         params = model.model_dump()
