@@ -61,3 +61,26 @@ def test_bad_parameters_are_typed_errors_before_any_evaluation():
         sparse_surrogate(never, 5, n_samples=1)
     with pytest.raises(BudgetError, match="max_evaluations"):
         sparse_surrogate(never, 5, n_samples=50, max_evaluations=10)
+
+
+def test_context_cite_method_is_the_estimator_on_the_model_value_function(tiny_lm):
+    from fair_forge.explainability import AttributionExplainer
+    from fair_forge.explainability.prompt import build_model_input
+    from fair_forge.explainability.scoring import TargetScorer
+    from fair_forge.explainability.segment import build_features
+    from fair_forge.explainability.types import Granularity
+
+    model, tokenizer = tiny_lm
+    prompt, target = "Paris is a city in France. Berlin is the capital of Germany. Dogs and cats are friends!", "Paris"
+    result = AttributionExplainer(model, tokenizer).explain(prompt=prompt, target=target, method="context_cite",
+                                                           granularity="word", seed=5)
+    model_input = build_model_input(tokenizer, target=target, prompt=prompt)
+    features = build_features(model_input, Granularity.WORD)
+    membership = np.zeros((len(features), model_input.length), dtype=bool)
+    for row, feature in enumerate(features):
+        membership[row, list(feature.token_positions)] = True
+    scorer = TargetScorer(model)
+    expected = sparse_surrogate(lambda masks: scorer.score_token_masks(model_input, ~(~masks @ membership)),
+                                len(features), seed=5)
+    np.testing.assert_allclose(result.scores, expected.values, atol=1e-6)
+    assert str(result.method) == "context_cite" and result.metadata.n_selected == expected.extras["n_selected"]
