@@ -250,3 +250,13 @@ def test_model_name_never_carries_a_local_path(tiny_gpt2, tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "my-model")
     assert AttributionExplainer(loaded, tokenizer).model_name == "my-model"
     assert AttributionExplainer(loaded, tokenizer, model_name="custom").model_name == "custom"
+
+
+def test_methods_doc_parameter_tables_are_the_generated_ones():
+    from pathlib import Path
+
+    from fair_forge.explainability.methods import methods_reference
+
+    text = (Path(__file__).parents[1] / "docs" / "methods.md").read_text(encoding="utf-8")
+    marker = "<!-- parameters: generated -->\n"
+    assert text.split(marker, 1)[1] == methods_reference()

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Generator, Literal, Mapping, Optional, Union
+from types import UnionType
+from typing import (TYPE_CHECKING, Annotated, Any, Callable, Generator, Literal, Mapping, Optional, Union, get_args,
+                    get_origin)
 
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
+from pydantic.fields import FieldInfo
 
 from ..errors import BudgetError, InvalidInputError, UnknownMethodError
 from ._coalitions import DEFAULT_MAX_EVALUATIONS
@@ -99,7 +102,7 @@ class MethodParams(BaseModel):
 class SampledParams(MethodParams):
     """Parameters of methods that draw random samples within an evaluation budget."""
 
-    seed: Seed = Field(0, description="seed of the method's own generator (None: fresh randomness each run)")
+    seed: Seed = Field(0, description="seed of the method's own generator, in [0, 2**32); None: fresh randomness")
     max_evaluations: Count = Field(
         DEFAULT_MAX_EVALUATIONS, description="refuse (BudgetError) explanations that would need more model evaluations")
 
@@ -249,24 +252,29 @@ def parameter_table(model: type[BaseModel]) -> str:
     """A markdown table of a parameter model's fields: name, type, default, meaning (what docs/methods.md shows)."""
     lines = ["| parameter | type | default | meaning |", "|---|---|---|---|"]
     for name, info in model.model_fields.items():
-        kind = _type_name(info.annotation)
-        bounds = [f"{symbol} {value}" for meta in info.metadata for symbol, attribute in
-                  ((">=", "ge"), (">", "gt"), ("<", "lt"), ("<=", "le")) if (value := getattr(meta, attribute, None)) is not None]
-        kind += f" ({', '.join(bounds)})" if bounds else ""
+        kind = _type_name(info.annotation) + _bounds(info.metadata)
         default = repr(info.get_default(call_default_factory=True))
         lines.append(f"| `{name}` | {kind} | `{default}` | {info.description or ''} |")
     return "\n".join(lines)
 
 
+def _bounds(metadata: Any) -> str:
+    """`` (>= 1)``-style text for the range constraints among a field's metadata."""
+    symbols = ((">=", "ge"), (">", "gt"), ("<", "lt"), ("<=", "le"))
+    items = [part for item in metadata for part in (item.metadata if isinstance(item, FieldInfo) else [item])]
+    bounds = [f"{symbol} {value}" for item in items for symbol, attribute in symbols
+              if (value := getattr(item, attribute, None)) is not None]
+    return f" ({', '.join(bounds)})" if bounds else ""
+
+
 def _type_name(annotation: Any) -> str:
-    """A short readable name of a parameter's type (``int or None``, ``'zero' or 'pad' or int``)."""
-    origin = getattr(annotation, "__origin__", None)
+    """A short readable name of a parameter's type (``int (>= 1) or None``, ``'zero' or 'pad' or int (>= 0)``)."""
+    origin, args = get_origin(annotation), get_args(annotation)
     if origin is Annotated:
-        return _type_name(annotation.__origin__)
-    args = getattr(annotation, "__args__", None)
+        return _type_name(args[0]) + _bounds(args[1:])
     if origin is Literal:
         return " or ".join(repr(value) for value in args)
-    if origin is Union or type(annotation).__name__ == "UnionType":
+    if origin is Union or isinstance(annotation, UnionType):
         return " or ".join("None" if arg is type(None) else _type_name(arg) for arg in args)
     if annotation is Any:
         return "any"
