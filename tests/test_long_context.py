@@ -85,3 +85,44 @@ def test_messages_that_do_not_exist_or_a_raw_prompt_fail_with_the_reason(tiny_gp
     with pytest.raises(InvalidInputError, match="needs chat messages"):
         explainer.explain(prompt="Paris is a city in France.", target=TARGET, method="occlusion",
                           attribute_messages=[0])
+
+
+# ---- per-row prefix reuse ---------------------------------------------------------------------------------------
+
+
+def occlusion_and_random_keeps(model_input, n_random: int = 12) -> np.ndarray:
+    """The full row, one row per attributable token masked, and random rows."""
+    attributable = np.flatnonzero(model_input.attributable)
+    keep = np.ones((1 + attributable.size + n_random, model_input.length), dtype=bool)
+    keep[np.arange(1, 1 + attributable.size), attributable] = False
+    rng = np.random.default_rng(0)
+    keep[1 + attributable.size :, attributable] = rng.random((n_random, attributable.size)) < 0.5
+    return keep
+
+
+@pytest.mark.parametrize("remove", [False, True])
+@pytest.mark.parametrize("batch_size", [1, 5, None])
+def test_rows_continuing_the_input_cache_equal_full_rows(tiny_lm, monkeypatch, remove, batch_size):
+    from fair_forge.explainability import scoring
+
+    model, tokenizer = tiny_lm
+    messages = MESSAGES if tokenizer.chat_template else None
+    prompt = None if messages else " ".join(m["content"] for m in MESSAGES)
+    model_input = build_model_input(tokenizer, target=TARGET, messages=messages, prompt=prompt)
+    keep = occlusion_and_random_keeps(model_input)
+    full = TargetScorer(model, prefix_cache=False).score_token_masks(model_input, keep, remove=remove,
+                                                                     per_target=True, batch_size=1)
+    monkeypatch.setattr(scoring, "ROW_REUSE_MIN_WIDTH", 0)
+    reusing = TargetScorer(model)
+    reused = reusing.score_token_masks(model_input, keep, remove=remove, per_target=True, batch_size=batch_size)
+    np.testing.assert_allclose(reused, full, atol=1e-5)
+    if batch_size == 1:  # one forward of the unmasked input, then each row from its first masked (or last kept) token
+        last = model_input.target_start - 1
+        computed = []
+        for row in np.unique(keep, axis=0):
+            masked = np.flatnonzero(~row)
+            start = min(masked[0], last) if masked.size else last
+            if remove:
+                start = min(start, np.flatnonzero(row[: model_input.target_start])[-1])
+            computed.append(model_input.length - start)
+        assert reusing.count.tokens_processed == last + sum(computed)

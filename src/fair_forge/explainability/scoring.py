@@ -35,6 +35,11 @@ MASKED_TOKENS_PER_CALL = 1024
 GRADIENT_TOKENS_PER_CALL = 4096
 LOGITS_PER_CALL = 2**25
 GRADIENT_LOGITS_COPIES = 4
+# Per-row prefix reuse: a masked row equals the input up to its first masked token, so it continues the unmasked
+# input's key/value cache from there. Used when a request's rows (after the shared prefix) are at least this long:
+# such calls hold few rows, while shorter rows gain more from sharing calls with the rows of other inputs (per-row
+# reuse ties each row to its own input's cache, so rows of different inputs no longer share a call).
+ROW_REUSE_MIN_WIDTH = 256
 EXPLAINED_SCORE = -1  # EmbeddingRows.outputs: differentiate the explained score (else: a target token's index)
 
 
@@ -329,25 +334,39 @@ def rows_per_call(width: int, n_target: int, vocab_size: int, *, gradients: bool
 
 @dataclass(frozen=True)
 class _Rows:
-    """One request's rows, laid out for the model: what follows the prefix, ready to be right-aligned in a call."""
+    """One request's rows, laid out for the model: what follows the prefix, ready to be right-aligned in a call.
+
+    Masked rows hold their whole sequence (``ids``, ``attention``) and, in ``cached``, how many of its first tokens
+    come from the prefix cache (the shared prefix's length, or with per-row reuse each row's first masked position);
+    a row computes only the rest.
+    """
 
     scorer: TargetScorer
     prefix: Optional[Prefix]
     target_ids: torch.Tensor
-    ids: Optional[torch.Tensor] = None  # (n, l) token ids, or
+    ids: Optional[torch.Tensor] = None  # (n, L) token ids, or
     base: Optional[torch.Tensor] = None  # (l, H) embeddings of the tokens after the prefix, whose ...
     positions: Optional[torch.Tensor] = None  # ... attributable positions (relative to the prefix) take ...
     embeds: Optional[torch.Tensor] = None  # ... (n, A, H) embeddings
-    attention: Optional[torch.Tensor] = None  # (n, l): 0 for removed tokens
+    attention: Optional[torch.Tensor] = None  # (n, L): 0 for removed tokens
     outputs: Optional[np.ndarray] = None  # (n,) scalar to differentiate per row
+    cached: Optional[np.ndarray] = None  # (n,) leading tokens of each masked row read from the prefix cache
 
     @property
     def size(self) -> int:
         return int((self.ids if self.ids is not None else self.embeds).shape[0])
 
-    @property
-    def width(self) -> int:
-        return int(self.ids.shape[1]) if self.ids is not None else int(self.base.shape[0])
+    def cached_length(self, row: int) -> int:
+        """Tokens of ``row`` read from the prefix cache."""
+        if self.cached is not None:
+            return int(self.cached[row])
+        return self.prefix.length if self.prefix is not None else 0
+
+    def width(self, row: int) -> int:
+        """Tokens ``row`` computes (after the cache)."""
+        if self.ids is not None:
+            return int(self.ids.shape[1]) - self.cached_length(row)
+        return int(self.base.shape[0])
 
 
 def _masked_rows(scorer: TargetScorer, model_input: ModelInput, request: MaskedRows) -> tuple[_Rows, np.ndarray]:
@@ -362,17 +381,28 @@ def _masked_rows(scorer: TargetScorer, model_input: ModelInput, request: MaskedR
     # tokens before the first attributable (and first masked) one are the same in every row of every call
     varied = np.flatnonzero(~unique.all(axis=0))
     start = min(np.flatnonzero(model_input.attributable)[:1].tolist() + varied[:1].tolist() + [model_input.target_start])
-    prefix = scorer.prefix(ids, start)
-    start = prefix.length if prefix is not None else 0
-    mask = torch.from_numpy(unique[:, start:])
-    rows = ids[start:].expand(len(unique), -1)
+    last = model_input.target_start - 1  # the token predicting the first target: every row computes it
+    reuse = model_input.length - start >= ROW_REUSE_MIN_WIDTH and last > start
+    prefix = scorer.prefix(ids, last if reuse else start)  # with reuse: the unmasked input's cache up to ``last``
+    if prefix is not None and reuse:  # each row continues it from its first masked token ...
+        first_masked = np.where(unique.all(axis=1), model_input.length, (~unique).argmax(axis=1))
+        if request.remove:  # ... and computes its last kept prompt token, which predicts the first target
+            prompt = unique[:, : model_input.target_start]
+            last = np.where(prompt.any(axis=1), last - prompt[:, ::-1].argmax(axis=1), 0)
+        cached = np.minimum(first_masked, last)
+    else:
+        cached = np.full(len(unique), prefix.length if prefix is not None else 0)
+    mask = torch.from_numpy(unique)
+    rows = ids.expand(len(unique), -1)
     if request.remove:  # kept tokens moved right, so the last kept one predicts the first target token
-        order = torch.sort(mask.long(), dim=1, stable=True).indices  # removed positions first, order kept
+        # after its cached tokens, a row's removed positions come first, the kept ones keep their order
+        cache_part = torch.arange(model_input.length) < torch.from_numpy(cached)[:, None]
+        order = torch.sort(torch.where(cache_part, -1, mask.long()), dim=1, stable=True).indices
         laid = _Rows(scorer, prefix, model_input.target_ids, ids=rows.gather(1, order),
-                     attention=mask.long().gather(1, order))
+                     attention=mask.long().gather(1, order), cached=cached)
     else:
         laid = _Rows(scorer, prefix, model_input.target_ids,
-                     ids=torch.where(mask, rows, torch.full_like(rows, int(request.baseline_id))))
+                     ids=torch.where(mask, rows, torch.full_like(rows, int(request.baseline_id))), cached=cached)
     return laid, inverse.reshape(-1)
 
 
@@ -425,7 +455,7 @@ def _score(requests: Sequence[_Rows], batch_size: Optional[int], gradients: bool
     grads = [torch.empty(tuple(r.embeds.shape), device=r.base.device) if gradients else None for r in requests]
     entries = [(index, row) for index, rows in enumerate(requests) for row in range(rows.size)]
     for group in _by_prefix_then_width(entries, lambda entry: requests[entry[0]].prefix,
-                                       lambda entry: requests[entry[0]].width):
+                                       lambda entry: requests[entry[0]].width(entry[1])):
         for call in _calls(group, requests, batch_size, gradients):
             log_probs, call_grads = _call([(requests[index], row) for index, row in call], gradients)
             for position, (index, row) in enumerate(call):
@@ -443,8 +473,8 @@ def _calls(group: list[tuple[int, int]], requests: Sequence[_Rows], batch_size: 
     for entry in group:
         rows = requests[entry[0]]
         tail = int(rows.target_ids.shape[-1])
-        limit = rows_per_call(rows.width, max(n_target, tail), rows.scorer.vocab_size, gradients=gradients,
-                              batch_size=batch_size)  # rows.width is the call's widest so far: the group is sorted
+        limit = rows_per_call(rows.width(entry[1]), max(n_target, tail), rows.scorer.vocab_size, gradients=gradients,
+                              batch_size=batch_size)  # the entry is the call's widest so far: the group is sorted
         if calls[-1] and len(calls[-1]) >= limit:
             calls.append([])
             n_target = 0
@@ -474,23 +504,24 @@ def _call(rows: Sequence[tuple[_Rows, int]], gradients: bool) -> tuple[np.ndarra
 
 def _call_model(rows: Sequence[tuple[_Rows, int]], gradients: bool) -> tuple[np.ndarray, Optional[torch.Tensor]]:
     first = rows[0][0]
-    scorer, prefix = first.scorer, first.prefix
-    lengths = [laid.width for laid, _ in rows]
+    scorer = first.scorer
+    cached = [laid.cached_length(row) for laid, row in rows]
+    lengths = [laid.width(row) for laid, row in rows]
     width, n_target, size = max(lengths), max(int(laid.target_ids.shape[-1]) for laid, _ in rows), len(rows)
-    attention = torch.zeros((size, width), dtype=torch.long)
+    prefix = _cropped(first.prefix, max(cached))  # each row attends to its own first cached[i] slots of it
+    reach = prefix.length if prefix is not None else 0
+    attention = torch.zeros((size, reach + width), dtype=torch.long)
     targets = torch.zeros((size, n_target), dtype=first.target_ids.dtype)
-    for position, (laid, row) in enumerate(rows):
-        attention[position, width - laid.width :] = 1 if laid.attention is None else laid.attention[row]
+    for position, ((laid, row), own, length) in enumerate(zip(rows, cached, lengths)):
+        attention[position, :own] = 1
+        attention[position, reach + width - length :] = 1 if laid.attention is None else laid.attention[row, own:]
         targets[position, n_target - int(laid.target_ids.shape[-1]) :] = laid.target_ids
-    padded = bool((attention == 0).any())
-    if padded and prefix is not None:
-        attention = torch.cat([torch.ones((size, prefix.length), dtype=torch.long), attention], dim=1)
-    mask = attention if padded else None
+    mask = attention if bool((attention == 0).any()) else None
     started = time.perf_counter()
     if first.ids is not None:
         ids = torch.zeros((size, width), dtype=first.ids.dtype)  # padding id: never attended
-        for position, (laid, row) in enumerate(rows):
-            ids[position, width - laid.width :] = laid.ids[row]
+        for position, ((laid, row), own, length) in enumerate(zip(rows, cached, lengths)):
+            ids[position, width - length :] = laid.ids[row, own:]
         with torch.no_grad():
             log_probs = scorer.target_log_probs(targets, input_ids=ids, attention_mask=mask, prefix=prefix,
                                                 count=False)
@@ -501,13 +532,25 @@ def _call_model(rows: Sequence[tuple[_Rows, int]], gradients: bool) -> tuple[np.
     return log_probs.detach().double().cpu().numpy(), grads
 
 
+def _cropped(prefix: Optional[Prefix], length: int) -> Optional[Prefix]:
+    """The first ``length`` tokens of ``prefix`` (a copy of its cache, cut), ``prefix`` itself when that is all of
+    it, None for none."""
+    if prefix is None or length == 0:
+        return None
+    if length == prefix.length:
+        return prefix
+    cache = copy.deepcopy(prefix.cache)
+    cache.crop(length - prefix.length)  # a negative count drops that many tokens from the end (all transformers)
+    return Prefix(length, cache)
+
+
 def _embedding_call(rows: Sequence[tuple[_Rows, int]], targets: torch.Tensor, mask: Optional[torch.Tensor],
                     width: int, gradients: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The forward (and backward) pass of a call of embedding rows, written into their inputs' full sequences."""
     first = rows[0][0]
     embeds = torch.zeros((len(rows), width, first.base.shape[-1]), dtype=torch.float32, device=first.base.device)
     for position, (laid, row) in enumerate(rows):
-        offset = width - laid.width
+        offset = width - laid.width(row)
         embeds[position, offset:] = laid.base
         embeds[position, offset + laid.positions] = laid.embeds[row].to(embeds.device, torch.float32)
     with torch.set_grad_enabled(gradients):
@@ -523,8 +566,8 @@ def _embedding_call(rows: Sequence[tuple[_Rows, int]], targets: torch.Tensor, ma
             output = int(laid.outputs[row])
             scalars.append(laid.scorer.reduce(own) if output == EXPLAINED_SCORE else own[output])
         (grads,) = torch.autograd.grad(torch.stack(scalars).sum(), embeds)
-    rows_grads = torch.stack([grads[position, width - laid.width + laid.positions]
-                              for position, (laid, _) in enumerate(rows)])
+    rows_grads = torch.stack([grads[position, width - laid.width(row) + laid.positions]
+                              for position, (laid, row) in enumerate(rows)])
     return log_probs, rows_grads.detach()
 
 
