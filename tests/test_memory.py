@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -24,9 +25,10 @@ from fair_forge.explainability.memory import (
     memory_budget,
     rows_per_call,
 )
+from fair_forge.explainability.prompt import ModelInput
 from fair_forge.explainability.scoring import (
-    EmbeddingRequest,
-    RowRequest,
+    EmbeddingRows,
+    MaskedRows,
     TargetScorer,
     score_embedding_requests,
     score_row_requests,
@@ -49,17 +51,23 @@ def measured_peak(call: Callable[[], object]) -> int:
 
 
 def scored_call(model, rows: int, length: int, prefix: int, grad: bool) -> Callable[[], object]:
-    """The scorer's packed call (forward + backward, or no-grad forward) over ``rows`` random rows."""
+    """The packer's call (forward + backward, or no-grad forward) over ``rows`` distinct random rows of ``length``
+    tokens after a cached ``prefix``."""
     model.requires_grad_(False)  # as during an explanation (models.borrowed): gradients w.r.t. inputs only
     scorer = TargetScorer(model)
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, model.config.vocab_size, (prefix + length,), generator=generator)
-    cached = scorer.prefix(ids, prefix)
-    target = ids[-N_TARGET:]
+    total = prefix + length
+    ids = torch.randint(5, model.config.vocab_size, (total,), generator=generator)
+    attributable = np.zeros(total, dtype=bool)
+    attributable[prefix : total - N_TARGET] = True
+    model_input = ModelInput(ids, total - N_TARGET, ((0, 0),) * total, "", attributable, (), "", "", 0, ("",) * total)
+    scorer.prefix(ids, prefix)  # computed once per explanation, before (and outside) the measured call
     if grad:
-        embeds = scorer.embed(ids[prefix:]).float().expand(rows, -1, -1).clone()
-        return lambda: score_embedding_requests([(scorer, EmbeddingRequest(embeds, target, cached))], 10**9)
-    return lambda: score_row_requests([(scorer, RowRequest(ids[prefix:].expand(rows, -1).clone(), target, cached))], rows)
+        embeds = scorer.embed(ids[attributable]).expand(rows, -1, -1).clone()
+        return lambda: score_embedding_requests([(scorer, model_input, EmbeddingRows(embeds))], batch_size=rows)
+    keep = np.ones((rows, total), dtype=bool)
+    keep[np.arange(rows), prefix + np.arange(rows)] = False  # distinct rows, each masking one token
+    return lambda: score_row_requests([(scorer, model_input, MaskedRows(keep, 0))], batch_size=rows)
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
@@ -134,3 +142,55 @@ def test_checkpointed_layers_give_the_same_gradient_with_less_memory_and_restore
     assert checkpointed_peak < plain_peak
     estimate = call_estimate(model, length=120, n_target=N_TARGET - 1, checkpoint=True).bytes_for(2)
     assert checkpointed_peak <= estimate
+
+
+MESSAGES = [{"role": "user", "content": "Paris is a city in France. What is the capital of France?"}]
+TARGET = "The capital of France is Paris."
+
+
+def test_gradient_calls_are_sized_by_max_memory_with_a_warning_below_one_row(tiny_lm):
+    from fair_forge.explainability import AttributionExplainer
+    from fair_forge.explainability.prompt import build_model_input
+
+    model, tokenizer = tiny_lm
+    messages = MESSAGES if tokenizer.chat_template else None
+    prompt = None if messages else MESSAGES[0]["content"]
+    model_input = build_model_input(tokenizer, target=TARGET, messages=messages, prompt=prompt)
+    first = int(np.flatnonzero(model_input.attributable)[0])
+    per_row = call_estimate(model, length=model_input.length - first, prefix=first,
+                            n_target=model_input.n_target).bytes_per_row
+    results = {}
+    for rows in (3, 1):
+        explainer = AttributionExplainer(model, tokenizer, max_memory=rows * per_row + 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", MemoryBudgetWarning)
+            results[rows] = explainer.explain(messages, TARGET, prompt=prompt, method="integrated_gradients", n_steps=6)
+    with pytest.warns(MemoryBudgetWarning, match="checkpoint=True"):
+        results[0] = AttributionExplainer(model, tokenizer, max_memory=per_row // 2).explain(
+            messages, TARGET, prompt=prompt, method="integrated_gradients", n_steps=6)
+    assert [results[rows].metadata.n_backward_passes for rows in (3, 1, 0)] == [2, 6, 6]
+    np.testing.assert_allclose(results[1].scores, results[3].scores, atol=1e-5)
+
+
+def test_checkpointed_gradient_calls_give_the_same_attributions(tiny_lm):
+    from fair_forge.explainability import AttributionExplainer
+
+    model, tokenizer = tiny_lm
+    messages = MESSAGES if tokenizer.chat_template else None
+    prompt = None if messages else MESSAGES[0]["content"]
+    plain, checkpointed = (
+        AttributionExplainer(model, tokenizer, checkpoint=flag).explain(
+            messages, TARGET, prompt=prompt, method="integrated_gradients", n_steps=8)
+        for flag in (False, True))
+    np.testing.assert_allclose(checkpointed.scores, plain.scores, atol=1e-5)
+    assert all("forward" not in module.__dict__ for module in model.modules())
+
+
+def test_bad_max_memory_or_checkpoint_are_rejected_by_the_explainer(tiny_gpt2):
+    from fair_forge.explainability import AttributionExplainer
+
+    model, tokenizer = tiny_gpt2
+    with pytest.raises(InvalidInputError, match="max_memory"):
+        AttributionExplainer(model, tokenizer, max_memory=-1)
+    with pytest.raises(InvalidInputError, match="checkpoint"):
+        AttributionExplainer(model, tokenizer, checkpoint="yes")

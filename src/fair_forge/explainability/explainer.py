@@ -79,6 +79,9 @@ class AttributionExplainer:
     model call (None: sized by a token and a logits budget, see ``scoring.rows_per_call``; a method's own
     ``batch_size`` parameter overrides it);
     ``prefix_cache`` runs the unchanging start of the input (system prompt, chat header) once per explanation.
+    ``max_memory`` (bytes) bounds the activation memory of a model call, which sizes calls of long inputs (None: a
+    fraction of the free memory, see ``memory.py``); ``checkpoint=True`` recomputes layers in the backward pass so
+    that gradient calls keep a fraction of that memory, for one more forward per call.
     """
 
     def __init__(
@@ -94,6 +97,8 @@ class AttributionExplainer:
         batch_size: Optional[int] = None,
         include_template_tokens: bool = False,
         prefix_cache: bool = True,
+        max_memory: Optional[int] = None,
+        checkpoint: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -102,11 +107,13 @@ class AttributionExplainer:
         self.verbose = verbose
         config = getattr(model, "config", None)
         self.model_name = model_name or display_name(getattr(config, "name_or_path", None), type(model).__name__)
-        TargetScorer(model, score=score, batch_size=batch_size)  # validates score and batch_size now
+        TargetScorer(model, score=score, batch_size=batch_size, max_memory=max_memory, checkpoint=checkpoint)  # checks
         self.score = score
         self.batch_size = batch_size
         self.include_template_tokens = include_template_tokens
         self.prefix_cache = prefix_cache
+        self.max_memory = max_memory
+        self.checkpoint = checkpoint
 
     # ---- one explanation ----------------------------------------------------------------------------------------
 
@@ -184,7 +191,8 @@ class AttributionExplainer:
                     yield engine.Rejected(index, request)
                     continue
                 scorer = TargetScorer(self.model, score=self.score, batch_size=batch_size,
-                                      prefix_cache=self.prefix_cache, prefixes=prefixes)
+                                      prefix_cache=self.prefix_cache, prefixes=prefixes,
+                                      max_memory=self.max_memory, checkpoint=self.checkpoint)
                 context = MethodContext(scorer, request.model_input, request.features, dict(settings.params),
                                         settings.per_target)
                 in_flight[index] = request

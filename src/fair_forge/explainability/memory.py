@@ -31,7 +31,11 @@ import torch
 
 from .errors import InvalidInputError
 
-DEFAULT_MEMORY_FRACTION = 0.5  # of the free memory, when no max_memory is given
+# max_memory=None: a fraction of the free memory where the model runs. On a GPU, more rows per call run in parallel,
+# so calls may take half of the free device memory; on the CPU a call of one long row is already compute-bound and
+# more rows buy no speed, while the machine's memory is shared with everything else: a tenth of what is available.
+CUDA_MEMORY_FRACTION = 0.5
+CPU_MEMORY_FRACTION = 0.1
 # attention implementations that never materialize the (rows, heads, length, keys) attention weights
 FUSED_ATTENTION = frozenset({"sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "paged_attention"})
 # activations computed by one kernel (saving one intermediate-sized tensor); others (e.g. GPT-2's "gelu_new", a chain
@@ -171,13 +175,20 @@ def _meminfo_available() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def memory_budget(model: Any, max_memory: Optional[int] = None) -> int:
-    """``max_memory`` bytes when given (checked), else ``DEFAULT_MEMORY_FRACTION`` of the free memory now."""
-    if max_memory is None:
-        return int(DEFAULT_MEMORY_FRACTION * available_memory(model))
-    if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1:
+def check_max_memory(max_memory: Any) -> Optional[int]:
+    """``max_memory`` (bytes, or None for the default budget), or a typed error."""
+    if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1):
         raise InvalidInputError(f"max_memory must be a positive number of bytes or None, got {max_memory!r}")
     return max_memory
+
+
+def memory_budget(model: Any, max_memory: Optional[int] = None) -> int:
+    """``max_memory`` bytes when given (checked), else a fraction of the free memory now (``CUDA_MEMORY_FRACTION``
+    of the device's for a model on CUDA, ``CPU_MEMORY_FRACTION`` of the machine's otherwise)."""
+    if check_max_memory(max_memory) is not None:
+        return max_memory
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    return int((CUDA_MEMORY_FRACTION if on_cuda else CPU_MEMORY_FRACTION) * available_memory(model))
 
 
 def rows_per_call(estimate: CallEstimate, budget: int) -> int:

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import inspect
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence, TypeVar
 
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 
 from .errors import InvalidInputError, UnsupportedModelError
+from .memory import CallEstimate, call_estimate, check_max_memory, checkpointed_layers, memory_budget
+from .memory import rows_per_call as rows_within_budget
 from .prompt import ModelInput
 
 ScoreKind = Literal["sum", "mean", "prob"]
@@ -159,11 +162,15 @@ class TargetScorer:
     one a call varies (system prompt, chat header) go through the model once and their key/value cache is reused
     by every row; models whose forward returns no cache are scored without it. ``prefixes`` shares those caches
     between scorers (the items of one batch). ``batch_size`` caps the rows per model call (None: budgets).
+    ``max_memory`` is the activation-memory budget of a call in bytes (None: a fraction of the free memory, see
+    ``memory.memory_budget``); ``checkpoint`` runs gradient calls with checkpointed layers (``memory.py``), which
+    keep a fraction of the memory for one more forward per call, and without the prefix cache.
     """
 
     def __init__(
         self, model: Any, *, score: ScoreKind = "sum", batch_size: Optional[int] = None, prefix_cache: bool = True,
-        prefixes: Optional[dict[tuple[int, ...], Optional[Prefix]]] = None,
+        prefixes: Optional[dict[tuple[int, ...], Optional[Prefix]]] = None, max_memory: Optional[int] = None,
+        checkpoint: bool = False,
     ) -> None:
         if score not in SCORE_KINDS:
             raise InvalidInputError(f"score must be one of {SCORE_KINDS}, got {score!r}")
@@ -182,6 +189,10 @@ class TargetScorer:
         self._cache_argument = cache_argument(model)
         self.prefix_cache = prefix_cache
         self._prefixes = {} if prefixes is None else prefixes
+        self.max_memory = check_max_memory(max_memory)
+        if not isinstance(checkpoint, bool):
+            raise InvalidInputError(f"checkpoint must be True or False, got {checkpoint!r}")
+        self.checkpoint = checkpoint
 
     @property
     def vocab_size(self) -> int:
@@ -412,7 +423,8 @@ def _embedding_rows(scorer: TargetScorer, model_input: ModelInput, request: Embe
     embeds = request.embeds
     if embeds.ndim != 3 or embeds.shape[1] != len(positions):
         raise InvalidInputError(f"embeds must have shape (n, {len(positions)}, H), got {tuple(embeds.shape)}")
-    prefix = scorer.prefix(model_input.input_ids, int(positions[0]))
+    # checkpointed layers recompute their forward in the backward pass, so they must not append to a cache
+    prefix = None if scorer.checkpoint and request.gradients else scorer.prefix(model_input.input_ids, int(positions[0]))
     start = prefix.length if prefix is not None else 0
     outputs = request.outputs if request.outputs is not None else np.full(len(embeds), EXPLAINED_SCORE)
     return _Rows(scorer, prefix, model_input.target_ids, base=scorer.embed(model_input.input_ids[start:]),
@@ -467,20 +479,41 @@ def _score(requests: Sequence[_Rows], batch_size: Optional[int], gradients: bool
 
 def _calls(group: list[tuple[int, int]], requests: Sequence[_Rows], batch_size: Optional[int], gradients: bool
            ) -> list[list[tuple[int, int]]]:
-    """A width-sorted group of (request, row) entries cut into calls of at most ``rows_per_call`` rows."""
+    """A width-sorted group of (request, row) entries cut into calls of at most ``rows_per_call`` rows, and (without
+    a ``batch_size``) at most the rows whose estimated activation memory fits the scorer's budget."""
     calls: list[list[tuple[int, int]]] = [[]]
     n_target = 0  # the current call's longest target
+    budget = None if batch_size is not None or not group else memory_budget(requests[group[0][0]].scorer.model,
+                                                                            requests[group[0][0]].scorer.max_memory)
+    over: Optional[CallEstimate] = None  # the widest row over budget, if any: warned about once
     for entry in group:
         rows = requests[entry[0]]
         tail = int(rows.target_ids.shape[-1])
         limit = rows_per_call(rows.width(entry[1]), max(n_target, tail), rows.scorer.vocab_size, gradients=gradients,
                               batch_size=batch_size)  # the entry is the call's widest so far: the group is sorted
+        estimate = None if budget is None else _estimate(rows, entry[1], max(n_target, tail), gradients)
+        if estimate is not None:
+            fit = budget // estimate.bytes_per_row
+            over = estimate if fit < 1 else over
+            limit = min(limit, max(1, fit))
         if calls[-1] and len(calls[-1]) >= limit:
             calls.append([])
             n_target = 0
         calls[-1].append(entry)
         n_target = max(n_target, tail)
+    if over is not None:
+        rows_within_budget(over, budget)  # one MemoryBudgetWarning that suggests checkpoint=True
     return calls
+
+
+def _estimate(rows: _Rows, row: int, n_target: int, gradients: bool) -> Optional[CallEstimate]:
+    """The activation memory of a call per row like ``row`` (``memory.py``), None for a model whose config gives
+    no sizes (then only the token and logits budgets apply)."""
+    try:
+        return call_estimate(rows.scorer.model, length=rows.width(row), prefix=rows.cached_length(row),
+                             n_target=n_target, grad=gradients, checkpoint=gradients and rows.scorer.checkpoint)
+    except InvalidInputError:
+        return None
 
 
 def _by_prefix_then_width(
@@ -553,7 +586,8 @@ def _embedding_call(rows: Sequence[tuple[_Rows, int]], targets: torch.Tensor, ma
         offset = width - laid.width(row)
         embeds[position, offset:] = laid.base
         embeds[position, offset + laid.positions] = laid.embeds[row].to(embeds.device, torch.float32)
-    with torch.set_grad_enabled(gradients):
+    checkpointed = checkpointed_layers(first.scorer.model) if gradients and first.scorer.checkpoint else nullcontext()
+    with torch.set_grad_enabled(gradients), checkpointed:
         embeds.requires_grad_(gradients)
         log_probs = first.scorer.target_log_probs(targets, inputs_embeds=embeds, attention_mask=mask,
                                                   prefix=first.prefix, count=False)
