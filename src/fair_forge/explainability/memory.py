@@ -136,15 +136,16 @@ def call_estimate(
     value = shape.bytes_per_value
     layer_per_token = (HIDDEN_TENSORS_PER_LAYER * shape.hidden_size + shape.mlp_tensors * shape.intermediate_size
                        + (shape.n_heads + 2 * shape.n_kv_heads) * shape.head_dim) * value
-    attention_per_layer = shape.n_heads * length * keys * (4 if value == 4 else 4 + value) if shape.eager_attention else 0
+    attention_bytes = 4 if value == 4 else 4 + value  # float32 softmax, and its copy in the model's dtype
+    attention_per_layer = shape.n_heads * length * keys * attention_bytes if shape.eager_attention else 0
     cache = 2 * shape.n_kv_heads * shape.head_dim * (prefix + keys) * value * shape.n_layers  # copied prefix + grown
     logits = LOGIT_COPIES * (n_target + 1) * shape.vocab_size * 4
     embeddings = 3 * length * shape.hidden_size * 4  # float32 inputs, their model-dtype copy and their gradient
     if not grad:  # some of one layer's tensors at a time, the cache of every layer, the logits and their softmax
         per_row = length * layer_per_token // 2 + 2 * attention_per_layer + cache + logits // 2
     elif checkpoint:  # every layer's input, one layer's activations recomputed at a time
-        per_row = (shape.n_layers * length * shape.hidden_size * value + 2 * (length * layer_per_token + attention_per_layer)
-                   + cache + logits + embeddings)
+        per_row = (shape.n_layers * length * shape.hidden_size * value
+                   + 2 * (length * layer_per_token + attention_per_layer) + cache + logits + embeddings)
     else:
         per_row = (shape.n_layers * (length * layer_per_token + attention_per_layer) + 2 * attention_per_layer
                    + cache + logits + embeddings)

@@ -424,7 +424,8 @@ def _embedding_rows(scorer: TargetScorer, model_input: ModelInput, request: Embe
     if embeds.ndim != 3 or embeds.shape[1] != len(positions):
         raise InvalidInputError(f"embeds must have shape (n, {len(positions)}, H), got {tuple(embeds.shape)}")
     # checkpointed layers recompute their forward in the backward pass, so they must not append to a cache
-    prefix = None if scorer.checkpoint and request.gradients else scorer.prefix(model_input.input_ids, int(positions[0]))
+    checkpointed = scorer.checkpoint and request.gradients
+    prefix = None if checkpointed else scorer.prefix(model_input.input_ids, int(positions[0]))
     start = prefix.length if prefix is not None else 0
     outputs = request.outputs if request.outputs is not None else np.full(len(embeds), EXPLAINED_SCORE)
     return _Rows(scorer, prefix, model_input.target_ids, base=scorer.embed(model_input.input_ids[start:]),

@@ -146,11 +146,13 @@ def check_message_indices(attribute_messages: Any) -> Optional[tuple[int, ...]]:
     if attribute_messages is None:
         return None
     if isinstance(attribute_messages, (str, bytes, int)) or not hasattr(attribute_messages, "__iter__"):
-        raise InvalidInputError(f"attribute_messages must be a list of message indices, e.g. [0], got {attribute_messages!r}")
+        raise InvalidInputError(
+            f"attribute_messages must be a list of message indices, e.g. [0], got {attribute_messages!r}")
     indices = list(attribute_messages)
     if not indices or any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0 for i in indices):
         raise InvalidInputError(
-            f"attribute_messages must be a non-empty list of message indices (integers >= 0), got {attribute_messages!r}")
+            "attribute_messages must be a non-empty list of message indices (integers >= 0), "
+            f"got {attribute_messages!r}")
     return tuple(sorted({int(i) for i in indices}))
 
 
