@@ -249,7 +249,9 @@ def test_integrated_gradients_equal_captum(tiny_gpt2, per_target_row):
 def test_input_x_gradient_and_saliency_equal_captum(tiny_gpt2):
     model, tokenizer = tiny_gpt2
     x, f = score_function(model, tokenizer)
-    forward = lambda p: f(p).sum(-1)  # noqa: E731
+    def forward(p):
+        return f(p).sum(-1)
+
     ixg = explain(model, tokenizer, AttributionMethod.INPUT_X_GRADIENT)
     expected = InputXGradient(forward).attribute(x)[0].sum(-1).detach()
     np.testing.assert_allclose(ixg.scores, token_sums(ixg, expected, tokenizer), rtol=1e-5, atol=1e-6)

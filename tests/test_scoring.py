@@ -163,3 +163,29 @@ def test_default_calls_are_sized_by_tokens_and_by_logits(setup, monkeypatch):
         scorer = TargetScorer(model)
         np.testing.assert_allclose(scorer.score_token_masks(model_input, keep, per_target=True), reference, atol=1e-5)
         assert scorer.count.forward_passes == 1 + -(-distinct // rows)  # the prefix, then full calls
+
+
+def test_the_prefix_cache_uses_the_current_cache_argument_without_warnings(setup):
+    import warnings
+
+    model, model_input = setup
+    keep = random_keeps(model_input, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # transformers' FutureWarning for past_key_values would fail here
+        scorer = TargetScorer(model)
+        scorer.score_token_masks(model_input, keep)
+    assert scorer.count.forward_passes == 2  # the cached prefix, then the rows: the cache was used
+
+
+def test_the_cache_argument_follows_the_forward_signature():
+    from fair_forge.explainability.scoring import cache_argument
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None):
+            return None
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None):
+            return None
+
+    assert cache_argument(Old()) == "past_key_values" and cache_argument(New()) == "cache"

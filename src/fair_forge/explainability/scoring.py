@@ -43,7 +43,7 @@ GRADIENT_LOGITS_COPIES = 4
 # such calls hold few rows, while shorter rows gain more from sharing calls with the rows of other inputs (per-row
 # reuse ties each row to its own input's cache, so rows of different inputs no longer share a call).
 ROW_REUSE_MIN_WIDTH = 256
-EXPLAINED_SCORE = -1  # EmbeddingRows.outputs: differentiate the explained score (else: a target token's index)
+EXPLAINED_SCORE = -1  # in EmbeddingRows.outputs: the explained score (else: a target token's index, its log-prob)
 
 
 @dataclass
@@ -133,19 +133,18 @@ class MaskedRows:
 @dataclass(frozen=True)
 class EmbeddingRows:
     """Score the input with the attributable tokens' embeddings replaced by ``embeds`` (n, A, H), A = the input's
-    attributable tokens in order. ``outputs`` (n,) says per row which scalar to differentiate: ``EXPLAINED_SCORE``
-    or the index of a target token (its log-prob); None: the explained score for every row. Answer:
-    ``EmbeddingAnswer``."""
+    attributable tokens in order. ``outputs`` are the scalars whose gradient every row wants: ``EXPLAINED_SCORE``
+    and/or target-token indices (their log-probs). Answer: ``EmbeddingAnswer``."""
 
     embeds: torch.Tensor
-    outputs: Optional[np.ndarray] = None
+    outputs: tuple[int, ...] = (EXPLAINED_SCORE,)
     gradients: bool = True
 
 
 @dataclass(frozen=True)
 class EmbeddingAnswer:
-    """(n, n_target) float64 target log-probs of the rows, and the (n, A, H) float32 gradient of each row's scalar
-    w.r.t. its own embeddings (None when not asked for)."""
+    """(n, n_target) float64 target log-probs of the rows, and the (n, outputs, A, H) float32 gradients of each
+    row's outputs w.r.t. its own embeddings (None when not asked for)."""
 
     log_probs: np.ndarray
     gradients: Optional[torch.Tensor]
@@ -355,17 +354,19 @@ class _Rows:
     scorer: TargetScorer
     prefix: Optional[Prefix]
     target_ids: torch.Tensor
-    ids: Optional[torch.Tensor] = None  # (n, L) token ids, or
+    ids: Optional[torch.Tensor] = None  # (L,) the input's token ids, masked where ...
+    keep: Optional[torch.Tensor] = None  # ... (n, L) is False: replaced by ...
+    baseline_id: int = 0  # ... this token, or
+    remove: bool = False  # ... deleted (built one row at a time: memory stays with the call, not the request)
+    cached: Optional[np.ndarray] = None  # (n,) leading tokens of each masked row read from the prefix cache
     base: Optional[torch.Tensor] = None  # (l, H) embeddings of the tokens after the prefix, whose ...
     positions: Optional[torch.Tensor] = None  # ... attributable positions (relative to the prefix) take ...
     embeds: Optional[torch.Tensor] = None  # ... (n, A, H) embeddings
-    attention: Optional[torch.Tensor] = None  # (n, L): 0 for removed tokens
-    outputs: Optional[np.ndarray] = None  # (n,) scalar to differentiate per row
-    cached: Optional[np.ndarray] = None  # (n,) leading tokens of each masked row read from the prefix cache
+    outputs: tuple[int, ...] = ()  # the scalars every row differentiates
 
     @property
     def size(self) -> int:
-        return int((self.ids if self.ids is not None else self.embeds).shape[0])
+        return int((self.keep if self.keep is not None else self.embeds).shape[0])
 
     def cached_length(self, row: int) -> int:
         """Tokens of ``row`` read from the prefix cache."""
@@ -376,8 +377,19 @@ class _Rows:
     def width(self, row: int) -> int:
         """Tokens ``row`` computes (after the cache)."""
         if self.ids is not None:
-            return int(self.ids.shape[1]) - self.cached_length(row)
+            return int(self.ids.shape[0]) - self.cached_length(row)
         return int(self.base.shape[0])
+
+    def token_row(self, row: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Masked row ``row`` after its cached tokens: its token ids and, with ``remove``, its attention (0 for
+        removed tokens, which move left so that the kept ones stay in order and the last kept one predicts the first
+        target token)."""
+        own = self.cached_length(row)
+        kept, ids = self.keep[row, own:], self.ids[own:]
+        if self.remove:
+            order = torch.sort(kept.long(), stable=True).indices
+            return ids[order], kept.long()[order]
+        return torch.where(kept, ids, torch.full_like(ids, self.baseline_id)), None
 
 
 def _masked_rows(scorer: TargetScorer, model_input: ModelInput, request: MaskedRows) -> tuple[_Rows, np.ndarray]:
@@ -403,17 +415,8 @@ def _masked_rows(scorer: TargetScorer, model_input: ModelInput, request: MaskedR
         cached = np.minimum(first_masked, last)
     else:
         cached = np.full(len(unique), prefix.length if prefix is not None else 0)
-    mask = torch.from_numpy(unique)
-    rows = ids.expand(len(unique), -1)
-    if request.remove:  # kept tokens moved right, so the last kept one predicts the first target token
-        # after its cached tokens, a row's removed positions come first, the kept ones keep their order
-        cache_part = torch.arange(model_input.length) < torch.from_numpy(cached)[:, None]
-        order = torch.sort(torch.where(cache_part, -1, mask.long()), dim=1, stable=True).indices
-        laid = _Rows(scorer, prefix, model_input.target_ids, ids=rows.gather(1, order),
-                     attention=mask.long().gather(1, order), cached=cached)
-    else:
-        laid = _Rows(scorer, prefix, model_input.target_ids,
-                     ids=torch.where(mask, rows, torch.full_like(rows, int(request.baseline_id))), cached=cached)
+    laid = _Rows(scorer, prefix, model_input.target_ids, ids=ids, keep=torch.from_numpy(unique),
+                 baseline_id=int(request.baseline_id), remove=bool(request.remove), cached=cached)
     return laid, inverse.reshape(-1)
 
 
@@ -427,9 +430,8 @@ def _embedding_rows(scorer: TargetScorer, model_input: ModelInput, request: Embe
     checkpointed = scorer.checkpoint and request.gradients
     prefix = None if checkpointed else scorer.prefix(model_input.input_ids, int(positions[0]))
     start = prefix.length if prefix is not None else 0
-    outputs = request.outputs if request.outputs is not None else np.full(len(embeds), EXPLAINED_SCORE)
     return _Rows(scorer, prefix, model_input.target_ids, base=scorer.embed(model_input.input_ids[start:]),
-                 positions=(positions - start).to(scorer.device), embeds=embeds, outputs=np.asarray(outputs))
+                 positions=(positions - start).to(scorer.device), embeds=embeds, outputs=tuple(request.outputs))
 
 
 def score_row_requests(
@@ -450,8 +452,9 @@ def score_embedding_requests(
     requests: Sequence[tuple[TargetScorer, ModelInput, EmbeddingRows]], batch_size: Optional[int] = None
 ) -> list[EmbeddingAnswer]:
     """The answers of embedding requests of one or many inputs, rows packed into shared calls as for masked rows:
-    one forward (and, where a request asks for gradients, one backward) pass per call. The rows of a call are
-    independent, so the gradient of the sum of their scalars gives each row exactly its own gradient."""
+    one forward pass per call and, where gradients are asked for, one backward pass per output (the forward is
+    shared by a row's outputs, e.g. the target tokens of a per-target matrix). The rows of a call are independent,
+    so the gradient of the sum of their scalars gives each row exactly its own gradient."""
     laid = [_embedding_rows(scorer, model_input, request) for scorer, model_input, request in requests]
     answers: list[Optional[EmbeddingAnswer]] = [None] * len(requests)
     for wanted in (False, True):
@@ -465,7 +468,8 @@ def _score(requests: Sequence[_Rows], batch_size: Optional[int], gradients: bool
            ) -> list[tuple[np.ndarray, Optional[torch.Tensor]]]:
     """(log-probs, gradients or None) per request, its rows cut into calls by prefix, then width."""
     results = [(np.empty((r.size, int(r.target_ids.shape[-1]))), None) for r in requests]
-    grads = [torch.empty(tuple(r.embeds.shape), device=r.base.device) if gradients else None for r in requests]
+    grads = [torch.empty((r.size, len(r.outputs), *r.embeds.shape[1:]), device=r.base.device) if gradients else None
+             for r in requests]
     entries = [(index, row) for index, rows in enumerate(requests) for row in range(rows.size)]
     for group in _by_prefix_then_width(entries, lambda entry: requests[entry[0]].prefix,
                                        lambda entry: requests[entry[0]].width(entry[1])):
@@ -528,15 +532,16 @@ def _by_prefix_then_width(
     return [sorted(group, key=width) for group in groups.values()]
 
 
-def _call(rows: Sequence[tuple[_Rows, int]], gradients: bool) -> tuple[np.ndarray, Optional[torch.Tensor]]:
+def _call(rows: Sequence[tuple[_Rows, int]], gradients: bool) -> tuple[np.ndarray, Optional[list[torch.Tensor]]]:
     """One model call over ``rows`` (one prefix): right-aligned (rows, max n_target) float64 log-probs, and with
-    ``gradients`` each row's (A, H) gradient of its own scalar. Runs outside ``torch.inference_mode`` (a caller's
+    ``gradients`` each row's (outputs, A, H) gradients of its own scalars. Runs outside ``torch.inference_mode`` (a caller's
     inference mode would forbid the gradient) and with gradients enabled only where asked for."""
     with torch.inference_mode(False):
         return _call_model(rows, gradients)
 
 
-def _call_model(rows: Sequence[tuple[_Rows, int]], gradients: bool) -> tuple[np.ndarray, Optional[torch.Tensor]]:
+def _call_model(rows: Sequence[tuple[_Rows, int]], gradients: bool
+                ) -> tuple[np.ndarray, Optional[list[torch.Tensor]]]:
     first = rows[0][0]
     scorer = first.scorer
     cached = [laid.cached_length(row) for laid, row in rows]
@@ -546,16 +551,17 @@ def _call_model(rows: Sequence[tuple[_Rows, int]], gradients: bool) -> tuple[np.
     reach = prefix.length if prefix is not None else 0
     attention = torch.zeros((size, reach + width), dtype=torch.long)
     targets = torch.zeros((size, n_target), dtype=first.target_ids.dtype)
+    ids = torch.zeros((size, width), dtype=torch.long)  # padding id: never attended
     for position, ((laid, row), own, length) in enumerate(zip(rows, cached, lengths)):
+        attended = None
+        if laid.ids is not None:
+            ids[position, width - length :], attended = laid.token_row(row)
         attention[position, :own] = 1
-        attention[position, reach + width - length :] = 1 if laid.attention is None else laid.attention[row, own:]
+        attention[position, reach + width - length :] = 1 if attended is None else attended
         targets[position, n_target - int(laid.target_ids.shape[-1]) :] = laid.target_ids
     mask = attention if bool((attention == 0).any()) else None
     started = time.perf_counter()
     if first.ids is not None:
-        ids = torch.zeros((size, width), dtype=first.ids.dtype)  # padding id: never attended
-        for position, ((laid, row), own, length) in enumerate(zip(rows, cached, lengths)):
-            ids[position, width - length :] = laid.ids[row, own:]
         with torch.no_grad():
             log_probs = scorer.target_log_probs(targets, input_ids=ids, attention_mask=mask, prefix=prefix,
                                                 count=False)
@@ -579,7 +585,7 @@ def _cropped(prefix: Optional[Prefix], length: int) -> Optional[Prefix]:
 
 
 def _embedding_call(rows: Sequence[tuple[_Rows, int]], targets: torch.Tensor, mask: Optional[torch.Tensor],
-                    width: int, gradients: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                    width: int, gradients: bool) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
     """The forward (and backward) pass of a call of embedding rows, written into their inputs' full sequences."""
     first = rows[0][0]
     embeds = torch.zeros((len(rows), width, first.base.shape[-1]), dtype=torch.float32, device=first.base.device)
@@ -595,15 +601,20 @@ def _embedding_call(rows: Sequence[tuple[_Rows, int]], targets: torch.Tensor, ma
         if not gradients:
             return log_probs, None
         n_target = log_probs.shape[-1]
-        scalars = []
-        for position, (laid, row) in enumerate(rows):
-            own = log_probs[position, n_target - int(laid.target_ids.shape[-1]) :]
-            output = int(laid.outputs[row])
-            scalars.append(laid.scorer.reduce(own) if output == EXPLAINED_SCORE else own[output])
-        (grads,) = torch.autograd.grad(torch.stack(scalars).sum(), embeds)
-    rows_grads = torch.stack([grads[position, width - laid.width(row) + laid.positions]
-                              for position, (laid, row) in enumerate(rows)])
-    return log_probs, rows_grads.detach()
+        n_outputs = max(len(laid.outputs) for laid, _ in rows)
+        per_output = []
+        for index in range(n_outputs):  # one backward per output through the shared forward
+            scalars = []
+            for position, (laid, _) in enumerate(rows):
+                if index < len(laid.outputs):
+                    own = log_probs[position, n_target - int(laid.target_ids.shape[-1]) :]
+                    output = laid.outputs[index]
+                    scalars.append(laid.scorer.reduce(own) if output == EXPLAINED_SCORE else own[output])
+            (grads,) = torch.autograd.grad(torch.stack(scalars).sum(), embeds, retain_graph=index < n_outputs - 1)
+            per_output.append(grads.detach())
+    grads = torch.stack(per_output, dim=1)  # (rows, outputs, width, H)
+    return log_probs, [grads[position, : len(laid.outputs), width - laid.width(row) + laid.positions]
+                       for position, (laid, row) in enumerate(rows)]
 
 
 def _account(rows: Sequence[tuple[_Rows, int]], width: int, gradients: bool, seconds: float) -> None:
@@ -612,7 +623,8 @@ def _account(rows: Sequence[tuple[_Rows, int]], width: int, gradients: bool, sec
     for key, owner in owners.items():
         own_rows = sum(1 for laid, _ in rows if id(laid.scorer) == key)
         owner.count.forward_passes += 1
-        owner.count.backward_passes += int(gradients)
+        owner.count.backward_passes += max(len(laid.outputs) for laid, _ in rows if id(laid.scorer) == key) \
+            if gradients else 0
         owner.count.tokens_processed += width * own_rows
         owner.count.seconds += seconds * own_rows / len(rows)
 

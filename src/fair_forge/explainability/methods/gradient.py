@@ -87,7 +87,7 @@ class _Embeddings:
         for row, feature in enumerate(context.features):
             self.membership[row, [index[p] for p in feature.token_positions]] = 1.0
         # the explained score, then (per_target) each target token's log-prob
-        self.outputs = [EXPLAINED_SCORE] + (list(range(model_input.n_target)) if context.per_target else [])
+        self.outputs = (EXPLAINED_SCORE, *(range(model_input.n_target) if context.per_target else ()))
 
     def baseline(self, spec: Union[str, int]) -> torch.Tensor:
         """(A, H) baseline: "zero", "pad" (the input's baseline token) or a token id, at every attributed token."""
@@ -99,20 +99,18 @@ class _Embeddings:
     def check_budget(self, method: str, rows_per_output: int, max_evaluations: int, hint: str, fixed: int = 0) -> None:
         """BudgetError before any model call when this item's rows (``rows_per_output`` per output, + ``fixed``)
         exceed ``max_evaluations`` (with per_target, every target token is an output)."""
-        planned = rows_per_output * len(self.outputs) + fixed
+        planned = rows_per_output * len(self.outputs) + fixed  # a backward pass per output
         if planned > max_evaluations:
             raise BudgetError(f"{method} would need {planned} gradient rows, more than "
                               f"max_evaluations={max_evaluations}; {hint}")
 
     def rows(self, points: torch.Tensor) -> EmbeddingRows:
-        """Every point (k, A, H), once per output: k x outputs rows (point-major)."""
-        repeated = points.repeat_interleave(len(self.outputs), dim=0)
-        return EmbeddingRows(repeated, np.tile(self.outputs, len(points)))
+        """Points (k, A, H) whose gradient is wanted for every output (one forward, a backward per output)."""
+        return EmbeddingRows(points, self.outputs)
 
     def per_output(self, answer: EmbeddingAnswer) -> torch.Tensor:
-        """(k x outputs, A, H) gradients of ``rows`` -> (outputs, k, A, H)."""
-        gradients = answer.gradients.double()
-        return gradients.reshape(-1, len(self.outputs), *gradients.shape[1:]).transpose(0, 1)
+        """(k, outputs, A, H) gradients of ``rows`` -> (outputs, k, A, H) in float64."""
+        return answer.gradients.double().transpose(0, 1)
 
     def result(self, token_values: torch.Tensor, reduction: Reduction, **metadata: object) -> RawAttribution:
         """(outputs, A, H) per-token, per-dimension values -> feature scores (and the per-target matrix)."""
@@ -148,43 +146,35 @@ def integrated_gradients(context: MethodContext) -> Plan:
                             params["max_evaluations"], "lower n_steps or max_steps", fixed=2)
     x, b = embeddings.inputs, embeddings.baseline(params["baseline"])
     ends = yield EmbeddingRows(torch.stack([x, b]), gradients=False)
-    log_probs = torch.from_numpy(ends.log_probs)
-    endpoints = [context.scorer.reduce(log_probs)] + [log_probs[:, t] for t in embeddings.outputs[1:]]
-    totals = [float(value[0] - value[1]) for value in endpoints]
-    rules = [integrate(total, n_steps=params["n_steps"], tolerance=params["tolerance"],
-                       max_steps=params["max_steps"]) for total in totals]
-    pending = {output: next(rule) for output, rule in enumerate(rules)}
-    integrals = {}
-    while pending:  # every rule's points of a round go out together, at most STEPS_PER_REQUEST rows a request
-        pairs = [(output, float(alpha)) for output in sorted(pending) for alpha in pending[output]]
-        contributions: dict[int, list[torch.Tensor]] = {output: [] for output in pending}
-        for start in range(0, len(pairs), STEPS_PER_REQUEST):
-            chunk = pairs[start : start + STEPS_PER_REQUEST]
-            alphas = torch.tensor([alpha for _, alpha in chunk], dtype=x.dtype, device=x.device)[:, None, None]
-            outputs = np.array([embeddings.outputs[output] for output, _ in chunk])
-            answer = yield EmbeddingRows(b + alphas * (x - b), outputs)
-            for (output, _), gradient in zip(chunk, answer.gradients):
-                contributions[output].append(((x - b).double() * gradient.double()).sum(-1).cpu())
-        for output in sorted(pending):
-            vector = torch.stack(contributions[output]).numpy()  # (k, A)
-            try:
-                pending[output] = rules[output].send((vector.sum(1), vector))
-            except StopIteration as stop:
-                integrals[output] = stop.value
-                del pending[output]
-    sequence = integrals[0]
-    if not sequence.converged:
+    endpoints = context.scorer.reduce(torch.from_numpy(ends.log_probs))
+    total = float(endpoints[0] - endpoints[1])
+    # one rule, steered by the explained score's completeness; the per-target rows are integrated at its points
+    rule = integrate(total, n_steps=params["n_steps"], tolerance=params["tolerance"], max_steps=params["max_steps"])
+    points_per_request = max(1, STEPS_PER_REQUEST // len(embeddings.outputs))
+    alphas = next(rule)
+    while True:
+        contributions = []  # per point: (outputs, A) sums over the hidden dimension of (x - b) * gradient
+        for start in range(0, len(alphas), points_per_request):
+            chunk = torch.as_tensor(alphas[start : start + points_per_request], dtype=x.dtype).to(x.device)
+            answer = yield embeddings.rows(b + chunk[:, None, None] * (x - b))
+            contributions.append(((x - b).double() * embeddings.per_output(answer)).sum(-1).transpose(0, 1).cpu())
+        vector = torch.cat(contributions).numpy()  # (k, outputs, A)
+        try:
+            alphas = rule.send((vector[:, 0].sum(-1), vector))
+        except StopIteration as stop:
+            integral = stop.value
+            break
+    if not integral.converged:
         warnings.warn(
-            f"integrated gradients: relative completeness error {sequence.error:.3g} is above tolerance="
-            f"{params['tolerance']} after {sequence.n_evaluations} steps; raise n_steps (or max_steps)",
+            f"integrated gradients: relative completeness error {integral.error:.3g} is above tolerance="
+            f"{params['tolerance']} after {integral.n_evaluations} steps; raise n_steps (or max_steps)",
             ConvergenceWarning, stacklevel=2)
-    values = torch.stack([torch.from_numpy(integrals[o].value) for o in range(len(rules))])[..., None]  # (O, A, 1)
-    raw = embeddings.result(values, "sum")
-    delta = abs(float(raw.feature_scores.sum()) - totals[0])
+    raw = embeddings.result(torch.from_numpy(integral.value)[..., None], "sum")  # (outputs, A, 1)
+    delta = abs(float(raw.feature_scores.sum()) - total)
     raw.metadata.update(
-        convergence_delta=delta, relative_convergence_delta=delta / abs(totals[0]) if totals[0] else None,
-        score_input=float(endpoints[0][0]), score_baseline=float(endpoints[0][1]),
-        n_steps_used=sequence.n_evaluations, integration_error=sequence.error, converged=sequence.converged,
+        convergence_delta=delta, relative_convergence_delta=delta / abs(total) if total else None,
+        score_input=float(endpoints[0]), score_baseline=float(endpoints[1]),
+        n_steps_used=integral.n_evaluations, integration_error=integral.error, converged=integral.converged,
     )
     return raw
 
