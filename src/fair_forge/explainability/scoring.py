@@ -114,6 +114,7 @@ class Prefix:
 
     length: int
     cache: Any
+    private: bool = False  # made for one call (cut from a shared cache): the call extends it instead of a copy
 
 
 # ---- requests: the model calls a method plans ---------------------------------------------------------------------
@@ -271,7 +272,7 @@ class TargetScorer:
         size, length = int(batch.shape[0]), int(batch.shape[1])
         kwargs: dict[str, Any] = {"use_cache": False}
         if prefix is not None:
-            cache = copy.deepcopy(prefix.cache)  # the forward appends to it
+            cache = prefix.cache if prefix.private else copy.deepcopy(prefix.cache)  # the forward appends to it
             cache.batch_repeat_interleave(size)
             kwargs.update({"use_cache": True, self._cache_argument: cache})
         if input_ids is not None:
@@ -581,7 +582,7 @@ def _cropped(prefix: Optional[Prefix], length: int) -> Optional[Prefix]:
         return prefix
     cache = copy.deepcopy(prefix.cache)
     cache.crop(length - prefix.length)  # a negative count drops that many tokens from the end (all transformers)
-    return Prefix(length, cache)
+    return Prefix(length, cache, private=True)
 
 
 def _embedding_call(rows: Sequence[tuple[_Rows, int]], targets: torch.Tensor, mask: Optional[torch.Tensor],
