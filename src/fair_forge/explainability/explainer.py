@@ -15,7 +15,7 @@ from .methods import MethodContext, MethodSpec, RawAttribution, get_method
 from .models import borrowed, check_model, display_name
 from .prompt import ModelInput, build_model_input
 from .scoring import ScoreKind, TargetScorer, model_context_length
-from .segment import Feature, build_features
+from .segment import Feature, build_features, check_message_indices, restrict_to_messages
 from .types import (
     AttributionBatchResult,
     AttributionMatrix,
@@ -61,6 +61,7 @@ class _Settings:
     params: dict[str, Any]
     granularity: Granularity
     per_target: bool
+    attribute_messages: Optional[tuple[int, ...]] = None  # None: every message's text is attributable
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,9 @@ class AttributionExplainer:
     model call (None: sized by a token and a logits budget, see ``scoring.rows_per_call``; a method's own
     ``batch_size`` parameter overrides it);
     ``prefix_cache`` runs the unchanging start of the input (system prompt, chat header) once per explanation.
+    ``max_memory`` (bytes) bounds the activation memory of a model call, which sizes calls of long inputs (None: a
+    fraction of the free memory, see ``memory.py``); ``checkpoint=True`` recomputes layers in the backward pass so
+    that gradient calls keep a fraction of that memory, for one more forward per call.
     """
 
     def __init__(
@@ -94,6 +98,8 @@ class AttributionExplainer:
         batch_size: Optional[int] = None,
         include_template_tokens: bool = False,
         prefix_cache: bool = True,
+        max_memory: Optional[int] = None,
+        checkpoint: bool = False,
     ) -> None:
         check_model(model)
         self.model = model
@@ -103,11 +109,13 @@ class AttributionExplainer:
         self.verbose = verbose
         config = getattr(model, "config", None)
         self.model_name = model_name or display_name(getattr(config, "name_or_path", None), type(model).__name__)
-        TargetScorer(model, score=score, batch_size=batch_size)  # validates score and batch_size now
+        TargetScorer(model, score=score, batch_size=batch_size, max_memory=max_memory, checkpoint=checkpoint)  # checks
         self.score = score
         self.batch_size = batch_size
         self.include_template_tokens = include_template_tokens
         self.prefix_cache = prefix_cache
+        self.max_memory = max_memory
+        self.checkpoint = checkpoint
 
     # ---- one explanation ----------------------------------------------------------------------------------------
 
@@ -120,15 +128,17 @@ class AttributionExplainer:
         method: Optional[MethodLike] = None,
         granularity: Optional[GranularityLike] = None,
         per_target: bool = False,
+        attribute_messages: Optional[Sequence[int]] = None,
         **method_params: Any,
     ) -> AttributionResult:
         """Attribute ``target`` to the features of ``messages`` (chat) or ``prompt`` (raw text).
 
-        ``per_target=True`` also returns a (target tokens x features) matrix. Method parameters (``n_steps``,
+        ``per_target=True`` also returns a (target tokens x features) matrix. ``attribute_messages=[i, ...]``
+        attributes to those messages only; the others (e.g. the question) stay as unperturbed context. Method parameters (``n_steps``,
         ``n_samples``, ``baseline``, ``noise_std``, ``seed``, ``batch_size``, ...) are passed as keywords.
         Without a ``target`` the model's own greedy answer is explained (``generation.generate_target``).
         """
-        settings = self._settings(method, granularity, per_target, method_params)
+        settings = self._settings(method, granularity, per_target, method_params, attribute_messages)
         if target is None:  # settings are checked before the model generates
             target = generate_target(self.model, self.tokenizer, messages=messages, prompt=prompt)
         request = self._prepare(messages, prompt, target, settings)
@@ -138,7 +148,7 @@ class AttributionExplainer:
         return outcome
 
     def _settings(self, method: Optional[MethodLike], granularity: Optional[GranularityLike], per_target: bool,
-                  method_params: Mapping[str, Any]) -> _Settings:
+                  method_params: Mapping[str, Any], attribute_messages: Optional[Sequence[int]] = None) -> _Settings:
         """The method and its validated parameters: every settings error is raised here, once, before any item."""
         spec = get_method(method if method is not None else self.default_method)
         scorer = TargetScorer(self.model)  # a typed error for a model without parameters
@@ -146,7 +156,7 @@ class AttributionExplainer:
         level = parse_granularity(granularity if granularity is not None else self.default_granularity)
         if spec.kind == "gradient":
             scorer.embedding_layer()  # typed error for models without input embeddings
-        return _Settings(spec, params, level, bool(per_target))
+        return _Settings(spec, params, level, bool(per_target), check_message_indices(attribute_messages))
 
     def _prepare(self, messages: Optional[Messages], prompt: Optional[str], target: Optional[str],
                  settings: _Settings) -> _Request:
@@ -166,6 +176,7 @@ class AttributionExplainer:
                 f"prompt + target are {model_input.length} tokens but the model takes at most {limit}; "
                 "shorten the prompt or the target"
             )
+        model_input = restrict_to_messages(model_input, settings.attribute_messages)
         return _Request(model_input, build_features(model_input, settings.granularity))
 
     def _outcomes(self, requests: Iterable[Union[_Request, Exception]], settings: _Settings
@@ -185,7 +196,8 @@ class AttributionExplainer:
                     yield engine.Rejected(index, request)
                     continue
                 scorer = TargetScorer(self.model, score=self.score, batch_size=batch_size,
-                                      prefix_cache=self.prefix_cache, prefixes=prefixes)
+                                      prefix_cache=self.prefix_cache, prefixes=prefixes,
+                                      max_memory=self.max_memory, checkpoint=self.checkpoint)
                 context = MethodContext(scorer, request.model_input, request.features, dict(settings.params),
                                         settings.per_target)
                 in_flight[index] = request
@@ -270,6 +282,7 @@ class AttributionExplainer:
         granularity: Optional[GranularityLike] = None,
         per_target: bool = False,
         show_progress: bool = True,
+        attribute_messages: Optional[Sequence[int]] = None,
         **method_params: Any,
     ) -> AttributionBatchResult:
         """Explain every item; an item that fails is recorded in ``failures`` and the others still return.
@@ -289,7 +302,8 @@ class AttributionExplainer:
         outcomes: dict[int, Union[AttributionResult, BatchFailure]] = {}
         try:
             for index, outcome in self.iter_explain(records, method=method, granularity=granularity,
-                                                    per_target=per_target, **method_params):
+                                                    per_target=per_target, attribute_messages=attribute_messages,
+                                                    **method_params):
                 outcomes[index] = outcome
                 progress.update(1)
         finally:
@@ -310,6 +324,7 @@ class AttributionExplainer:
         method: Optional[MethodLike] = None,
         granularity: Optional[GranularityLike] = None,
         per_target: bool = False,
+        attribute_messages: Optional[Sequence[int]] = None,
         **method_params: Any,
     ) -> Iterator[tuple[int, Union[AttributionResult, BatchFailure]]]:
         """Stream ``(index, result or failure)`` over ``items`` (any iterable, read lazily), as items finish.
@@ -318,7 +333,7 @@ class AttributionExplainer:
         the first item is read; an item that fails yields a ``BatchFailure`` and the stream goes on. At most
         ``engine.ITEMS_IN_FLIGHT`` items are in flight at once, so items may finish out of input order.
         """
-        settings = self._settings(method, granularity, per_target, method_params)
+        settings = self._settings(method, granularity, per_target, method_params, attribute_messages)
         if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
             raise InvalidInputError("items must be an iterable of (messages_or_prompt, target) pairs or dicts")
         return self._stream(items, settings)

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from .errors import InvalidInputError, ProbabilityUnderflowWarning, UnsupportedModelError
+from .memory import CallEstimate, call_estimate, check_max_memory, checkpointed_layers, memory_budget
+from .memory import rows_per_call as rows_within_budget
 from .prompt import ModelInput
 
 ScoreKind = Literal["sum", "mean", "prob"]
@@ -37,6 +39,11 @@ MASKED_TOKENS_PER_CALL = 1024
 GRADIENT_TOKENS_PER_CALL = 4096
 LOGITS_PER_CALL = 2**25
 GRADIENT_LOGITS_COPIES = 4
+# Per-row prefix reuse: a masked row equals the input up to its first masked token, so it continues the unmasked
+# input's key/value cache from there. Used when a request's rows (after the shared prefix) are at least this long:
+# such calls hold few rows, while shorter rows gain more from sharing calls with the rows of other inputs (per-row
+# reuse ties each row to its own input's cache, so rows of different inputs no longer share a call).
+ROW_REUSE_MIN_WIDTH = 256
 EXPLAINED_SCORE = -1  # in EmbeddingRows.outputs: the explained score (else: a target token's index, its log-prob)
 
 
@@ -122,6 +129,7 @@ class Prefix:
 
     length: int
     cache: Any
+    private: bool = False  # made for one call (cut from a shared cache): the call extends it instead of a copy
 
 
 # ---- requests: the model calls a method plans ---------------------------------------------------------------------
@@ -169,11 +177,15 @@ class TargetScorer:
     one a call varies (system prompt, chat header) go through the model once and their key/value cache is reused
     by every row; models whose forward returns no cache are scored without it. ``prefixes`` shares those caches
     between scorers (the items of one batch). ``batch_size`` caps the rows per model call (None: budgets).
+    ``max_memory`` is the activation-memory budget of a call in bytes (None: a fraction of the free memory, see
+    ``memory.memory_budget``); ``checkpoint`` runs gradient calls with checkpointed layers (``memory.py``), which
+    keep a fraction of the memory for one more forward per call, and without the prefix cache.
     """
 
     def __init__(
         self, model: Any, *, score: ScoreKind = "sum", batch_size: Optional[int] = None, prefix_cache: bool = True,
-        prefixes: Optional[dict[tuple[int, ...], Optional[Prefix]]] = None,
+        prefixes: Optional[dict[tuple[int, ...], Optional[Prefix]]] = None, max_memory: Optional[int] = None,
+        checkpoint: bool = False,
     ) -> None:
         if score not in SCORE_KINDS:
             raise InvalidInputError(f"score must be one of {SCORE_KINDS}, got {score!r}")
@@ -192,6 +204,10 @@ class TargetScorer:
         self._cache_argument = cache_argument(model)
         self.prefix_cache = prefix_cache
         self._prefixes = {} if prefixes is None else prefixes
+        self.max_memory = check_max_memory(max_memory)
+        if not isinstance(checkpoint, bool):
+            raise InvalidInputError(f"checkpoint must be True or False, got {checkpoint!r}")
+        self.checkpoint = checkpoint
 
     @property
     def vocab_size(self) -> int:
@@ -273,7 +289,7 @@ class TargetScorer:
         size, length = int(batch.shape[0]), int(batch.shape[1])
         kwargs: dict[str, Any] = {"use_cache": False}
         if prefix is not None:
-            cache = copy.deepcopy(prefix.cache)  # the forward appends to it
+            cache = prefix.cache if prefix.private else copy.deepcopy(prefix.cache)  # the forward appends to it
             cache.batch_repeat_interleave(size)
             kwargs.update({"use_cache": True, self._cache_argument: cache})
         if input_ids is not None:
@@ -346,15 +362,21 @@ def rows_per_call(width: int, n_target: int, vocab_size: int, *, gradients: bool
 
 @dataclass(frozen=True)
 class _Rows:
-    """One request's rows, laid out for the model: what follows the prefix, ready to be right-aligned in a call."""
+    """One request's rows, laid out for the model: what follows the prefix, ready to be right-aligned in a call.
+
+    Masked rows hold their whole sequence (``ids``, ``attention``) and, in ``cached``, how many of its first tokens
+    come from the prefix cache (the shared prefix's length, or with per-row reuse each row's first masked position);
+    a row computes only the rest.
+    """
 
     scorer: TargetScorer
     prefix: Optional[Prefix]
     target_ids: torch.Tensor
-    ids: Optional[torch.Tensor] = None  # (l,) token ids after the prefix, masked where ...
-    keep: Optional[torch.Tensor] = None  # ... (n, l) is False: replaced by ...
+    ids: Optional[torch.Tensor] = None  # (L,) the input's token ids, masked where ...
+    keep: Optional[torch.Tensor] = None  # ... (n, L) is False: replaced by ...
     baseline_id: int = 0  # ... this token, or
     remove: bool = False  # ... deleted (built one row at a time: memory stays with the call, not the request)
+    cached: Optional[np.ndarray] = None  # (n,) leading tokens of each masked row read from the prefix cache
     base: Optional[torch.Tensor] = None  # (l, H) embeddings of the tokens after the prefix, whose ...
     positions: Optional[torch.Tensor] = None  # ... attributable positions (relative to the prefix) take ...
     embeds: Optional[torch.Tensor] = None  # ... (n, A, H) embeddings
@@ -364,18 +386,28 @@ class _Rows:
     def size(self) -> int:
         return int((self.keep if self.keep is not None else self.embeds).shape[0])
 
-    @property
-    def width(self) -> int:
-        return int((self.ids if self.ids is not None else self.base).shape[0])
+    def cached_length(self, row: int) -> int:
+        """Tokens of ``row`` read from the prefix cache."""
+        if self.cached is not None:
+            return int(self.cached[row])
+        return self.prefix.length if self.prefix is not None else 0
+
+    def width(self, row: int) -> int:
+        """Tokens ``row`` computes (after the cache)."""
+        if self.ids is not None:
+            return int(self.ids.shape[0]) - self.cached_length(row)
+        return int(self.base.shape[0])
 
     def token_row(self, row: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Masked row ``row``: its token ids and, with ``remove``, its attention (0 for removed tokens, which move
-        left so that the kept ones stay in order and the last kept one predicts the first target token)."""
-        kept = self.keep[row]
+        """Masked row ``row`` after its cached tokens: its token ids and, with ``remove``, its attention (0 for
+        removed tokens, which move left so that the kept ones stay in order and the last kept one predicts the first
+        target token)."""
+        own = self.cached_length(row)
+        kept, ids = self.keep[row, own:], self.ids[own:]
         if self.remove:
             order = torch.sort(kept.long(), stable=True).indices
-            return self.ids[order], kept.long()[order]
-        return torch.where(kept, self.ids, torch.full_like(self.ids, self.baseline_id)), None
+            return ids[order], kept.long()[order]
+        return torch.where(kept, ids, torch.full_like(ids, self.baseline_id)), None
 
 
 def _masked_rows(scorer: TargetScorer, model_input: ModelInput, request: MaskedRows) -> tuple[_Rows, np.ndarray]:
@@ -390,10 +422,19 @@ def _masked_rows(scorer: TargetScorer, model_input: ModelInput, request: MaskedR
     # tokens before the first attributable (and first masked) one are the same in every row of every call
     varied = np.flatnonzero(~unique.all(axis=0))
     start = min(np.flatnonzero(model_input.attributable)[:1].tolist() + varied[:1].tolist() + [model_input.target_start])
-    prefix = scorer.prefix(ids, start)
-    start = prefix.length if prefix is not None else 0
-    laid = _Rows(scorer, prefix, model_input.target_ids, ids=ids[start:], keep=torch.from_numpy(unique[:, start:]),
-                 baseline_id=int(request.baseline_id), remove=bool(request.remove))
+    last = model_input.target_start - 1  # the token predicting the first target: every row computes it
+    reuse = model_input.length - start >= ROW_REUSE_MIN_WIDTH and last > start
+    prefix = scorer.prefix(ids, last if reuse else start)  # with reuse: the unmasked input's cache up to ``last``
+    if prefix is not None and reuse:  # each row continues it from its first masked token ...
+        first_masked = np.where(unique.all(axis=1), model_input.length, (~unique).argmax(axis=1))
+        if request.remove:  # ... and computes its last kept prompt token, which predicts the first target
+            prompt = unique[:, : model_input.target_start]
+            last = np.where(prompt.any(axis=1), last - prompt[:, ::-1].argmax(axis=1), 0)
+        cached = np.minimum(first_masked, last)
+    else:
+        cached = np.full(len(unique), prefix.length if prefix is not None else 0)
+    laid = _Rows(scorer, prefix, model_input.target_ids, ids=ids, keep=torch.from_numpy(unique),
+                 baseline_id=int(request.baseline_id), remove=bool(request.remove), cached=cached)
     return laid, inverse.reshape(-1)
 
 
@@ -403,7 +444,9 @@ def _embedding_rows(scorer: TargetScorer, model_input: ModelInput, request: Embe
     embeds = request.embeds
     if embeds.ndim != 3 or embeds.shape[1] != len(positions):
         raise InvalidInputError(f"embeds must have shape (n, {len(positions)}, H), got {tuple(embeds.shape)}")
-    prefix = scorer.prefix(model_input.input_ids, int(positions[0]))
+    # checkpointed layers recompute their forward in the backward pass, so they must not append to a cache
+    checkpointed = scorer.checkpoint and request.gradients
+    prefix = None if checkpointed else scorer.prefix(model_input.input_ids, int(positions[0]))
     start = prefix.length if prefix is not None else 0
     return _Rows(scorer, prefix, model_input.target_ids, base=scorer.embed(model_input.input_ids[start:]),
                  positions=(positions - start).to(scorer.device), embeds=embeds, outputs=tuple(request.outputs))
@@ -447,7 +490,7 @@ def _score(requests: Sequence[_Rows], batch_size: Optional[int], gradients: bool
              for r in requests]
     entries = [(index, row) for index, rows in enumerate(requests) for row in range(rows.size)]
     for group in _by_prefix_then_width(entries, lambda entry: requests[entry[0]].prefix,
-                                       lambda entry: requests[entry[0]].width):
+                                       lambda entry: requests[entry[0]].width(entry[1])):
         for call in _calls(group, requests, batch_size, gradients):
             log_probs, call_grads = _call([(requests[index], row) for index, row in call], gradients)
             for position, (index, row) in enumerate(call):
@@ -459,20 +502,41 @@ def _score(requests: Sequence[_Rows], batch_size: Optional[int], gradients: bool
 
 def _calls(group: list[tuple[int, int]], requests: Sequence[_Rows], batch_size: Optional[int], gradients: bool
            ) -> list[list[tuple[int, int]]]:
-    """A width-sorted group of (request, row) entries cut into calls of at most ``rows_per_call`` rows."""
+    """A width-sorted group of (request, row) entries cut into calls of at most ``rows_per_call`` rows, and (without
+    a ``batch_size``) at most the rows whose estimated activation memory fits the scorer's budget."""
     calls: list[list[tuple[int, int]]] = [[]]
     n_target = 0  # the current call's longest target
+    budget = None if batch_size is not None or not group else memory_budget(requests[group[0][0]].scorer.model,
+                                                                            requests[group[0][0]].scorer.max_memory)
+    over: Optional[CallEstimate] = None  # the widest row over budget, if any: warned about once
     for entry in group:
         rows = requests[entry[0]]
         tail = int(rows.target_ids.shape[-1])
-        limit = rows_per_call(rows.width, max(n_target, tail), rows.scorer.vocab_size, gradients=gradients,
-                              batch_size=batch_size)  # rows.width is the call's widest so far: the group is sorted
+        limit = rows_per_call(rows.width(entry[1]), max(n_target, tail), rows.scorer.vocab_size, gradients=gradients,
+                              batch_size=batch_size)  # the entry is the call's widest so far: the group is sorted
+        estimate = None if budget is None else _estimate(rows, entry[1], max(n_target, tail), gradients)
+        if estimate is not None:
+            fit = budget // estimate.bytes_per_row
+            over = estimate if fit < 1 else over
+            limit = min(limit, max(1, fit))
         if calls[-1] and len(calls[-1]) >= limit:
             calls.append([])
             n_target = 0
         calls[-1].append(entry)
         n_target = max(n_target, tail)
+    if over is not None:
+        rows_within_budget(over, budget)  # one MemoryBudgetWarning that suggests checkpoint=True
     return calls
+
+
+def _estimate(rows: _Rows, row: int, n_target: int, gradients: bool) -> Optional[CallEstimate]:
+    """The activation memory of a call per row like ``row`` (``memory.py``), None for a model whose config gives
+    no sizes (then only the token and logits budgets apply)."""
+    try:
+        return call_estimate(rows.scorer.model, length=rows.width(row), prefix=rows.cached_length(row),
+                             n_target=n_target, grad=gradients, checkpoint=gradients and rows.scorer.checkpoint)
+    except InvalidInputError:
+        return None
 
 
 def _by_prefix_then_width(
@@ -497,22 +561,23 @@ def _call(rows: Sequence[tuple[_Rows, int]], gradients: bool) -> tuple[np.ndarra
 def _call_model(rows: Sequence[tuple[_Rows, int]], gradients: bool
                 ) -> tuple[np.ndarray, Optional[list[torch.Tensor]]]:
     first = rows[0][0]
-    scorer, prefix = first.scorer, first.prefix
-    lengths = [laid.width for laid, _ in rows]
+    scorer = first.scorer
+    cached = [laid.cached_length(row) for laid, row in rows]
+    lengths = [laid.width(row) for laid, row in rows]
     width, n_target, size = max(lengths), max(int(laid.target_ids.shape[-1]) for laid, _ in rows), len(rows)
-    attention = torch.zeros((size, width), dtype=torch.long)
+    prefix = _cropped(first.prefix, max(cached))  # each row attends to its own first cached[i] slots of it
+    reach = prefix.length if prefix is not None else 0
+    attention = torch.zeros((size, reach + width), dtype=torch.long)
     targets = torch.zeros((size, n_target), dtype=first.target_ids.dtype)
     ids = torch.zeros((size, width), dtype=torch.long)  # padding id: never attended
-    for position, (laid, row) in enumerate(rows):
+    for position, ((laid, row), own, length) in enumerate(zip(rows, cached, lengths)):
         attended = None
         if laid.ids is not None:
-            ids[position, width - laid.width :], attended = laid.token_row(row)
-        attention[position, width - laid.width :] = 1 if attended is None else attended
+            ids[position, width - length :], attended = laid.token_row(row)
+        attention[position, :own] = 1
+        attention[position, reach + width - length :] = 1 if attended is None else attended
         targets[position, n_target - int(laid.target_ids.shape[-1]) :] = laid.target_ids
-    padded = bool((attention == 0).any())
-    if padded and prefix is not None:
-        attention = torch.cat([torch.ones((size, prefix.length), dtype=torch.long), attention], dim=1)
-    mask = attention if padded else None
+    mask = attention if bool((attention == 0).any()) else None
     started = time.perf_counter()
     if first.ids is not None:
         with torch.no_grad():
@@ -525,16 +590,29 @@ def _call_model(rows: Sequence[tuple[_Rows, int]], gradients: bool
     return log_probs.detach().double().cpu().numpy(), grads
 
 
+def _cropped(prefix: Optional[Prefix], length: int) -> Optional[Prefix]:
+    """The first ``length`` tokens of ``prefix`` (a copy of its cache, cut), ``prefix`` itself when that is all of
+    it, None for none."""
+    if prefix is None or length == 0:
+        return None
+    if length == prefix.length:
+        return prefix
+    cache = copy.deepcopy(prefix.cache)
+    cache.crop(length - prefix.length)  # a negative count drops that many tokens from the end (all transformers)
+    return Prefix(length, cache, private=True)
+
+
 def _embedding_call(rows: Sequence[tuple[_Rows, int]], targets: torch.Tensor, mask: Optional[torch.Tensor],
                     width: int, gradients: bool) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
     """The forward (and backward) pass of a call of embedding rows, written into their inputs' full sequences."""
     first = rows[0][0]
     embeds = torch.zeros((len(rows), width, first.base.shape[-1]), dtype=torch.float32, device=first.base.device)
     for position, (laid, row) in enumerate(rows):
-        offset = width - laid.width
+        offset = width - laid.width(row)
         embeds[position, offset:] = laid.base
         embeds[position, offset + laid.positions] = laid.embeds[row].to(embeds.device, torch.float32)
-    with torch.set_grad_enabled(gradients):
+    checkpointed = checkpointed_layers(first.scorer.model) if gradients and first.scorer.checkpoint else contextlib.nullcontext()
+    with torch.set_grad_enabled(gradients), checkpointed:
         embeds.requires_grad_(gradients)
         log_probs = first.scorer.target_log_probs(targets, inputs_embeds=embeds, attention_mask=mask,
                                                   prefix=first.prefix, count=False)
@@ -553,8 +631,8 @@ def _embedding_call(rows: Sequence[tuple[_Rows, int]], targets: torch.Tensor, ma
             (grads,) = torch.autograd.grad(torch.stack(scalars).sum(), embeds, retain_graph=index < n_outputs - 1)
             per_output.append(grads.detach())
     grads = torch.stack(per_output, dim=1)  # (rows, outputs, width, H)
-    return log_probs, [grads[position, : len(laid.outputs), width - laid.width + laid.positions]
-                       for position, (laid, _) in enumerate(rows)]
+    return log_probs, [grads[position, : len(laid.outputs), width - laid.width(row) + laid.positions]
+                       for position, (laid, row) in enumerate(rows)]
 
 
 def _account(rows: Sequence[tuple[_Rows, int]], width: int, gradients: bool, seconds: float) -> None:

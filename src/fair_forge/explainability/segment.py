@@ -8,13 +8,14 @@ next word, so every attributable token belongs to exactly one feature (sums over
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
-from .errors import NoAttributableFeaturesError
+from .errors import InvalidInputError, NoAttributableFeaturesError
 from .prompt import ModelInput, SourceSpan
 from .types import Granularity
 
@@ -138,3 +139,43 @@ def build_features(model_input: ModelInput, granularity: Granularity) -> list[Fe
             "nothing to attribute: the prompt/messages contain no text (only whitespace or template tokens)"
         )
     return features
+
+
+def check_message_indices(attribute_messages: Any) -> Optional[tuple[int, ...]]:
+    """``attribute_messages`` as a sorted tuple of distinct message indices (None: every message), or a typed error."""
+    if attribute_messages is None:
+        return None
+    if isinstance(attribute_messages, (str, bytes, int)) or not hasattr(attribute_messages, "__iter__"):
+        raise InvalidInputError(
+            f"attribute_messages must be a list of message indices, e.g. [0], got {attribute_messages!r}")
+    indices = list(attribute_messages)
+    if not indices or any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0 for i in indices):
+        raise InvalidInputError(
+            "attribute_messages must be a non-empty list of message indices (integers >= 0), "
+            f"got {attribute_messages!r}")
+    return tuple(sorted({int(i) for i in indices}))
+
+
+def restrict_to_messages(model_input: ModelInput, attribute_messages: Optional[tuple[int, ...]]) -> ModelInput:
+    """``model_input`` with only the content tokens of ``attribute_messages`` attributable (None: unchanged).
+
+    The other messages, template tokens included, become context: no feature holds them, so no method masks or
+    perturbs them, and tokens before the first attributable one are computed once as the cached prefix.
+    """
+    if attribute_messages is None:
+        return model_input
+    with_text = sorted({source.message_index for source in model_input.sources if source.message_index is not None})
+    if not with_text:
+        raise InvalidInputError("attribute_messages needs chat messages; a raw prompt is one text, attribute all of it")
+    missing = [index for index in attribute_messages if index not in with_text]
+    if missing:
+        raise InvalidInputError(
+            f"attribute_messages={list(attribute_messages)}: message(s) {missing} do not exist or hold no text; "
+            f"the messages with text are {with_text}"
+        )
+    sources = tuple(source for source in model_input.sources if source.message_index in attribute_messages)
+    attributable = np.zeros_like(model_input.attributable)
+    for position in np.flatnonzero(model_input.attributable):
+        start, end = model_input.offsets[position]
+        attributable[position] = any(start < source.end and source.start < end for source in sources)
+    return dataclasses.replace(model_input, attributable=attributable, sources=sources)

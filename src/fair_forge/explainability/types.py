@@ -35,6 +35,7 @@ class AttributionMethod(str, Enum):
     VAR_GRAD = "var_grad"
     INPUT_X_GRADIENT = "input_x_gradient"
     LIME = "lime"
+    CONTEXT_CITE = "context_cite"
     KERNEL_SHAP = "kernel_shap"
     OCCLUSION = "occlusion"
     SOBOL = "sobol"

@@ -10,7 +10,8 @@ evaluations.
 Additivity: OCCLUSION and KERNEL_SHAP are registered additive (KernelSHAP values add up to
 f(input) - f(all features masked); occlusion is the per-feature drop). LIME is *not* registered additive: its
 coefficients belong to a Ridge surrogate with an intercept, so they add up to the surrogate's prediction, not to
-f(input) - f(baseline). SOBOL indices are non-negative variance shares and not additive.
+f(input) - f(baseline); nor is CONTEXT_CITE (a sparse surrogate on random half-ablations, ``_sparse``, for inputs
+with many features such as the sentences of a long document). SOBOL indices are non-negative variance shares and not additive.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..types import AttributionMethod
 from . import (Count, FiniteFloat, Flag, MethodContext, MethodParams, Plan, RawAttribution, SampledParams, TokenId,
                _integer, register_method)
 from . import _coalitions as core
+from . import _sparse
 
 SampleCount = Annotated[int, BeforeValidator(_integer), Field(ge=2, strict=True)]  # a fit or a variance needs two
 
@@ -62,6 +64,12 @@ class KernelShapParams(CoalitionParams):
 class LimeParams(CoalitionParams):
     n_samples: Optional[SampleCount] = Field(None, description="neighbourhood size; None: max(100, 4 x features)")
     kernel_width: FiniteFloat = Field(25.0, gt=0, description="width of LIME's exponential kernel on distances")
+
+
+class ContextCiteParams(MaskingParams, SampledParams):
+    n_samples: Optional[SampleCount] = Field(
+        None, description="random half-ablations scored; None: one per feature, between 32 and 64")
+    alpha: FiniteFloat = Field(_sparse.DEFAULT_ALPHA, gt=0, description="Lasso penalty, relative to the standard deviation of the scores over the ablations")
 
 
 class SobolParams(MaskingParams, SampledParams):
@@ -146,6 +154,16 @@ def lime(context: MethodContext) -> Plan:
     estimate = yield from masks.run(core.lime_plan(masks.n_features, n_samples=params["n_samples"],
                                                    kernel_width=params["kernel_width"], **_sampling(params)))
     return masks.attribution(estimate, r2=estimate.extras["r2"], intercept=estimate.extras["intercept"])
+
+
+@register_method(AttributionMethod.CONTEXT_CITE, kind="perturbation", additive=False, params=ContextCiteParams,
+                 description="sparse linear surrogate (Lasso, refitted) on random half-ablations, for many features")
+def context_cite(context: MethodContext) -> Plan:
+    masks = _Masks(context)
+    params = context.params
+    estimate = yield from masks.run(_sparse.sparse_plan(masks.n_features, n_samples=params["n_samples"],
+                                                        alpha=params["alpha"], **_sampling(params)))
+    return masks.attribution(estimate, **estimate.extras)
 
 
 @register_method(AttributionMethod.SOBOL, kind="perturbation", additive=False, params=SobolParams,

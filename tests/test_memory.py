@@ -1,0 +1,196 @@
+"""The activation-memory estimate against measured peaks, the budget, and checkpointed layers.
+
+Peaks are measured on the CPU with the torch profiler's allocation events (``profile_memory=True``): every
+allocation and free made during the call, in time order, summed; the peak of that running sum is the most memory the
+call held at once on top of what existed before it (weights, the prefix cache). That is what the estimate bounds.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from fair_forge.explainability.errors import InvalidInputError
+from fair_forge.explainability.memory import (
+    CallEstimate,
+    MemoryBudgetWarning,
+    ModelShape,
+    call_estimate,
+    checkpointed_layers,
+    memory_budget,
+    rows_per_call,
+)
+from fair_forge.explainability.prompt import ModelInput
+from fair_forge.explainability.scoring import (
+    EmbeddingRows,
+    MaskedRows,
+    TargetScorer,
+    score_embedding_requests,
+    score_row_requests,
+)
+
+N_TARGET = 10
+SHAPES = [(1, 64, 0), (4, 100, 20), (2, 120, 0), (3, 30, 90)]  # (rows, length after the prefix, prefix)
+
+
+def measured_peak(call: Callable[[], object]) -> int:
+    """Most bytes held at once by the allocations ``call`` makes (running sum of the profiler's memory events)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        call()
+    events = [event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"]
+    held = peak = 0
+    for event in sorted(events, key=lambda event: event.start_ns()):
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+def scored_call(model, rows: int, length: int, prefix: int, grad: bool) -> Callable[[], object]:
+    """The packer's call (forward + backward, or no-grad forward) over ``rows`` distinct random rows of ``length``
+    tokens after a cached ``prefix``."""
+    model.requires_grad_(False)  # as during an explanation (models.borrowed): gradients w.r.t. inputs only
+    scorer = TargetScorer(model)
+    generator = torch.Generator().manual_seed(0)
+    total = prefix + length
+    ids = torch.randint(5, model.config.vocab_size, (total,), generator=generator)
+    attributable = np.zeros(total, dtype=bool)
+    attributable[prefix : total - N_TARGET] = True
+    model_input = ModelInput(ids, total - N_TARGET, ((0, 0),) * total, "", attributable, (), "", "", 0, ("",) * total)
+    scorer.prefix(ids, prefix)  # computed once per explanation, before (and outside) the measured call
+    if grad:
+        embeds = scorer.embed(ids[attributable]).expand(rows, -1, -1).clone()
+        return lambda: score_embedding_requests([(scorer, model_input, EmbeddingRows(embeds))], batch_size=rows)
+    keep = np.ones((rows, total), dtype=bool)
+    keep[np.arange(rows), prefix + np.arange(rows)] = False  # distinct rows, each masking one token
+    return lambda: score_row_requests([(scorer, model_input, MaskedRows(keep, 0))], batch_size=rows)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("rows,length,prefix", SHAPES)
+def test_gradient_estimate_bounds_the_measured_peak_within_2x(tiny_lm, attention, rows, length, prefix):
+    model, _ = tiny_lm
+    model.config._attn_implementation = attention
+    peak = measured_peak(scored_call(model, rows, length, prefix, grad=True))
+    estimate = call_estimate(model, length=length, prefix=prefix, n_target=N_TARGET).bytes_for(rows)
+    assert peak <= estimate <= 2 * peak
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("rows,length,prefix", SHAPES)
+def test_forward_estimate_bounds_the_measured_peak_within_2x(tiny_lm, attention, rows, length, prefix):
+    model, _ = tiny_lm
+    model.config._attn_implementation = attention
+    peak = measured_peak(scored_call(model, rows, length, prefix, grad=False))
+    estimate = call_estimate(model, length=length, prefix=prefix, n_target=N_TARGET, grad=False).bytes_for(rows)
+    assert peak <= estimate <= 2 * peak
+
+
+def test_eager_attention_weights_grow_with_length_squared(tiny_llama):
+    model, _ = tiny_llama
+    shape = ModelShape.of(model)
+    model.config._attn_implementation = "eager"
+    short, long = (call_estimate(model, length=n).bytes_per_row for n in (50, 100))
+    model.config._attn_implementation = "sdpa"
+    short_fused, long_fused = (call_estimate(model, length=n).bytes_per_row for n in (50, 100))
+    weights = lambda n: shape.n_heads * n * n * 4 * (shape.n_layers + 2)  # noqa: E731 - kept + softmax grad
+    assert (short - short_fused, long - long_fused) == (weights(50), weights(100))
+
+
+def test_rows_per_call_fills_the_budget_and_warns_below_one_row():
+    estimate = CallEstimate(bytes_per_row=1000, length=10, prefix=0, grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert rows_per_call(estimate, 3999) == 3
+        assert rows_per_call(estimate, 1000) == 1
+    with pytest.warns(MemoryBudgetWarning, match="checkpoint=True"):
+        assert rows_per_call(estimate, 999) == 1
+
+
+def test_memory_budget_checks_max_memory_and_defaults_to_free_memory(tiny_gpt2):
+    import psutil
+
+    model, _ = tiny_gpt2
+    assert memory_budget(model, 12345) == 12345
+    assert 0 < memory_budget(model) <= psutil.virtual_memory().total
+    for bad in (0, -5, 1.5, True, "1GB"):
+        with pytest.raises(InvalidInputError, match="max_memory"):
+            memory_budget(model, bad)
+
+
+def test_checkpointed_layers_give_the_same_gradient_with_less_memory_and_restore_the_model(tiny_lm):
+    model, _ = tiny_lm
+    model.requires_grad_(False)
+    model.config._attn_implementation = "eager"
+    embeds = torch.randn(2, 120, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+
+    def gradient() -> torch.Tensor:
+        inputs = embeds.clone().requires_grad_(True)
+        model(inputs_embeds=inputs, use_cache=False).logits[:, -N_TARGET:].logsumexp(-1).sum().backward()
+        return inputs.grad
+
+    before = {name: dict(module.__dict__) for name, module in model.named_modules()}
+    plain_peak, plain = measured_peak(gradient), gradient()
+    with checkpointed_layers(model):
+        checkpointed_peak, checkpointed = measured_peak(gradient), gradient()
+    assert {name: dict(module.__dict__) for name, module in model.named_modules()} == before
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-6)
+    assert checkpointed_peak < plain_peak
+    estimate = call_estimate(model, length=120, n_target=N_TARGET - 1, checkpoint=True).bytes_for(2)
+    assert checkpointed_peak <= estimate
+
+
+MESSAGES = [{"role": "user", "content": "Paris is a city in France. What is the capital of France?"}]
+TARGET = "The capital of France is Paris."
+
+
+def test_gradient_calls_are_sized_by_max_memory_with_a_warning_below_one_row(tiny_lm):
+    from fair_forge.explainability import AttributionExplainer
+    from fair_forge.explainability.prompt import build_model_input
+
+    model, tokenizer = tiny_lm
+    messages = MESSAGES if tokenizer.chat_template else None
+    prompt = None if messages else MESSAGES[0]["content"]
+    model_input = build_model_input(tokenizer, target=TARGET, messages=messages, prompt=prompt)
+    first = int(np.flatnonzero(model_input.attributable)[0])
+    per_row = call_estimate(model, length=model_input.length - first, prefix=first,
+                            n_target=model_input.n_target).bytes_per_row
+    results = {}
+    for rows in (3, 1):
+        explainer = AttributionExplainer(model, tokenizer, max_memory=rows * per_row + 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", MemoryBudgetWarning)
+            results[rows] = explainer.explain(messages, TARGET, prompt=prompt, method="integrated_gradients", n_steps=6)
+    with pytest.warns(MemoryBudgetWarning, match="checkpoint=True"):
+        results[0] = AttributionExplainer(model, tokenizer, max_memory=per_row // 2).explain(
+            messages, TARGET, prompt=prompt, method="integrated_gradients", n_steps=6)
+    assert [results[rows].metadata.n_backward_passes for rows in (3, 1, 0)] == [2, 6, 6]
+    np.testing.assert_allclose(results[1].scores, results[3].scores, atol=1e-5)
+
+
+def test_checkpointed_gradient_calls_give_the_same_attributions(tiny_lm):
+    from fair_forge.explainability import AttributionExplainer
+
+    model, tokenizer = tiny_lm
+    messages = MESSAGES if tokenizer.chat_template else None
+    prompt = None if messages else MESSAGES[0]["content"]
+    plain, checkpointed = (
+        AttributionExplainer(model, tokenizer, checkpoint=flag).explain(
+            messages, TARGET, prompt=prompt, method="integrated_gradients", n_steps=8)
+        for flag in (False, True))
+    np.testing.assert_allclose(checkpointed.scores, plain.scores, atol=1e-5)
+    assert all("forward" not in module.__dict__ for module in model.modules())
+
+
+def test_bad_max_memory_or_checkpoint_are_rejected_by_the_explainer(tiny_gpt2):
+    from fair_forge.explainability import AttributionExplainer
+
+    model, tokenizer = tiny_gpt2
+    with pytest.raises(InvalidInputError, match="max_memory"):
+        AttributionExplainer(model, tokenizer, max_memory=-1)
+    with pytest.raises(InvalidInputError, match="checkpoint"):
+        AttributionExplainer(model, tokenizer, checkpoint="yes")
