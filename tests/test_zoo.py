@@ -203,3 +203,25 @@ def test_template_tokens_are_never_attributed(explainer: AttributionExplainer, z
 def test_own_model_page_lists_the_zoo() -> None:
     current = OWN_MODEL_PAGE.read_text(encoding="utf-8")
     assert current == own_model_page(current), "docs/how-to/own-model.md is stale: run `python tests/zoo.py`"
+
+
+def test_removed_tokens_leave_no_gap_in_a_sliding_window() -> None:
+    """Gemma 3's sliding-window layer (window 8 in the zoo) measures distance in slots: removing a token must score
+    the shorter sequence, as a plain forward pass over the remaining ids does."""
+    zoo_model = build_zoo_model("gemma3")
+    explainer = AttributionExplainer(zoo_model.model, zoo_model.tokenizer)
+    result = explainer.explain(**zoo_model.example, method="occlusion", granularity="token", remove=True)
+    _, ids, _ = encode(zoo_model)
+    n_target = result.metadata.n_target_tokens
+    assert len(ids) > 8  # longer than the window, so a gap would show
+    full = direct_score(zoo_model, n_target)
+
+    def score_without(positions: list[int]) -> float:
+        kept = [token for position, token in enumerate(ids) if position not in positions]
+        with torch.no_grad():
+            logits = zoo_model.model(input_ids=torch.tensor([kept])).logits[0].double()
+        log_probs = logits[:-1].log_softmax(-1)[torch.arange(len(kept) - 1), torch.tensor(kept[1:])]
+        return float(log_probs[-n_target:].sum())
+
+    for attribution in result.attributions:
+        assert attribution.score == pytest.approx(full - score_without(attribution.token_positions), abs=1e-4)

@@ -169,11 +169,7 @@ _ENTRIES = (
 
 #: What does not hold yet, by zoo architecture or method name (tests/test_zoo.py marks these strict xfails: when one
 #: is fixed its test fails until the entry goes).
-KNOWN_GAPS: dict[str, str] = {
-    "gemma3": "`explain_batch` packs rows of different lengths with padding after the shared prefix, which a "
-              "sliding-window layer counts as distance: its scores differ from `explain` (~1e-2 on the zoo model). "
-              "Explain such models one by one (`explain`, `iter_explain`) until packing keeps the distances.",
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 #: Integrated gradients' settings in the zoo's completeness test: the defaults (64 Gauss-Legendre nodes, then the
 #: adaptive rule where they miss the tolerance, as on the RMSNorm families gemma3 and qwen3).

@@ -555,11 +555,56 @@ def _call(rows: Sequence[tuple[_Rows, int]], gradients: bool) -> tuple[np.ndarra
     ``gradients`` each row's (outputs, A, H) gradients of its own scalars. Runs outside ``torch.inference_mode`` (a caller's
     inference mode would forbid the gradient) and with gradients enabled only where asked for."""
     with torch.inference_mode(False):
-        return _call_model(rows, gradients)
+        groups = _gapless_groups(rows)
+        if groups is None:
+            return _call_model(rows, gradients)
+        n_target = max(int(laid.target_ids.shape[-1]) for laid, _ in rows)
+        log_probs = np.zeros((len(rows), n_target))
+        grads: list[Optional[torch.Tensor]] = [None] * len(rows)
+        for members in groups:
+            values, group_grads = _call_model([rows[index] for index in members], gradients, compact=True)
+            for position, index in enumerate(members):
+                log_probs[index, n_target - values.shape[1] :] = values[position]
+                if group_grads is not None:
+                    grads[index] = group_grads[position]
+        return log_probs, grads if gradients else None  # type: ignore[return-value]
 
 
-def _call_model(rows: Sequence[tuple[_Rows, int]], gradients: bool
+def sliding_window(model: Any) -> Optional[int]:
+    """The attention window of a model with sliding-window layers (Gemma 2/3, Mistral, ...), else None."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if "sliding_attention" in layer_types else None
+    return window if getattr(config, "use_sliding_window", True) else None
+
+
+def _gapless_groups(rows: Sequence[tuple[_Rows, int]]) -> Optional[list[list[int]]]:
+    """Rows of a call in groups that need no gap, or None where gaps are harmless.
+
+    A call pads shorter rows, and rows whose tokens were removed or that read less of the prefix cache, with slots
+    out of attention; positions skip them, but a sliding-window layer measures distance in slots, so once a row may
+    span more than its window those gaps change its scores. Then rows go in groups of the same cached length and
+    the same number of attended tokens, each run compacted (``_call_model(compact=True)``): no slot is skipped.
+    """
+    window = sliding_window(rows[0][0].scorer.model)
+    if window is None or max(laid.cached_length(row) + laid.width(row) for laid, row in rows) <= window:
+        return None
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, (laid, row) in enumerate(rows):
+        own = laid.cached_length(row)
+        attended = int(laid.keep[row, own:].sum()) if laid.ids is not None and laid.remove else laid.width(row)
+        groups.setdefault((own, attended), []).append(index)
+    return list(groups.values())
+
+
+def _call_model(rows: Sequence[tuple[_Rows, int]], gradients: bool, compact: bool = False
                 ) -> tuple[np.ndarray, Optional[list[torch.Tensor]]]:
+    """See ``_call``. ``compact``: the rows share their cached length and attended count (``_gapless_groups``), and
+    the leading slots no row attends (removed tokens) are left out of the call."""
     first = rows[0][0]
     scorer = first.scorer
     cached = [laid.cached_length(row) for laid, row in rows]
@@ -577,6 +622,10 @@ def _call_model(rows: Sequence[tuple[_Rows, int]], gradients: bool
         attention[position, :own] = 1
         attention[position, reach + width - length :] = 1 if attended is None else attended
         targets[position, n_target - int(laid.target_ids.shape[-1]) :] = laid.target_ids
+    if compact and first.ids is not None:
+        unused = int((attention[:, reach:].amax(dim=0) == 0).long().cumprod(0).sum())  # leading slots no row attends
+        ids, attention, width = ids[:, unused:], torch.cat([attention[:, :reach], attention[:, reach + unused :]], 1), \
+            width - unused
     mask = attention if bool((attention == 0).any()) else None
     started = time.perf_counter()
     if first.ids is not None:
