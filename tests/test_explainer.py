@@ -259,3 +259,17 @@ def test_methods_doc_parameter_tables_are_the_generated_ones():
     text = (Path(__file__).parents[1] / "docs" / "methods.md").read_text(encoding="utf-8")
     marker = "<!-- parameters: generated -->\n"
     assert text.split(marker, 1)[1] == methods_reference()
+
+
+def test_a_long_explanation_shows_its_progress(tiny_gpt2, monkeypatch, capsys) -> None:
+    """explain() counts its model requests in a progress bar that appears after PROGRESS_DELAY seconds."""
+    from fair_forge.explainability import explainer as explainer_module
+
+    model, tokenizer = tiny_gpt2
+    explainer = AttributionExplainer(model, tokenizer)
+    item = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "target": "Paris."}
+    monkeypatch.setattr(explainer_module, "PROGRESS_DELAY", 0.0)
+    explainer.explain(**item, method="smooth_grad", n_samples=40)  # 40 samples: 3 requests of 16
+    assert "explaining (smooth_grad)" in capsys.readouterr().err
+    explainer.explain(**item, method="smooth_grad", n_samples=40, show_progress=False)
+    assert capsys.readouterr().err == ""

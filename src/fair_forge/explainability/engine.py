@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Generator, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Generator, Iterable, Iterator, Optional, Union
 
 from .prompt import ModelInput
 from .scoring import Request, TargetScorer, answer_requests
@@ -87,10 +87,11 @@ class _Flight:
 
 
 def run(jobs: Iterable[Union[Job, Rejected]], *, batch_size: Optional[int] = None,
-        window: int = ITEMS_IN_FLIGHT) -> Iterator[Finished]:
+        window: int = ITEMS_IN_FLIGHT, on_round: Callable[[], None] = lambda: None) -> Iterator[Finished]:
     """Run every job's plan, ``window`` at a time, packing their requests; yields each item's outcome as it ends.
 
-    ``batch_size`` caps the rows per model call (None: the packer's budgets, ``scoring.rows_per_call``).
+    ``batch_size`` caps the rows per model call (None: the packer's budgets, ``scoring.rows_per_call``);
+    ``on_round`` is called after each round of answered requests (progress of a long explanation).
     """
     source = iter(jobs)
     flights: list[_Flight] = []
@@ -113,6 +114,7 @@ def run(jobs: Iterable[Union[Job, Rejected]], *, batch_size: Optional[int] = Non
             if not flights:
                 return
             _answer(flights, batch_size)
+            on_round()
             waiting = []
             for flight in flights:
                 if flight.outcome is not None:

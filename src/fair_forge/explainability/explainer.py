@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -29,6 +29,8 @@ from .types import (
 )
 
 MethodLike = Union[str, AttributionMethod]
+# seconds an explain() call runs before its progress bar appears: quick explanations print nothing
+PROGRESS_DELAY = 10.0
 GranularityLike = Union[str, Granularity]
 Messages = Sequence[Mapping[str, str]]
 
@@ -129,10 +131,13 @@ class AttributionExplainer:
         granularity: Optional[GranularityLike] = None,
         per_target: bool = False,
         attribute_messages: Optional[Sequence[int]] = None,
+        show_progress: bool = True,
         **method_params: Any,
     ) -> AttributionResult:
         """Attribute ``target`` to the features of ``messages`` (chat) or ``prompt`` (raw text).
 
+        An explanation that takes longer than ``PROGRESS_DELAY`` seconds (many steps or samples, ``per_target``,
+        a long document) shows a progress bar of its model requests unless ``show_progress=False``.
         ``per_target=True`` also returns a (target tokens x features) matrix. ``attribute_messages=[i, ...]``
         attributes to those messages only; the others (e.g. the question) stay as unperturbed context. Method parameters (``n_steps``,
         ``n_samples``, ``baseline``, ``noise_std``, ``seed``, ``batch_size``, ...) are passed as keywords.
@@ -142,7 +147,11 @@ class AttributionExplainer:
         if target is None:  # settings are checked before the model generates
             target = generate_target(self.model, self.tokenizer, messages=messages, prompt=prompt)
         request = self._prepare(messages, prompt, target, settings)
-        ((_, outcome),) = self._outcomes([request], settings)
+        from tqdm.auto import tqdm
+
+        with tqdm(desc=f"explaining ({settings.spec.name})", unit="request", delay=PROGRESS_DELAY,
+                  disable=not show_progress, leave=False) as progress:
+            ((_, outcome),) = self._outcomes([request], settings, on_round=progress.update)
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
@@ -179,8 +188,8 @@ class AttributionExplainer:
         model_input = restrict_to_messages(model_input, settings.attribute_messages)
         return _Request(model_input, build_features(model_input, settings.granularity))
 
-    def _outcomes(self, requests: Iterable[Union[_Request, Exception]], settings: _Settings
-                  ) -> Iterator[tuple[int, Union[AttributionResult, Exception]]]:
+    def _outcomes(self, requests: Iterable[Union[_Request, Exception]], settings: _Settings,
+                  on_round: Callable[[], Any] = lambda: None) -> Iterator[tuple[int, Union[AttributionResult, Exception]]]:
         """Run prepared items through the batch engine (``engine.run``); (index, result or error) as items finish.
 
         The model is borrowed for the whole run; the items share one prefix cache (a dataset's system prompt runs
@@ -204,7 +213,7 @@ class AttributionExplainer:
                 yield engine.Job(index, request.model_input, scorer, settings.spec.plan(context))
 
         with borrowed(self.model):
-            for finished in engine.run(jobs(), batch_size=batch_size):
+            for finished in engine.run(jobs(), batch_size=batch_size, on_round=on_round):
                 request = in_flight.pop(finished.index, None)
                 if finished.error is not None:
                     yield finished.index, finished.error
