@@ -10,7 +10,8 @@ Columns: wall time, forward/backward passes, rows scored, tokens processed, peak
 sentence ranking: comprehensiveness (score drop when the top 5/10/20% sentences are masked: higher is better) and
 sufficiency (score drop when only they are kept: lower is better), in log-prob units, averaged over the fractions.
 ``occlusion (no row reuse)`` is occlusion with per-row prefix reuse turned off, the baseline its speed-up is
-measured against in the same run.
+measured against in the same run; ``integrated_gradients (checkpoint)`` runs with ``checkpoint=True`` (layers
+recompute their activations in the backward pass instead of keeping them).
 
 Run: ``python benchmarks/bench_long_context.py [--documents 1300 4000] [--methods occlusion lime ...]``.
 """
@@ -41,6 +42,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "lime": {},
     "context_cite": {},
     "integrated_gradients": {"n_steps": 16},
+    "integrated_gradients (checkpoint)": {"n_steps": 16},
 }
 
 
@@ -76,33 +78,14 @@ def own_answer(model: Any, tokenizer: Any, messages: list[dict[str, str]]) -> st
     return tokenizer.decode(output[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def faithfulness(explainer: Any, messages: list[dict[str, str]], answer: str, result: Any) -> dict[str, float]:
-    """Comprehensiveness and sufficiency of ``result``'s sentence ranking, averaged over ``FRACTIONS``.
+def faithfulness(explainer: Any, result: Any) -> dict[str, float]:
+    """Comprehensiveness and sufficiency of ``result``'s sentence ranking over ``FRACTIONS`` (``evaluation``),
+    masked sentences replaced by the pad token as the perturbation methods do; no curves or random orders (each
+    edit costs a forward pass over the whole document)."""
+    from fair_forge.explainability import faithfulness as evaluate
 
-    A local stand-in for ``evaluation.faithfulness`` (being written on another branch): masked sentences are
-    replaced by the pad token, as the perturbation methods do.
-    """
-    import numpy as np
-
-    from fair_forge.explainability.prompt import build_model_input
-    from fair_forge.explainability.scoring import TargetScorer
-
-    model_input = build_model_input(explainer.tokenizer, target=answer, messages=messages)
-    order = np.argsort([-a.score for a in result.attributions])
-    rows = [np.ones(model_input.length, dtype=bool)]
-    for fraction in FRACTIONS:
-        top = order[: max(1, round(fraction * len(order)))]
-        top_tokens = [p for i in top for p in result.attributions[i].token_positions]
-        every = [p for a in result.attributions for p in a.token_positions]
-        without_top = np.ones(model_input.length, dtype=bool)
-        without_top[top_tokens] = False
-        only_top = np.ones(model_input.length, dtype=bool)
-        only_top[every] = False
-        only_top[top_tokens] = True
-        rows += [without_top, only_top]
-    scores = TargetScorer(explainer.model).score_token_masks(model_input, np.stack(rows))
-    full, rest = scores[0], scores[1:].reshape(len(FRACTIONS), 2)
-    return {"comprehensiveness": float(np.mean(full - rest[:, 0])), "sufficiency": float(np.mean(full - rest[:, 1]))}
+    report = evaluate(explainer, result, fractions=FRACTIONS, curve_points=2, mode="replace", n_random=0)
+    return {"comprehensiveness": report.comprehensiveness, "sufficiency": report.sufficiency}
 
 
 def worker(tokens: int, method: str, answer: str, threads: int) -> dict[str, Any]:
@@ -117,7 +100,7 @@ def worker(tokens: int, method: str, answer: str, threads: int) -> dict[str, Any
     name = method.split(" ")[0]
     if method == "occlusion (no row reuse)":
         scoring.ROW_REUSE_MIN_WIDTH = sys.maxsize
-    explainer = AttributionExplainer(model, tokenizer)
+    explainer = AttributionExplainer(model, tokenizer, checkpoint=method.endswith("(checkpoint)"))
     started = time.perf_counter()
     result = explainer.explain(messages, answer, method=name, granularity="sentence", attribute_messages=[0],
                                **METHODS[method])
@@ -133,7 +116,7 @@ def worker(tokens: int, method: str, answer: str, threads: int) -> dict[str, Any
         "rows": getattr(metadata, "n_evaluations", None) or metadata.method_params.get("n_steps"),
         "tokens": metadata.n_tokens_processed,
         "peak RSS GB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        **{key: round(value, 3) for key, value in faithfulness(explainer, messages, answer, result).items()},
+        **{key: round(value, 3) for key, value in faithfulness(explainer, result).items()},
         "top sentence": max(result.attributions, key=lambda a: a.score).text[:60],
     }
 

@@ -326,3 +326,15 @@ def test_remove_mode_equals_scoring_the_edited_text_on_smollm2(smollm2) -> None:
             assert value == pytest.approx(direct, abs=1e-4), (curve, content)
             checked += 1
     assert checked >= 6
+
+
+def test_a_result_restricted_to_some_messages_is_evaluated_on_them(tiny_gpt2) -> None:
+    """attribute_messages=[0]: the report edits the system message's features only, the question stays context."""
+    model, tokenizer = tiny_gpt2
+    explainer = AttributionExplainer(model, tokenizer)
+    messages = [{"role": "system", "content": "Paris is a city in France. Berlin is the capital of Germany."},
+                {"role": "user", "content": "What is the capital of France?"}]
+    result = explainer.explain(messages, "Paris.", method="occlusion", granularity="sentence", attribute_messages=[0])
+    assert {a.message_index for a in result.attributions} == {0}
+    report = faithfulness(explainer, result, n_random=2)
+    assert len(report.ranking) == len(result.attributions) == 2

@@ -33,7 +33,7 @@ from .explainer import AttributionExplainer, _item_fields, _records
 from .models import borrowed
 from .prompt import ModelInput, build_model_input
 from .scoring import EvaluationCount, MaskedRows, TargetScorer, score_row_requests
-from .segment import build_features
+from .segment import build_features, restrict_to_messages
 from .types import AttributionBatchResult, AttributionMethod, AttributionResult, Granularity
 
 if TYPE_CHECKING:
@@ -179,6 +179,9 @@ def _plan(explainer: AttributionExplainer, result: AttributionResult, item: Any,
     messages, prompt = _source(item, result)
     model_input = build_model_input(explainer.tokenizer, target=result.target, messages=messages, prompt=prompt,
                                     include_template_tokens=explainer.include_template_tokens)
+    explained = {a.message_index for a in result.attributions if a.message_index is not None}
+    if messages is not None and explained < {s.message_index for s in model_input.sources}:  # attribute_messages
+        model_input = restrict_to_messages(model_input, tuple(sorted(explained)))
     features = build_features(model_input, result.granularity)
     if [f.token_positions for f in features] != [tuple(a.token_positions) for a in result.attributions]:
         raise InvalidInputError(
