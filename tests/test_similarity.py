@@ -14,7 +14,13 @@ from sentence_transformers.sentence_transformer.modules import Dense, Normalize,
 from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaModel, MPNetConfig, MPNetModel
 from transformers import RobertaConfig, RobertaModel
 
-from fair_forge.explainability.errors import BudgetError, ContextLengthError, InvalidInputError, UnsupportedModelError
+from fair_forge.explainability.errors import (
+    BudgetError,
+    ContextLengthError,
+    ConvergenceWarning,
+    InvalidInputError,
+    UnsupportedModelError,
+)
 from fair_forge.explainability.methods.similarity import quadrature
 from fair_forge.explainability.similarity import IntJacobianExplainableTransformer, SimilarityExplainer
 from fair_forge.explainability.types import AttributionMethod, AttributionResult, Granularity
@@ -270,7 +276,7 @@ def test_adaptive_integration_meets_its_tolerance(tiny):
         explainer.explain(QUERY, CANDIDATE, integration="adaptive", mode="vjp")
     with pytest.raises(BudgetError):
         explainer.explain(QUERY, CANDIDATE, integration="adaptive", num_interpolation_steps=14)
-    with pytest.warns(RuntimeWarning, match="integrated Jacobians: the path integral did not reach"):
+    with pytest.warns(ConvergenceWarning, match="integrated Jacobians: the path integral did not reach"):
         explainer.explain(QUERY, CANDIDATE, integration="adaptive", tolerance=1e-12, num_interpolation_steps=20)
 
 
