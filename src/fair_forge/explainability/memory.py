@@ -141,8 +141,9 @@ def call_estimate(
     cache = 2 * shape.n_kv_heads * shape.head_dim * (prefix + keys) * value * shape.n_layers  # copied prefix + grown
     logits = LOGIT_COPIES * (n_target + 1) * shape.vocab_size * 4
     embeddings = 3 * length * shape.hidden_size * 4  # float32 inputs, their model-dtype copy and their gradient
+    mask = length * keys * 4  # the float attention mask some transformers versions build for sdpa (all layers share it)
     if not grad:  # some of one layer's tensors at a time, the cache of every layer, the logits and their softmax
-        per_row = length * layer_per_token // 2 + 2 * attention_per_layer + cache + logits // 2
+        per_row = length * layer_per_token // 2 + 2 * attention_per_layer + cache + logits // 2 + mask
     elif checkpoint:  # every layer's input, one layer's activations recomputed at a time
         per_row = (shape.n_layers * length * shape.hidden_size * value
                    + 2 * (length * layer_per_token + attention_per_layer) + cache + logits + embeddings)
