@@ -1,8 +1,9 @@
 """Integrated gradients' path integral at defaults: evaluations used and relative completeness error, per model.
 
 For the embedded SmolLM2 and the architecture zoo of the tests (``tests/zoo.py``: tiny random GPT-2, Llama, Gemma 3,
-Qwen 3, Phi-3, Mistral, GPT-NeoX and OLMo 2 models with their own tokenizers and chat templates), the integrand of integrated gradients on the demo (word granularity, zero
-baseline) is built by hand as the library builds it: the attributable input embeddings x, the straight path
+Qwen 3, Phi-3, Mistral, GPT-NeoX and OLMo 2 models with their own tokenizers and chat templates, each on its own
+example input; SmolLM2 on the demo), the integrand of integrated gradients (zero baseline) is built from plain model
+calls: the attributable input embeddings x, the straight path
 alpha x, the explained score f (sum of target log-probs) and its gradient by autograd. ``integrate`` from
 ``methods/_quadrature.py`` is driven with it: the rule integrated gradients use by default (64 Gauss-Legendre
 nodes, then the adaptive rule where they miss the tolerance of 0.01; max_steps as the method's default), the adaptive
@@ -49,9 +50,9 @@ class PathIntegrand:
     Built from plain model calls (the embedding layer, ``inputs_embeds``, log-softmax of the logits), independently
     of the library's scorer: only the attributable tokens (the message's content) move along the path."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, inputs: dict[str, Any]) -> None:
         self.model = model
-        model_input = build_model_input(tokenizer, target=TARGET, messages=MESSAGES)
+        model_input = build_model_input(tokenizer, **inputs)
         self.ids, self.target_start = model_input.input_ids, model_input.target_start
         self.positions = torch.from_numpy(np.flatnonzero(model_input.attributable))
         with torch.no_grad():
@@ -90,9 +91,9 @@ def drive(rule: Any, integrand: Callable[[np.ndarray], tuple[np.ndarray, np.ndar
             return stop.value
 
 
-def measure(name: str, model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
+def measure(name: str, model: torch.nn.Module, tokenizer: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     with borrowed(model):
-        integrand = PathIntegrand(model, tokenizer)
+        integrand = PathIntegrand(model, tokenizer, inputs)
         default = drive(integrate(integrand.total, max_steps=StepParams().max_steps), integrand)
         adaptive = drive(integrate(integrand.total, adaptive=True), integrand)
         row: dict[str, Any] = {
@@ -117,9 +118,9 @@ def main() -> dict[str, Any]:
     rows = []
     for architecture in ARCHITECTURES:
         zoo_model = build_zoo_model(architecture)
-        rows.append(measure(f"zoo {architecture}", zoo_model.model, zoo_model.tokenizer))
+        rows.append(measure(f"zoo {architecture}", zoo_model.model, zoo_model.tokenizer, zoo_model.example))
     model, tokenizer = load_default_model()
-    rows.append(measure("SmolLM2-135M-Instruct", model, tokenizer))
+    rows.append(measure("SmolLM2-135M-Instruct", model, tokenizer, {"messages": MESSAGES, "target": TARGET}))
     return {"rows": rows, "all_meet_target": all(row["meets_target"] for row in rows)}
 
 
