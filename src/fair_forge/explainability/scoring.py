@@ -35,6 +35,10 @@ SCORE_KINDS: tuple[str, ...] = ("sum", "mean", "prob")
 # than 16 rows, and 128 rows no faster than 64; SmolLM2, demo input); forward + backward calls hold at most
 # GRADIENT_TOKENS_PER_CALL tokens. Both hold at most LOGITS_PER_CALL float32 logits (rows x (n_target + 1) x vocab,
 # 128 MB); a backward pass keeps about GRADIENT_LOGITS_COPIES such tensors alive (logits, log-softmax, their grads).
+# On the CPU a call of a thousand tokens is already compute-bound, so gradient calls there hold at most
+# MASKED_TOKENS_PER_CALL tokens too: rows of 1,360 tokens (SmolLM2, checkpoint=True, 2 threads) took 8.0 s each at one
+# row per call and 7.9 s at three, while the process grew by 1.4 GB against 2.5 GB (glibc's heap keeps the freed
+# blocks of the layers recomputed in the backward pass: about 3x what the call holds at once).
 MASKED_TOKENS_PER_CALL = 1024
 GRADIENT_TOKENS_PER_CALL = 4096
 LOGITS_PER_CALL = 2**25
@@ -350,12 +354,13 @@ class TargetScorer:
 
 
 def rows_per_call(width: int, n_target: int, vocab_size: int, *, gradients: bool,
-                  batch_size: Optional[int] = None) -> int:
+                  batch_size: Optional[int] = None, cpu: bool = False) -> int:
     """Rows of ``width`` tokens (after the cached prefix) per model call: ``batch_size`` if given, else what the
-    token budget and the logits budget allow (see the budgets at the top of this module), at least one."""
+    token budget and the logits budget allow (see the budgets at the top of this module; ``cpu``: the model runs on
+    the CPU), at least one."""
     if batch_size is not None:
         return batch_size
-    tokens = GRADIENT_TOKENS_PER_CALL if gradients else MASKED_TOKENS_PER_CALL
+    tokens = GRADIENT_TOKENS_PER_CALL if gradients and not cpu else MASKED_TOKENS_PER_CALL
     logits = LOGITS_PER_CALL // GRADIENT_LOGITS_COPIES if gradients else LOGITS_PER_CALL
     return max(1, min(tokens // max(width, 1), logits // ((n_target + 1) * vocab_size)))
 
@@ -512,8 +517,9 @@ def _calls(group: list[tuple[int, int]], requests: Sequence[_Rows], batch_size: 
     for entry in group:
         rows = requests[entry[0]]
         tail = int(rows.target_ids.shape[-1])
+        # the entry is the call's widest so far: the group is sorted
         limit = rows_per_call(rows.width(entry[1]), max(n_target, tail), rows.scorer.vocab_size, gradients=gradients,
-                              batch_size=batch_size)  # the entry is the call's widest so far: the group is sorted
+                              batch_size=batch_size, cpu=rows.scorer.device.type == "cpu")
         estimate = None if budget is None else _estimate(rows, entry[1], max(n_target, tail), gradients)
         if estimate is not None:
             fit = budget // estimate.bytes_per_row
