@@ -13,12 +13,12 @@ import hashlib
 import json
 import os
 import time
-from collections import deque
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Optional, Union
 
+from .engine import ITEMS_IN_FLIGHT
 from .errors import ExplainabilityError, InvalidInputError
 from .explainer import AttributionExplainer, parse_granularity
 from .generation import DEFAULT_GENERATION_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, generate_targets
@@ -29,6 +29,7 @@ from .sources import ColumnMap, DatasetItem, iter_items, iter_source
 from .types import AttributionBatchResult, BatchFailure
 
 PathLike = Union[str, os.PathLike]
+BLOCK = ITEMS_IN_FLIGHT  # items of consecutive source indices explained together (see ``explain_records``)
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
@@ -73,47 +74,59 @@ class DatasetRun:
 
 
 def explain_records(
-    explainer: AttributionExplainer, items: Iterable[DatasetItem], run: RunSettings
-) -> Iterator[DatasetRecord]:
-    """The engine's stream over ``items``, keyed back to their indices and ids: targets generated chunk by chunk
-    (``generation_batch_size`` at a time) as the engine pulls items, failures recorded, one record per item."""
-    pending: dict[int, DatasetItem] = {}
-    side: deque[DatasetRecord] = deque()  # items that failed before reaching the engine
+    explainer: AttributionExplainer, items: Iterable[DatasetItem], run: RunSettings, done: Collection[str] = ()
+) -> Iterator[Optional[DatasetRecord]]:
+    """One record per item, explained block by block: the items whose source indices share ``index // BLOCK``
+    get their missing targets generated together and their model calls packed together, and nothing else does.
+    An item's result so depends on its block alone, never on where a run started, and a resumed run writes,
+    bit for bit, what an uninterrupted run would have: a block that holds an item not yet in the output
+    (``done``: the ids it holds) is run whole, and each item already done yields None instead of its record."""
+    for block in _blocks(items):
+        if all(item.item_id in done for item in block):
+            yield from (None for _ in block)
+            continue
+        for record in _block_records(explainer, block, run):
+            yield None if record.item_id in done else record
 
-    def feed() -> Iterator[dict[str, Any]]:
-        position = 0
-        iterator = iter(items)
-        while chunk := list(islice(iterator, run.generation_batch_size)):
-            for item, target in _with_targets(explainer, chunk, run, side):
-                pending[position] = item
-                position += 1
-                yield item.request(target)
 
-    stream = explainer.iter_explain(feed(), method=run.method, granularity=run.granularity,
-                                    per_target=run.per_target, **run.params)
+def _blocks(items: Iterable[DatasetItem]) -> Iterator[list[DatasetItem]]:
+    """Consecutive items grouped by ``index // BLOCK`` (items come in source order)."""
+    block: list[DatasetItem] = []
+    for item in items:
+        if block and item.index // BLOCK != block[0].index // BLOCK:
+            yield block
+            block = []
+        block.append(item)
+    if block:
+        yield block
+
+
+def _block_records(explainer: AttributionExplainer, block: list[DatasetItem], run: RunSettings
+                   ) -> Iterator[DatasetRecord]:
+    """The block's records: items that fail before reaching the engine first, then the engine's, as they finish."""
+    failed: list[DatasetRecord] = []
+    ready: list[tuple[DatasetItem, str]] = []
+    for start in range(0, len(block), run.generation_batch_size):
+        ready += _with_targets(explainer, block[start : start + run.generation_batch_size], run, failed)
+    yield from failed
+    stream = explainer.iter_explain([item.request(target) for item, target in ready], method=run.method,
+                                    granularity=run.granularity, per_target=run.per_target, **run.params)
     for position, outcome in stream:
-        yield from _drain(side)
-        item = pending.pop(position)
+        item = ready[position][0]
         if isinstance(outcome, BatchFailure):
             outcome = outcome.model_copy(update={"index": item.index})
         yield DatasetRecord(item.index, item.item_id, outcome, item.metadata)
-    yield from _drain(side)
-
-
-def _drain(side: deque[DatasetRecord]) -> Iterator[DatasetRecord]:
-    while side:
-        yield side.popleft()
 
 
 def _with_targets(explainer: AttributionExplainer, chunk: list[DatasetItem], run: RunSettings,
-                  side: deque[DatasetRecord]) -> list[tuple[DatasetItem, str]]:
+                  failed: list[DatasetRecord]) -> list[tuple[DatasetItem, str]]:
     """The chunk's good items with their targets, the model generating the missing ones in one batched call (one by
     one only when that call fails, to find the item that broke it)."""
     ready: list[tuple[DatasetItem, str]] = []
     to_generate: list[DatasetItem] = []
     for item in chunk:
         if item.error is not None:
-            side.append(DatasetRecord(item.index, item.item_id, item.error, item.metadata))
+            failed.append(DatasetRecord(item.index, item.item_id, item.error, item.metadata))
         elif item.target is None:
             to_generate.append(item)
         else:
@@ -128,7 +141,7 @@ def _with_targets(explainer: AttributionExplainer, chunk: list[DatasetItem], run
         try:
             return generate([item])[0]
         except Exception as error:  # noqa: BLE001 - recorded per item
-            side.append(item.failed(error))
+            failed.append(item.failed(error))
             return None
 
     try:
@@ -139,7 +152,7 @@ def _with_targets(explainer: AttributionExplainer, chunk: list[DatasetItem], run
         if answer:
             ready.append((item, answer))
         elif answer == "":
-            side.append(item.failed(ExplainabilityError("the model generated an empty answer: nothing to explain")))
+            failed.append(item.failed(ExplainabilityError("the model generated an empty answer: nothing to explain")))
     return ready
 
 
@@ -214,9 +227,14 @@ def explain_dataset(
     collected: list[DatasetRecord] = []
     counts = {"ok": 0, "failed": 0, "skipped": 0}
     progress = _progress(show_progress, _length(source, limit))
-    todo = _not_done(items, done, progress, counts)
+    todo = items if engine == "local" else _not_done(items, done, progress, counts)
     try:
-        for record in _records(explainer, todo, run, engine, num_workers, num_gpus_per_worker, address, model_loader):
+        for record in _records(explainer, todo, done, run, engine, num_workers, num_gpus_per_worker, address,
+                               model_loader):
+            if record is None:  # in the output already (the local engine re-ran it with its block)
+                counts["skipped"] += 1
+                progress.update(1)
+                continue
             if sink is not None:
                 sink.write(record)
             else:
@@ -253,11 +271,11 @@ def _prepare_output(path: Path, settings: dict[str, Any], resume: bool, overwrit
         raise InvalidInputError(f"{path} already exists; resume it (resume=True) or replace it (overwrite=True)")
 
 
-def _records(explainer: AttributionExplainer, items: Iterator[DatasetItem], run: RunSettings, engine: str,
-             num_workers: int, num_gpus_per_worker: float, address: Optional[str],
-             model_loader: Any) -> Iterator[DatasetRecord]:
+def _records(explainer: AttributionExplainer, items: Iterator[DatasetItem], done: set[str], run: RunSettings,
+             engine: str, num_workers: int, num_gpus_per_worker: float, address: Optional[str],
+             model_loader: Any) -> Iterator[Optional[DatasetRecord]]:
     if engine == "local":
-        return explain_records(explainer, items, run)
+        return explain_records(explainer, items, run, done)
     from .ray_engine import ray_records
 
     return ray_records(explainer, items, run, num_workers=num_workers, num_gpus_per_worker=num_gpus_per_worker,
@@ -266,7 +284,8 @@ def _records(explainer: AttributionExplainer, items: Iterator[DatasetItem], run:
 
 def _not_done(items: Iterable[DatasetItem], done: set[str], progress: Any,
               counts: dict[str, int]) -> Iterator[DatasetItem]:
-    """The items an output does not hold yet; the ones it holds are counted and move the progress bar."""
+    """The items an output does not hold yet (for the Ray engine, whose actors see batches, not blocks); the ones it
+    holds are counted and move the progress bar."""
     for item in items:
         if item.item_id in done:
             counts["skipped"] += 1
