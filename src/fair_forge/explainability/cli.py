@@ -21,9 +21,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from .errors import ExplainabilityError, InvalidInputError
+
+if TYPE_CHECKING:  # annotations only: importing types at run time would slow --help
+    from .types import AttributionResult
 from .types import AttributionMethod, Granularity, format_table
 
 PROG = "fair-forge-explain"

@@ -29,7 +29,8 @@ import torch
 from pydantic import BaseModel, Field
 
 from .errors import InvalidInputError
-from .explainer import AttributionExplainer, _item_fields, _records
+from .explainer import AttributionExplainer
+from .items import batch_items, item_fields
 from .models import borrowed
 from .prompt import ModelInput, build_model_input
 from .scoring import EvaluationCount, MaskedRows, TargetScorer, score_row_requests
@@ -168,7 +169,7 @@ def _source(item: Any, result: AttributionResult) -> tuple[Optional[Any], Option
         return None, item
     if isinstance(item, Sequence) and item and all(isinstance(m, Mapping) and "role" in m for m in item):
         return list(item), None
-    messages, prompt, item_target = _item_fields(item)
+    messages, prompt, item_target = item_fields(item)
     if item_target is not None and item_target != result.target:
         raise InvalidInputError(f"the item's target {item_target!r} is not the result's target {result.target!r}")
     return messages, prompt
@@ -312,7 +313,7 @@ def faithfulness(
     if inputs is None:
         items: list[Any] = [None] * len(result.results)
     else:
-        records = _records(inputs)
+        records = batch_items(inputs)
         if len(indices) != len(result.results) or any(not 0 <= i < len(records) for i in indices):
             raise InvalidInputError(f"inputs has {len(records)} items; the batch's results need items {indices}")
         items = [records[index] for index in indices]
@@ -362,7 +363,7 @@ def compare_methods(
     _settings(params.get("fractions", DEFAULT_FRACTIONS), params.get("curve_points", 11),
               params.get("mode", "remove"), params.get("n_random", 10), params.get("seed", 0),
               params.get("baseline_id"))
-    records = _records(items)
+    records = batch_items(items)
     rows, random = [], None
     for position, (name, method_params) in enumerate(chosen.items()):
         started = time.perf_counter()

@@ -11,9 +11,10 @@ import numpy as np
 from . import engine
 from .errors import ContextLengthError, ExplainabilityError, InvalidInputError
 from .generation import generate_target
+from .items import batch_items, item_fields
 from .methods import MethodContext, MethodSpec, RawAttribution, get_method
 from .models import borrowed, check_model, display_name
-from .prompt import ModelInput, build_model_input
+from .prompt import Messages, ModelInput, build_model_input
 from .scoring import ScoreKind, TargetScorer, model_context_length
 from .segment import Feature, build_features, check_message_indices, restrict_to_messages
 from .types import (
@@ -32,7 +33,6 @@ MethodLike = Union[str, AttributionMethod]
 # seconds an explain() call runs before its progress bar appears: quick explanations print nothing
 PROGRESS_DELAY = 10.0
 GranularityLike = Union[str, Granularity]
-Messages = Sequence[Mapping[str, str]]
 
 
 def parse_granularity(granularity: GranularityLike) -> Granularity:
@@ -305,7 +305,7 @@ class AttributionExplainer:
         pass counts are the model calls its rows took part in; its ``compute_time_seconds`` is its share of those
         calls (in proportion to its rows) plus the time its method's own arithmetic took.
         """
-        records = _records(items)
+        records = batch_items(items)
         started = time.perf_counter()
         progress = _progress(len(records), show_progress)
         outcomes: dict[int, Union[AttributionResult, BatchFailure]] = {}
@@ -352,7 +352,7 @@ class AttributionExplainer:
         def prepared() -> Iterator[Union[_Request, Exception]]:
             for record in items:
                 try:
-                    messages, prompt, target = _item_fields(record)
+                    messages, prompt, target = item_fields(record)
                     yield self._prepare(messages, prompt, target, settings)
                 except Exception as error:  # noqa: BLE001 - recorded per item; nothing the user gave is lost
                     yield error
@@ -372,34 +372,6 @@ class AttributionExplainer:
         if return_html:
             return render_html(result)
         return display_html(result)  # None in a notebook (displayed), else the HTML
-
-
-def _records(items: Any) -> list[Any]:
-    """The items of a list/iterable, or the rows of a pandas DataFrame as dicts."""
-    if hasattr(items, "to_dict") and hasattr(items, "columns"):
-        return items.to_dict(orient="records")
-    if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
-        raise InvalidInputError("items must be a list of (messages_or_prompt, target) pairs or dicts, or a DataFrame")
-    return list(items)
-
-
-def _item_fields(item: Any) -> tuple[Optional[Messages], Optional[str], Any]:
-    """(messages, prompt, target) of one batch item; a typed error for an item of the wrong shape."""
-    if isinstance(item, Mapping):
-        target = item.get("target", item.get("answer"))
-        if "messages" in item:
-            return item["messages"], None, target
-        if "prompt" in item:
-            return None, item["prompt"], target
-        if "question" in item:
-            return [{"role": "user", "content": item["question"]}], None, target
-        raise InvalidInputError(f"item needs 'messages', 'prompt' or 'question', got keys {sorted(item)}")
-    if isinstance(item, (tuple, list)) and len(item) == 2:
-        source, target = item
-        if isinstance(source, str):
-            return None, source, target
-        return source, None, target
-    raise InvalidInputError(f"item must be a (messages_or_prompt, target) pair or a dict, got {item!r}")
 
 
 def _progress(total: int, show: bool) -> Any:

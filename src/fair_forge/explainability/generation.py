@@ -8,20 +8,19 @@ whitespace: the text ``build_model_input`` then tokenizes in context as the targ
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
 from .errors import ExplainabilityError, InvalidInputError
 from .models import borrowed
-from .prompt import _drop_trailing_specials, _encode, render_chat, validate_messages
+from .prompt import Messages, _drop_trailing_specials, _encode, render_chat, validate_messages
 
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_GENERATION_BATCH_SIZE = 8
 # Special tokens chat models end a turn with, besides the tokenizer's and the generation config's EOS.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
-Messages = Sequence[Mapping[str, str]]
 PromptRequest = tuple[Optional[Messages], Optional[str]]  # (messages, None) for chat, (None, prompt) for raw text
 
 

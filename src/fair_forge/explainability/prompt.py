@@ -17,6 +17,8 @@ from .errors import InvalidInputError, UnsupportedModelError
 
 VALID_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
+Messages = Sequence[Mapping[str, str]]  # a chat: [{"role": ..., "content": ...}, ...]
+
 
 class BoundaryMergeWarning(UserWarning):
     """In context, the last prompt token and the first target token would merge; they were tokenized apart."""
@@ -228,7 +230,7 @@ def build_model_input(
     tokenizer: Any,
     *,
     target: str,
-    messages: Optional[Sequence[Mapping[str, str]]] = None,
+    messages: Optional[Messages] = None,
     prompt: Optional[str] = None,
     include_template_tokens: bool = False,
 ) -> ModelInput:

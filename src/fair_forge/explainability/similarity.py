@@ -33,7 +33,6 @@ from .methods.similarity import (
     resolve_path,
     similarity_terms,
 )
-from .models import display_name
 from .types import (
     AttributionBatchResult,
     AttributionMatrix,
