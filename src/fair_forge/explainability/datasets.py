@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -24,7 +26,7 @@ from .explainer import AttributionExplainer, parse_granularity
 from .generation import DEFAULT_GENERATION_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, generate_targets
 from .methods import get_method
 from .records import DatasetRecord, batch_from_records
-from .sinks import open_sink, output_format, remove_output, stored_settings
+from .sinks import Sink, load_results, open_sink, output_format, remove_output, stored_settings
 from .sources import ColumnMap, DatasetItem, iter_items, iter_source
 from .types import AttributionBatchResult, BatchFailure
 
@@ -209,25 +211,36 @@ def explain_dataset(
     items = iter_items(islice(rows, limit) if limit is not None else rows, columns, generate, digest)
 
     started = time.perf_counter()
-    sink = open_sink(path, settings) if path is not None else None
-    done = sink.done_ids() if sink is not None else set()
-    collected: list[DatasetRecord] = []
-    counts = {"ok": 0, "failed": 0, "skipped": 0}
-    progress = _progress(show_progress, _length(source, limit))
-    todo = _not_done(items, done, progress, counts)
-    try:
-        for record in _records(explainer, todo, run, engine, num_workers, num_gpus_per_worker, address, model_loader):
-            if sink is not None:
-                sink.write(record)
+    # Ray's writers write files: an in-memory Ray run writes a temporary output and reads it back
+    in_memory_ray = path is None and engine == "ray"
+    with tempfile.TemporaryDirectory(prefix="fair_forge-") if in_memory_ray else nullcontext() as scratch:
+        output = Path(scratch) / "records.jsonl" if scratch is not None else path
+        sink = open_sink(output, settings) if output is not None else None
+        done = sink.done_ids() if sink is not None else set()
+        collected: list[DatasetRecord] = []
+        counts = {"ok": 0, "failed": 0, "skipped": 0}
+        progress = _progress(show_progress, _length(source, limit))
+        todo = _not_done(items, done, progress, counts)
+        try:
+            if engine == "local":
+                written = _write_local(explainer, todo, run, sink, collected)
             else:
-                collected.append(record)
-            counts["failed" if record.failed else "ok"] += 1
-            progress.update(1)
-            progress.set_postfix(failed=counts["failed"], refresh=False)
-    finally:
-        progress.close()
-        if sink is not None:
-            sink.close()
+                from .ray_engine import ray_write
+
+                written = ray_write(explainer, todo, run, sink, num_workers=num_workers,
+                                    num_gpus_per_worker=num_gpus_per_worker, address=address,
+                                    model_loader=model_loader)
+            for n_items, n_failed in written:
+                counts["ok"] += n_items - n_failed
+                counts["failed"] += n_failed
+                progress.update(n_items)
+                progress.set_postfix(failed=counts["failed"], refresh=False)
+        finally:
+            progress.close()
+            if sink is not None:
+                sink.close()
+        if path is None and output is not None:
+            collected = list(load_results(output))
     seconds = time.perf_counter() - started
     if path is None:
         return batch_from_records(collected, explainer.model_name, seconds)
@@ -253,15 +266,15 @@ def _prepare_output(path: Path, settings: dict[str, Any], resume: bool, overwrit
         raise InvalidInputError(f"{path} already exists; resume it (resume=True) or replace it (overwrite=True)")
 
 
-def _records(explainer: AttributionExplainer, items: Iterator[DatasetItem], run: RunSettings, engine: str,
-             num_workers: int, num_gpus_per_worker: float, address: Optional[str],
-             model_loader: Any) -> Iterator[DatasetRecord]:
-    if engine == "local":
-        return explain_records(explainer, items, run)
-    from .ray_engine import ray_records
-
-    return ray_records(explainer, items, run, num_workers=num_workers, num_gpus_per_worker=num_gpus_per_worker,
-                       address=address, model_loader=model_loader)
+def _write_local(explainer: AttributionExplainer, items: Iterator[DatasetItem], run: RunSettings, sink: Optional[Sink],
+                 collected: list[DatasetRecord]) -> Iterator[tuple[int, int]]:
+    """Explain ``items`` here, each record to the sink (or ``collected``) as it finishes; yields (1, failed) per item."""
+    for record in explain_records(explainer, items, run):
+        if sink is not None:
+            sink.write(record)
+        else:
+            collected.append(record)
+        yield 1, int(record.failed)
 
 
 def _not_done(items: Iterable[DatasetItem], done: set[str], progress: Any,
