@@ -124,7 +124,6 @@ def test_ray_resumes_a_local_output_window_by_window(local_ray, explainer, saved
 
     pulled: list[int] = []  # rows the source gave, counted when each window goes to Ray
     monkeypatch.setattr(ray_engine, "ITEMS_PER_RAY_WINDOW", 2)
-    monkeypatch.setattr(ray_engine, "ITEMS_PER_RAY_BATCH", 1)  # two actors even for a window of two items
     from_items = ray.data.from_items
     monkeypatch.setattr(ray.data, "from_items", lambda rows: pulled.append(len(given)) or from_items(rows))
     given: list[dict[str, Any]] = []
@@ -179,7 +178,11 @@ def test_an_uncommitted_torn_ray_jsonl_output_loads_and_resumes(local_ray, expla
     _close(_lines(out), _lines(whole))  # the lines a local run writes, failures included, once each
 
 
-def test_an_in_memory_ray_run_equals_local(local_ray, explainer, saved_model: Path) -> None:
+def test_an_in_memory_ray_run_on_two_actors_equals_local(local_ray, explainer, saved_model: Path,
+                                                         monkeypatch) -> None:
+    from fair_forge.explainability import ray_engine
+
+    monkeypatch.setattr(ray_engine, "ITEMS_PER_RAY_BATCH", 1)  # batches of one item: both actors get some
     local = explain_dataset(explainer, ROWS, **SETTINGS)
     remote = explain_dataset(explainer, ROWS, engine="ray", num_workers=2, model_loader=str(saved_model), **SETTINGS)
     assert remote.indices == local.indices and remote.failures == local.failures

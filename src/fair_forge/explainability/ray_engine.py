@@ -149,7 +149,8 @@ def ray_write(
 def _write(records: Any, sink: Sink, prefix: str) -> None:
     """Run one window and stage its records with Ray's writers, a part per write task (of at least
     ``ITEMS_PER_PART`` items, the window's last one excepted). For Parquet the tidy rows are made in the write tasks
-    (fused with the write): an item's rows never reach two files."""
+    (Ray fuses ``tidy_table`` with the write: ``MapBatches(tidy_table)->Write``), so an item's rows, which Ray may
+    split between blocks, still reach one file."""
     from .ray_writers import JsonlParts, PartNames
 
     folder = str(sink.parts_dir)
