@@ -342,7 +342,7 @@ def _parquet_records(path: Path) -> Iterator[DatasetRecord]:
     for file in files:
         rows: list[dict[str, Any]] = []
         for table in _item_ordered(file, committed=file == path):
-            for row in table.to_pylist():  # an item's rows are contiguous; a row group may cut them  # an item's rows are contiguous; a batch may cut them
+            for row in table.to_pylist():  # an item's rows are contiguous; a row group may cut them
                 if rows and (row["item_id"], row["item_index"]) != (rows[0]["item_id"], rows[0]["item_index"]):
                     yield rows_record(rows)
                     rows = []
