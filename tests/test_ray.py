@@ -122,11 +122,11 @@ def test_ray_resumes_a_local_output_window_by_window(local_ray, explainer, saved
     first = explain_dataset(explainer, ROWS, out, limit=2, **SETTINGS)  # a run stopped after two items
     assert (first.n_explained, first.n_failed) == (2, 0)
 
-    pulled: list[int] = []  # rows the source gave, counted when each window goes to Ray
     monkeypatch.setattr(ray_engine, "ITEMS_PER_RAY_WINDOW", 2)
+    given: list[dict[str, Any]] = []  # the rows the source gave so far
+    pulled: list[int] = []  # how many, each time a window goes to Ray
     from_items = ray.data.from_items
     monkeypatch.setattr(ray.data, "from_items", lambda rows: pulled.append(len(given)) or from_items(rows))
-    given: list[dict[str, Any]] = []
 
     def source() -> Iterator[dict[str, Any]]:
         for row in ROWS:
@@ -137,8 +137,8 @@ def test_ray_resumes_a_local_output_window_by_window(local_ray, explainer, saved
                            **SETTINGS)
     assert (rest.n_skipped, rest.n_explained, rest.n_failed) == (2, 2, 2)
     assert pulled == [4, 6]  # two skipped rows and a window of two, then the next window: never more
-    assert ray_parts and all(re.fullmatch(r"part-\d{20}-00000[01]-\d{6}-[0-9a-f]{32}-0\.parquet", name)
-                             for name in ray_parts)
+    assert all(re.fullmatch(r"part-\d{20}-00000[01]-\d{6}-[0-9a-f]{32}-0\.parquet", name) for name in ray_parts)
+    assert {name.split("-")[2] for name in ray_parts} == {"000000", "000001"}  # each window wrote its own parts
     assert not (tmp_path / "ray.parquet.parts").exists()  # committed
 
     remote = AttributionBatchResult.load(out)
