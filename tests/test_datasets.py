@@ -242,6 +242,46 @@ def test_a_kill_between_commit_and_cleanup_duplicates_nothing(explainer, tmp_pat
     assert sorted(r.index for r in load_results(out)) == [0, 1, 2, 3, 4]
 
 
+def test_a_torn_parquet_part_is_skipped_and_redone(explainer, tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "out.parquet"
+    with monkeypatch.context() as patch:  # staged parts only, as a kill before the commit leaves them
+        patch.setattr(ParquetSink, "close", ParquetSink._flush)
+        explain_dataset(explainer, ITEMS[:2], out, **SETTINGS)
+    import pyarrow.parquet as pq
+
+    [part] = (tmp_path / "out.parquet.parts").iterdir()
+    torn = part.with_name("part-99999999999999999999-000000-000000-0.parquet")  # sorts last: a later run's part
+    torn.write_bytes(part.read_bytes()[: part.stat().st_size // 2])  # Ray's writer killed before the footer
+    table = pq.ParquetFile(part).read()
+    pq.write_table(table.take(list(reversed(range(len(table))))), part)  # Ray's writer need not keep the row order
+    assert sorted(r.index for r in load_results(out)) == [0, 1]
+    assert explain_dataset(explainer, ITEMS, out, **SETTINGS).n_skipped == 2
+    assert not (tmp_path / "out.parquet.parts").exists()
+    _same(AttributionBatchResult.load(out), explain_dataset(explainer, ITEMS, **SETTINGS))
+
+
+def test_jsonl_parts_are_read_committed_once_and_never_twice(explainer, tmp_path: Path, monkeypatch) -> None:
+    from fair_forge.explainability import sinks
+
+    whole = tmp_path / "whole.jsonl"
+    explain_dataset(explainer, ITEMS, whole, **SETTINGS)
+    lines = whole.read_text(encoding="utf-8").splitlines(keepends=True)
+    out = tmp_path / "out.jsonl"
+    explain_dataset(explainer, ITEMS[:2], out, **SETTINGS)
+    parts = tmp_path / "out.jsonl.parts"
+    parts.mkdir()
+    (parts / "part-1-000000.jsonl").write_text("".join(lines[3:5]), encoding="utf-8")  # staged as Ray stages them
+    assert sorted(r.index for r in load_results(out)) == [0, 1, 2, 3]
+    with monkeypatch.context() as patch:  # the commit swapped the merged file in, the parts are not deleted yet
+        patch.setattr(sinks.shutil, "rmtree", lambda *args, **kwargs: None)
+        assert explain_dataset(explainer, ITEMS, out, **SETTINGS).n_skipped == 4
+    assert (parts / "part-1-000000.jsonl").exists()
+    assert sorted(r.index for r in load_results(out)) == [0, 1, 2, 3, 4]
+    assert explain_dataset(explainer, ITEMS, out, **SETTINGS).n_skipped == 5
+    assert not parts.exists() and len(out.read_text(encoding="utf-8").splitlines()) == 6
+    _same(AttributionBatchResult.load(out), AttributionBatchResult.load(whole))
+
+
 def test_a_torn_jsonl_tail_is_dropped(explainer, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     explain_dataset(explainer, ITEMS[:2], out, **SETTINGS)

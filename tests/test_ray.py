@@ -1,17 +1,25 @@
-"""engine="ray": a real local Ray with 2 CPU actors over a tiny saved model resumes an output a local run began, and
-gives the local engine's results (to 1e-5) and failure records. Ray's files live in a temporary folder."""
+"""engine="ray": a real local Ray with 2 CPU actors over a tiny saved model. It reads its source window by window,
+resumes an output a local run began, writes its parts with Ray's writers (named by our filename provider), gives the
+local engine's results (to 1e-5), JSONL lines and failure records, and an output it leaves uncommitted and torn loads
+and resumes. Ray's files live in a temporary folder."""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 
 from fair_forge.explainability import AttributionBatchResult, AttributionExplainer, explain_dataset, load_results
+from fair_forge.explainability.records import SETTINGS_KEY
+from fair_forge.explainability.sinks import JsonlSink, stored_settings
 
 ray = pytest.importorskip("ray")
+pq = pytest.importorskip("pyarrow.parquet")
 
 ROWS = [
     {"question": "What is the capital of France?", "answer": "The capital of France is Paris.", "topic": "geo"},
@@ -45,27 +53,141 @@ def saved_model(tiny_llama, tmp_path: Path) -> Path:
     return folder
 
 
-def test_ray_equals_local_with_failures_and_resume(local_ray, saved_model: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def explainer(saved_model: Path) -> AttributionExplainer:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(saved_model).eval()
-    explainer = AttributionExplainer(model, AutoTokenizer.from_pretrained(saved_model))
-    local = explain_dataset(explainer, ROWS, **SETTINGS)
+    return AttributionExplainer(model, AutoTokenizer.from_pretrained(saved_model))
 
+
+@pytest.fixture
+def ray_parts(monkeypatch) -> list[str]:
+    """The names of the parts each Ray window wrote (the driver counts their failures right after the window); a
+    Parquet part must carry the run settings in its schema metadata, as a local part does."""
+    from fair_forge.explainability import ray_engine
+
+    names: list[str] = []
+    count = ray_engine.count_failed
+
+    def spy(parts: Iterator[Path]) -> int:
+        parts = sorted(parts)
+        names.extend(part.name for part in parts)
+        for part in parts:
+            if part.suffix == ".parquet":
+                assert stored_settings(part.parent.with_suffix("")) == json.loads(
+                    pq.read_schema(part).metadata[SETTINGS_KEY])
+        return count(parts)
+
+    monkeypatch.setattr(ray_engine, "count_failed", spy)
+    return names
+
+
+# Which items share a packed model call depends on the engine's batches, so scores agree to float32 rounding and
+# the pass counts and timings are those of each engine's own calls.
+PACKING_DEPENDENT = ("compute_time_seconds", "n_forward_passes", "n_backward_passes", "n_tokens_processed")
+
+
+def _close(left: Any, right: Any, path: str = "") -> None:
+    """``left`` equals ``right``: floats to 1e-5 absolute (normalized scores 1e-3 relative), everything else exactly."""
+    if isinstance(left, dict):
+        assert left.keys() == right.keys(), path
+        for key in left:
+            _close(left[key], right[key], f"{path}.{key}")
+    elif isinstance(left, list):
+        assert len(left) == len(right), path
+        for position, (a, b) in enumerate(zip(left, right)):
+            _close(a, b, f"{path}[{position}]")
+    elif isinstance(left, float):
+        assert left == pytest.approx(right, rel=1e-3, abs=1e-5), path
+    else:
+        assert left == right, path
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    """A JSONL output's records as parsed lines, by item index, without what packing decides."""
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[1:]]
+    for line in lines:
+        for name in PACKING_DEPENDENT:
+            line.get("result", {}).get("metadata", {}).pop(name, None)
+    return sorted(lines, key=lambda line: line["index"])
+
+
+def test_ray_resumes_a_local_output_window_by_window(local_ray, explainer, saved_model: Path, tmp_path: Path,
+                                                     ray_parts: list[str], monkeypatch) -> None:
+    from fair_forge.explainability import ray_engine
+
+    local = explain_dataset(explainer, ROWS, **SETTINGS)
     out = tmp_path / "ray.parquet"
     first = explain_dataset(explainer, ROWS, out, limit=2, **SETTINGS)  # a run stopped after two items
     assert (first.n_explained, first.n_failed) == (2, 0)
-    ray_settings = {**SETTINGS, "engine": "ray", "num_workers": 2, "model_loader": str(saved_model)}
-    rest = explain_dataset(explainer, ROWS, out, **ray_settings)  # Ray resumes it (one Ray run keeps the test short)
+
+    monkeypatch.setattr(ray_engine, "ITEMS_PER_RAY_WINDOW", 2)
+    given: list[dict[str, Any]] = []  # the rows the source gave so far
+    pulled: list[int] = []  # how many, each time a window goes to Ray
+    from_items = ray.data.from_items
+    monkeypatch.setattr(ray.data, "from_items", lambda rows: pulled.append(len(given)) or from_items(rows))
+
+    def source() -> Iterator[dict[str, Any]]:
+        for row in ROWS:
+            given.append(row)
+            yield row
+
+    rest = explain_dataset(explainer, source(), out, engine="ray", num_workers=2, model_loader=str(saved_model),
+                           **SETTINGS)
     assert (rest.n_skipped, rest.n_explained, rest.n_failed) == (2, 2, 2)
+    assert pulled == [4, 6]  # two skipped rows and a window of two, then the next window: never more
+    assert all(re.fullmatch(r"part-\d{20}-00000[01]-\d{6}-[0-9a-f]{32}-0\.parquet", name) for name in ray_parts)
+    assert {name.split("-")[2] for name in ray_parts} == {"000000", "000001"}  # each window wrote its own parts
+    assert not (tmp_path / "ray.parquet.parts").exists()  # committed
 
     remote = AttributionBatchResult.load(out)
     assert remote.indices == local.indices == [0, 1, 2, 5]
     for got, want in zip(remote, local):
         assert (got.prompt, got.target, got.tokens) == (want.prompt, want.target, want.tokens)
         assert got.scores == pytest.approx(want.scores, abs=1e-5)
-    assert remote.failures == local.failures
+    assert remote.failures == local.failures  # the malformed row (driver) and the empty target (actor)
     assert sorted(r.index for r in load_results(out)) == [0, 1, 2, 3, 4, 5]
+
+
+def test_an_uncommitted_torn_ray_jsonl_output_loads_and_resumes(local_ray, explainer, saved_model: Path,
+                                                                tmp_path: Path, ray_parts: list[str],
+                                                                monkeypatch) -> None:
+    whole = tmp_path / "local.jsonl"
+    explain_dataset(explainer, ROWS, whole, **SETTINGS)
+    out = tmp_path / "ray.jsonl"
+    with monkeypatch.context() as patch:  # the driver is killed after Ray wrote, before the final commit
+        patch.setattr(JsonlSink, "close", lambda self: self._handle.close())
+        explain_dataset(explainer, ROWS, out, limit=4, engine="ray", num_workers=2, model_loader=str(saved_model),
+                        **SETTINGS)
+    parts = sorted((tmp_path / "ray.jsonl.parts").iterdir())
+    assert [part.name for part in parts] == ray_parts
+    assert all(re.fullmatch(r"part-\d{20}-000000-\d{6}-[0-9a-f]{32}\.jsonl", part.name) for part in parts)
+    assert sorted(r.index for r in load_results(out)) == [0, 1, 2, 3]
+    torn = parts[-1]
+    text = torn.read_text(encoding="utf-8")
+    torn.write_text(text[: len(text) - 20], encoding="utf-8")  # a kill in the middle of the part's last line
+    loaded = sorted(r.index for r in load_results(out))
+    assert len(loaded) == 3
+
+    run = explain_dataset(explainer, ROWS, out, **SETTINGS)  # a local run resumes it and commits
+    assert (run.n_skipped, run.n_explained + run.n_failed) == (3, 3)
+    assert not (tmp_path / "ray.jsonl.parts").exists()
+    assert json.loads(out.read_text(encoding="utf-8").splitlines()[0])["fair_forge_dataset"]["settings"] == \
+        json.loads(whole.read_text(encoding="utf-8").splitlines()[0])["fair_forge_dataset"]["settings"]
+    _close(_lines(out), _lines(whole))  # the lines a local run writes, failures included, once each
+
+
+def test_an_in_memory_ray_run_on_two_actors_equals_local(local_ray, explainer, saved_model: Path,
+                                                         monkeypatch) -> None:
+    from fair_forge.explainability import ray_engine
+
+    monkeypatch.setattr(ray_engine, "ITEMS_PER_RAY_BATCH", 1)  # batches of one item: both actors get some
+    local = explain_dataset(explainer, ROWS, **SETTINGS)
+    remote = explain_dataset(explainer, ROWS, engine="ray", num_workers=2, model_loader=str(saved_model), **SETTINGS)
+    assert remote.indices == local.indices and remote.failures == local.failures
+    for got, want in zip(remote, local):
+        assert got.target == want.target and got.scores == pytest.approx(want.scores, abs=1e-5)
 
 
 def test_ray_missing_is_an_error_naming_the_extra(tiny_llama, monkeypatch) -> None:

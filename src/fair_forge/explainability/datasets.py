@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -24,7 +26,7 @@ from .explainer import AttributionExplainer, parse_granularity
 from .generation import DEFAULT_GENERATION_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, generate_targets
 from .methods import get_method
 from .records import DatasetRecord, batch_from_records
-from .sinks import open_sink, output_format, remove_output, stored_settings
+from .sinks import Sink, load_results, open_sink, output_format, remove_output, stored_settings
 from .sources import ColumnMap, DatasetItem, iter_items, iter_source
 from .types import AttributionBatchResult, BatchFailure
 
@@ -222,30 +224,40 @@ def explain_dataset(
     items = iter_items(islice(rows, limit) if limit is not None else rows, columns, generate, digest)
 
     started = time.perf_counter()
-    sink = open_sink(path, settings) if path is not None else None
-    done = sink.done_ids() if sink is not None else set()
-    collected: list[DatasetRecord] = []
-    counts = {"ok": 0, "failed": 0, "skipped": 0}
-    progress = _progress(show_progress, _length(source, limit))
-    todo = items if engine == "local" else _not_done(items, done, progress, counts)
-    try:
-        for record in _records(explainer, todo, done, run, engine, num_workers, num_gpus_per_worker, address,
-                               model_loader):
-            if record is None:  # in the output already (the local engine re-ran it with its block)
-                counts["skipped"] += 1
-                progress.update(1)
-                continue
-            if sink is not None:
-                sink.write(record)
-            else:
-                collected.append(record)
-            counts["failed" if record.failed else "ok"] += 1
+    # Ray's writers write files: an in-memory Ray run writes a temporary output and reads it back
+    in_memory_ray = path is None and engine == "ray"
+    with tempfile.TemporaryDirectory(prefix="fair_forge-") if in_memory_ray else nullcontext() as scratch:
+        output = Path(scratch) / "records.jsonl" if scratch is not None else path
+        sink = open_sink(output, settings) if output is not None else None
+        done = sink.done_ids() if sink is not None else set()
+        collected: list[DatasetRecord] = []
+        counts = {"ok": 0, "failed": 0, "skipped": 0}
+        progress = _progress(show_progress, _length(source, limit))
+
+        def skip() -> None:  # an item the output holds already
+            counts["skipped"] += 1
             progress.update(1)
-            progress.set_postfix(failed=counts["failed"], refresh=False)
-    finally:
-        progress.close()
-        if sink is not None:
-            sink.close()
+
+        try:
+            if engine == "local":
+                written = _write_local(explainer, items, run, done, skip, sink, collected)
+            else:
+                from .ray_engine import ray_write
+
+                written = ray_write(explainer, _not_done(items, done, skip), run, sink, num_workers=num_workers,
+                                    num_gpus_per_worker=num_gpus_per_worker, address=address,
+                                    model_loader=model_loader)
+            for n_items, n_failed in written:
+                counts["ok"] += n_items - n_failed
+                counts["failed"] += n_failed
+                progress.update(n_items)
+                progress.set_postfix(failed=counts["failed"], refresh=False)
+        finally:
+            progress.close()
+            if sink is not None:
+                sink.close()
+        if path is None and output is not None:
+            collected = list(load_results(output))
     seconds = time.perf_counter() - started
     if path is None:
         return batch_from_records(collected, explainer.model_name, seconds)
@@ -271,25 +283,28 @@ def _prepare_output(path: Path, settings: dict[str, Any], resume: bool, overwrit
         raise InvalidInputError(f"{path} already exists; resume it (resume=True) or replace it (overwrite=True)")
 
 
-def _records(explainer: AttributionExplainer, items: Iterator[DatasetItem], done: set[str], run: RunSettings,
-             engine: str, num_workers: int, num_gpus_per_worker: float, address: Optional[str],
-             model_loader: Any) -> Iterator[Optional[DatasetRecord]]:
-    if engine == "local":
-        return explain_records(explainer, items, run, done)
-    from .ray_engine import ray_records
+def _write_local(explainer: AttributionExplainer, items: Iterator[DatasetItem], run: RunSettings, done: set[str],
+                 skip: Callable[[], None], sink: Optional[Sink], collected: list[DatasetRecord]
+                 ) -> Iterator[tuple[int, int]]:
+    """Explain ``items`` here, each record to the sink (or ``collected``) as it finishes; yields (1, failed) per item.
+    An item the output holds is re-run with its block (``explain_records``) and only counted (``skip``)."""
+    for record in explain_records(explainer, items, run, done):
+        if record is None:
+            skip()
+            continue
+        if sink is not None:
+            sink.write(record)
+        else:
+            collected.append(record)
+        yield 1, int(record.failed)
 
-    return ray_records(explainer, items, run, num_workers=num_workers, num_gpus_per_worker=num_gpus_per_worker,
-                       address=address, model_loader=model_loader)
 
-
-def _not_done(items: Iterable[DatasetItem], done: set[str], progress: Any,
-              counts: dict[str, int]) -> Iterator[DatasetItem]:
+def _not_done(items: Iterable[DatasetItem], done: set[str], skip: Callable[[], None]) -> Iterator[DatasetItem]:
     """The items an output does not hold yet (for the Ray engine, whose actors see batches, not blocks); the ones it
-    holds are counted and move the progress bar."""
+    holds are counted (``skip``)."""
     for item in items:
         if item.item_id in done:
-            counts["skipped"] += 1
-            progress.update(1)
+            skip()
         else:
             yield item
 

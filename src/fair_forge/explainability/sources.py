@@ -54,6 +54,17 @@ class DatasetItem:
         failure = BatchFailure(index=self.index, error_type=type(error).__name__, message=str(error))
         return DatasetRecord(self.index, self.item_id, failure, self.metadata)
 
+    def to_json(self) -> str:
+        """The item as JSON text (how the Ray engine hands it to its actors)."""
+        error = self.error.model_dump(mode="json") if self.error is not None else None
+        return json.dumps({**vars(self), "error": error}, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DatasetItem":
+        data = json.loads(text)
+        error = BatchFailure.model_validate(data["error"]) if data["error"] is not None else None
+        return cls(**{**data, "error": error})
+
 
 @dataclass(frozen=True)
 class ColumnMap:
