@@ -6,8 +6,8 @@ faster), the model calls each made (a forward pre-hook counts them), and the pea
 integrated gradients on a tiny random Llama with a 262,144-token vocabulary at two ``n_steps``: peak RSS against
 the model's own size (the promise: within 1 GB of it, and flat in ``n_steps``).
 
-Every configuration runs in its own subprocess, so its peak RSS (``resource.getrusage(...).ru_maxrss``, the
-process's high-water mark) is its own and not the previous configuration's.
+Every configuration runs in its own subprocess, so its peak RSS (``run_all.peak_rss_bytes``, the process's
+high-water mark) is its own and not the previous configuration's.
 
     python benchmarks/bench_batch.py                 # 16 items, 3 repeats
     python benchmarks/bench_batch.py --items 4 --repeats 1 --quick
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -65,7 +64,9 @@ def items(count: int) -> tuple[list[list[dict[str, str]]], list[str]]:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    from run_all import peak_rss_bytes
+
+    return peak_rss_bytes() / 2**20
 
 
 def _count_calls(model: Any) -> tuple[list[int], Any]:

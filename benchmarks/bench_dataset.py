@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -97,7 +96,9 @@ def _rss_child(count: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
         items = (item for item in qa_items(count))  # lazily: the source is not held either
         explain_dataset(explainer, items, Path(folder) / "out.parquet", method="occlusion", show_progress=False)
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    from run_all import peak_rss_bytes
+
+    print(json.dumps({"peak_rss_mb": peak_rss_bytes() / 2**20}))
 
 
 def peak_rss(sizes: Sequence[int]) -> list[dict[str, Any]]:

@@ -22,7 +22,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -93,6 +92,7 @@ def worker(tokens: int, method: str, answer: str, threads: int) -> dict[str, Any
     import torch
 
     from fair_forge.explainability import AttributionExplainer, load_default_model, scoring
+    from run_all import peak_rss_bytes
 
     torch.set_num_threads(threads)
     model, tokenizer = load_default_model()
@@ -115,7 +115,7 @@ def worker(tokens: int, method: str, answer: str, threads: int) -> dict[str, Any
         "backward": metadata.n_backward_passes,
         "rows": getattr(metadata, "n_evaluations", None) or metadata.method_params.get("n_steps"),
         "tokens": metadata.n_tokens_processed,
-        "peak RSS GB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "peak RSS GB": round(peak_rss_bytes() / 2**30, 2),
         **{key: round(value, 3) for key, value in faithfulness(explainer, result).items()},
         "top sentence": max(result.attributions, key=lambda a: a.score).text[:60],
     }

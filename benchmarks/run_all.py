@@ -27,6 +27,16 @@ REPO_ROOT = BENCH_DIR.parent
 RESULTS_PATH = BENCH_DIR / "results" / "latest.json"
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (``VmHWM``). Not ``getrusage``'s ``ru_maxrss``: Linux keeps that across
+    ``exec``, so a benchmark's subprocess would report its parent's peak when the parent's was higher."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (peak RSS is measured on Linux only)")
+
+
 def discover(only: Sequence[str] = ()) -> list[str]:
     """Module names ``bench_*`` in this folder, sorted; ``only`` keeps those named (with or without ``bench_``)."""
     names = sorted(path.stem for path in BENCH_DIR.glob("bench_*.py"))
