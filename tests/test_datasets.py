@@ -26,6 +26,7 @@ from fair_forge.explainability import datasets
 from fair_forge.explainability.errors import InvalidInputError
 from fair_forge.explainability.generation import generate_targets
 from fair_forge.explainability.sinks import JsonlSink, ParquetSink
+from same_results import PACKING_DEPENDENT, close
 
 ITEMS = [
     {"question": "What is the capital of France?", "answer": "The capital of France is Paris.", "topic": "geo"},
@@ -51,29 +52,6 @@ def _comparable(result: AttributionResult) -> dict[str, Any]:
     return data
 
 
-# Which items share a packed model call depends on which items a run explains, so runs over different items (a
-# prefix of a source, then all of it; one item alone) agree up to float32 rounding of the padding, and their pass
-# counts are those of their own calls. (A resumed run of the same source re-runs its block: it agrees bit for bit.)
-PACKING_DEPENDENT = ("compute_time_seconds", "n_forward_passes", "n_backward_passes", "n_tokens_processed")
-
-
-def _close(left: Any, right: Any, path: str = "") -> None:
-    """``left`` equals ``right``: floats to 1e-5 absolute (float32 log-probs of ~30 nats round at ~3e-6; a normalized
-    score divides by a score of ~1e-2, hence the relative 1e-3), everything else exactly."""
-    if isinstance(left, dict):
-        assert left.keys() == right.keys(), path
-        for key in left:
-            _close(left[key], right[key], f"{path}.{key}")
-    elif isinstance(left, list):
-        assert len(left) == len(right), path
-        for position, (a, b) in enumerate(zip(left, right)):
-            _close(a, b, f"{path}[{position}]")
-    elif isinstance(left, float):
-        assert left == pytest.approx(right, rel=1e-3, abs=1e-5), path
-    else:
-        assert left == right, path
-
-
 def _same(left: AttributionBatchResult, right: AttributionBatchResult) -> None:
     """The same items, texts and failures; scores equal up to the rounding packing may change."""
     assert left.indices == right.indices
@@ -82,7 +60,7 @@ def _same(left: AttributionBatchResult, right: AttributionBatchResult) -> None:
         for data in (a_data, b_data):
             for name in PACKING_DEPENDENT:
                 data["metadata"].pop(name)
-        _close(a_data, b_data)
+        close(a_data, b_data)
     assert left.failures == right.failures
 
 

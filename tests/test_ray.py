@@ -17,6 +17,7 @@ import pytest
 from fair_forge.explainability import AttributionBatchResult, AttributionExplainer, explain_dataset, load_results
 from fair_forge.explainability.records import SETTINGS_KEY
 from fair_forge.explainability.sinks import JsonlSink, stored_settings
+from same_results import PACKING_DEPENDENT, close
 
 ray = pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -81,27 +82,6 @@ def ray_parts(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(ray_engine, "count_failed", spy)
     return names
-
-
-# Which items share a packed model call depends on the engine's batches, so scores agree to float32 rounding and
-# the pass counts and timings are those of each engine's own calls.
-PACKING_DEPENDENT = ("compute_time_seconds", "n_forward_passes", "n_backward_passes", "n_tokens_processed")
-
-
-def _close(left: Any, right: Any, path: str = "") -> None:
-    """``left`` equals ``right``: floats to 1e-5 absolute (normalized scores 1e-3 relative), everything else exactly."""
-    if isinstance(left, dict):
-        assert left.keys() == right.keys(), path
-        for key in left:
-            _close(left[key], right[key], f"{path}.{key}")
-    elif isinstance(left, list):
-        assert len(left) == len(right), path
-        for position, (a, b) in enumerate(zip(left, right)):
-            _close(a, b, f"{path}[{position}]")
-    elif isinstance(left, float):
-        assert left == pytest.approx(right, rel=1e-3, abs=1e-5), path
-    else:
-        assert left == right, path
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
@@ -175,7 +155,7 @@ def test_an_uncommitted_torn_ray_jsonl_output_loads_and_resumes(local_ray, expla
     assert not (tmp_path / "ray.jsonl.parts").exists()
     assert json.loads(out.read_text(encoding="utf-8").splitlines()[0])["fair_forge_dataset"]["settings"] == \
         json.loads(whole.read_text(encoding="utf-8").splitlines()[0])["fair_forge_dataset"]["settings"]
-    _close(_lines(out), _lines(whole))  # the lines a local run writes, failures included, once each
+    close(_lines(out), _lines(whole))  # the lines a local run writes, failures included, once each
 
 
 def test_an_in_memory_ray_run_on_two_actors_equals_local(local_ray, explainer, saved_model: Path,
