@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from fair_forge.explainability import AttributionExplainer, explain_dataset, load_default_model  # noqa: E402
-from fair_forge.explainability.models import default_model_path  # noqa: E402
+from fair_forge.explainability.runtime.models import default_model_path  # noqa: E402
 
 THREADS = 2
 METHODS: dict[str, dict[str, Any]] = {"occlusion": {}, "integrated_gradients": {"n_steps": 8}}

@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from fair_forge.explainability import AttributionExplainer, available_methods, compare_methods  # noqa: E402
-from fair_forge.explainability.models import load_default_model  # noqa: E402
+from fair_forge.explainability.runtime.models import load_default_model  # noqa: E402
 
 THREADS = 2
 MAX_NEW_TOKENS = 24

@@ -30,8 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from fair_forge.explainability import AttributionExplainer, load_default_model  # noqa: E402
-from fair_forge.explainability.models import borrowed  # noqa: E402  (eval mode, frozen parameters)
-from fair_forge.explainability.scoring import contiguous_head_input  # noqa: E402
+from fair_forge.explainability.runtime.models import borrowed  # noqa: E402  (eval mode, frozen parameters)
+from fair_forge.explainability.runtime.scorer import contiguous_head_input  # noqa: E402
 
 THREADS = 2
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]

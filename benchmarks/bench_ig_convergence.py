@@ -27,10 +27,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fair_forge.explainability import load_default_model  # noqa: E402
-from fair_forge.explainability.methods._quadrature import Integral, integrate  # noqa: E402
+from fair_forge.explainability.methods.quadrature import Integral, integrate  # noqa: E402
 from fair_forge.explainability.methods.gradient import StepParams  # noqa: E402
-from fair_forge.explainability.models import borrowed  # noqa: E402
-from fair_forge.explainability.prompt import build_model_input  # noqa: E402
+from fair_forge.explainability.runtime.models import borrowed  # noqa: E402
+from fair_forge.explainability.text.prompt import build_model_input  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from zoo import ARCHITECTURES, build_zoo_model  # noqa: E402  (the test suite's tiny models, one per family)

@@ -24,9 +24,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from fair_forge.explainability.explainer import AttributionExplainer  # noqa: E402
-from fair_forge.explainability.models import load_default_model  # noqa: E402
-from fair_forge.explainability.prompt import build_model_input  # noqa: E402
-from fair_forge.explainability.scoring import (  # noqa: E402
+from fair_forge.explainability.runtime.models import load_default_model  # noqa: E402
+from fair_forge.explainability.text.prompt import build_model_input  # noqa: E402
+from fair_forge.explainability.runtime.scorer import (  # noqa: E402
     TargetScorer,
     contiguous_head_input,
     rows_per_call,

@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from sentence_transformers import SentenceTransformer  # noqa: E402
 
-from fair_forge.explainability.similarity import SimilarityExplainer  # noqa: E402
+from fair_forge.explainability.similarity.explainer import SimilarityExplainer  # noqa: E402
 
 THREADS = 2
 QUERY = "What is the capital of France?"

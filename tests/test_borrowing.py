@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fair_forge.explainability import AttributionExplainer, InvalidInputError, UnsupportedModelError
-from fair_forge.explainability.models import borrowed
+from fair_forge.explainability.runtime.models import borrowed
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 TARGET = "The capital of France is Paris."

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fair_forge.explainability.types import (
+from fair_forge.explainability.core.types import (
     AttributionMatrix,
     AttributionMethod,
     AttributionResult,
@@ -23,7 +23,7 @@ from fair_forge.explainability.types import (
     TokenAttribution,
     normalize_scores,
 )
-from fair_forge.explainability.visualization import render_html
+from fair_forge.explainability.viz.html import render_html
 
 CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)),
                 None)

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 
 from fair_forge.explainability import cli
+from fair_forge.explainability.cli import common as cli_common
 from fair_forge.explainability import explainer as explainer_module
 from fair_forge.explainability.errors import BudgetError, InvalidInputError, NonFiniteScoreError
-from fair_forge.explainability.types import AttributionMethod, AttributionResult
+from fair_forge.explainability.core.types import AttributionMethod, AttributionResult
 
 TARGET = "The capital of France is Paris."
 QUESTION = "What is the capital of France?"
@@ -56,7 +57,7 @@ def saved_tiny_model(tiny_gpt2, tmp_path: Path) -> Path:
     ],
 )
 def test_argument_errors_exit_2_with_one_line(argv: list[str], capsys, monkeypatch) -> None:
-    monkeypatch.setattr(cli, "_load_model", _no_model)
+    monkeypatch.setattr(cli_common, "load_model", _no_model)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 2
@@ -75,7 +76,7 @@ def test_argument_errors_exit_2_with_one_line(argv: list[str], capsys, monkeypat
     ],
 )
 def test_bad_messages_file_exits_2(content, expected, tmp_path: Path, capsys, monkeypatch) -> None:
-    monkeypatch.setattr(cli, "_load_model", _no_model)
+    monkeypatch.setattr(cli_common, "load_model", _no_model)
     path = tmp_path / "messages.json"
     if content is not None:
         path.write_text(content)
@@ -93,7 +94,7 @@ def test_bad_messages_file_exits_2(content, expected, tmp_path: Path, capsys, mo
     ],
 )
 def test_bad_values_exit_2_before_loading_the_model(argv, expected, capsys, monkeypatch) -> None:
-    monkeypatch.setattr(cli, "_load_model", _no_model)
+    monkeypatch.setattr(cli_common, "load_model", _no_model)
     assert cli.main(argv) == 2
     assert expected in _stderr_line(capsys)
 
@@ -155,8 +156,8 @@ class _PlainTokenizer:
 def recording(monkeypatch) -> type[_RecordingExplainer]:
     _RecordingExplainer.calls = []
     monkeypatch.setattr(explainer_module, "AttributionExplainer", _RecordingExplainer)
-    monkeypatch.setattr(cli, "_check_method", lambda method: None)
-    monkeypatch.setattr(cli, "_load_model", lambda path: (object(), _ChatTokenizer(), "fake-model"))
+    monkeypatch.setattr(cli_common, "check_method", lambda method: None)
+    monkeypatch.setattr(cli_common, "load_model", lambda path: (object(), _ChatTokenizer(), "fake-model"))
     return _RecordingExplainer
 
 
@@ -171,7 +172,7 @@ def test_prompt_goes_through_the_chat_template_as_a_user_message(recording, caps
 
 def test_raw_prompt_and_template_less_tokenizers_send_plain_text(recording, monkeypatch) -> None:
     assert cli.main(["--prompt", QUESTION, "--target", TARGET, "--raw"]) == 0
-    monkeypatch.setattr(cli, "_load_model", lambda path: (object(), _PlainTokenizer(), "fake-model"))
+    monkeypatch.setattr(cli_common, "load_model", lambda path: (object(), _PlainTokenizer(), "fake-model"))
     assert cli.main(["--prompt", QUESTION, "--target", TARGET]) == 0
     assert [call["prompt"] for call in recording.calls] == [QUESTION, QUESTION]
 
@@ -256,13 +257,13 @@ def test_help_lists_the_methods_without_importing_torch() -> None:
     "argv", [["--prompt", "caf\udce9?", "--target", TARGET], ["--prompt", QUESTION, "--target", "\ud800"]]
 )
 def test_lone_surrogates_exit_2_before_loading_the_model(argv, capsys, monkeypatch) -> None:
-    monkeypatch.setattr(cli, "_load_model", _no_model)
+    monkeypatch.setattr(cli_common, "load_model", _no_model)
     assert cli.main(argv) == 2
     assert "lone surrogate" in _stderr_line(capsys)
 
 
 def test_lone_surrogate_in_a_messages_file_exits_2(tmp_path: Path, capsys, monkeypatch) -> None:
-    monkeypatch.setattr(cli, "_load_model", _no_model)
+    monkeypatch.setattr(cli_common, "load_model", _no_model)
     path = tmp_path / "chat.json"
     path.write_text('[{"role": "user", "content": "bad \\ud800 text"}]', encoding="utf-8")
     assert cli.main(["--messages", str(path), "--target", TARGET]) == 2
@@ -271,7 +272,7 @@ def test_lone_surrogate_in_a_messages_file_exits_2(tmp_path: Path, capsys, monke
 
 @pytest.mark.parametrize("where", ["missing/out.json", "folder", "readonly/out.json"])
 def test_unwritable_json_path_exits_2_before_loading_the_model(where, tmp_path: Path, capsys, monkeypatch) -> None:
-    monkeypatch.setattr(cli, "_load_model", _no_model)
+    monkeypatch.setattr(cli_common, "load_model", _no_model)
     (tmp_path / "folder").mkdir()
     (tmp_path / "readonly").mkdir(mode=0o500)
     if where.startswith("readonly") and os.access(tmp_path / "readonly", os.W_OK):

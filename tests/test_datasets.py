@@ -22,10 +22,11 @@ from fair_forge.explainability import (
     plot_summary,
     summarize,
 )
-from fair_forge.explainability import datasets
+from fair_forge.explainability.runs import datasets
+from fair_forge.explainability.cli import common as cli_common
 from fair_forge.explainability.errors import InvalidInputError
-from fair_forge.explainability.generation import generate_targets
-from fair_forge.explainability.sinks import JsonlSink, ParquetSink
+from fair_forge.explainability.runtime.generation import generate_targets
+from fair_forge.explainability.runs.sinks import JsonlSink, ParquetSink
 from same_results import PACKING_DEPENDENT, close
 
 ITEMS = [
@@ -208,7 +209,7 @@ def test_parquet_parts_of_a_hard_kill_load_and_resume(explainer, tmp_path: Path,
 
 
 def test_a_kill_between_commit_and_cleanup_duplicates_nothing(explainer, tmp_path: Path, monkeypatch) -> None:
-    from fair_forge.explainability import sinks
+    from fair_forge.explainability.runs import sinks
 
     out = tmp_path / "out.parquet"
     with monkeypatch.context() as patch:  # the merged file is in place, the merged parts are not yet deleted
@@ -239,7 +240,7 @@ def test_a_torn_parquet_part_is_skipped_and_redone(explainer, tmp_path: Path, mo
 
 
 def test_jsonl_parts_are_read_committed_once_and_never_twice(explainer, tmp_path: Path, monkeypatch) -> None:
-    from fair_forge.explainability import sinks
+    from fair_forge.explainability.runs import sinks
 
     whole = tmp_path / "whole.jsonl"
     explain_dataset(explainer, ITEMS, whole, **SETTINGS)
@@ -366,7 +367,7 @@ def test_cli_dataset_bad_arguments_exit_2_before_the_model_loads(extra, expected
     def no_model(*_args: Any) -> Any:
         raise AssertionError("bad arguments must be rejected before the model loads")
 
-    monkeypatch.setattr(cli, "_load_model", no_model)
+    monkeypatch.setattr(cli_common, "load_model", no_model)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "items.jsonl").write_text(json.dumps(ITEMS[0]) + "\n")
     assert cli.main(["dataset", "items.jsonl", *extra]) == 2

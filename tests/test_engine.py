@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from fair_forge.explainability import AttributionExplainer, InvalidInputError, RawAttribution, register_method
-from fair_forge.explainability.engine import Job, Rejected, run
-from fair_forge.explainability.methods import _REGISTRY, MethodContext, get_method
-from fair_forge.explainability.prompt import build_model_input
-from fair_forge.explainability.scoring import MaskedRows, TargetScorer
-from fair_forge.explainability.segment import build_features
-from fair_forge.explainability.types import Granularity
+from fair_forge.explainability.runtime.engine import Job, Rejected, run
+from fair_forge.explainability.methods.registry import _REGISTRY, MethodContext, get_method
+from fair_forge.explainability.text.prompt import build_model_input
+from fair_forge.explainability.runtime.scorer import MaskedRows, TargetScorer
+from fair_forge.explainability.text.segment import build_features
+from fair_forge.explainability.core.types import Granularity
 
 ITEMS = [
     ([{"role": "user", "content": "What is the capital of France?"}], "The capital of France is Paris."),

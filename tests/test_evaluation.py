@@ -24,9 +24,9 @@ from fair_forge.explainability import (
 )
 from fair_forge.explainability import cli
 from fair_forge.explainability.evaluation import removed_count
-from fair_forge.explainability.prompt import build_model_input
-from fair_forge.explainability.segment import build_features
-from fair_forge.explainability.types import Granularity
+from fair_forge.explainability.text.prompt import build_model_input
+from fair_forge.explainability.text.segment import build_features
+from fair_forge.explainability.core.types import Granularity
 
 QUESTION = "What is the capital of France?"
 MESSAGES = [{"role": "user", "content": QUESTION}]

@@ -21,7 +21,7 @@ from fair_forge.explainability import (
     compute_attributions,
     register_method,
 )
-from fair_forge.explainability.methods import _REGISTRY
+from fair_forge.explainability.methods.registry import _REGISTRY
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 TARGET = "The capital of France is Paris."

@@ -9,7 +9,7 @@ import torch
 from conftest import make_tiny_gpt2
 from fair_forge.explainability import AttributionExplainer
 from fair_forge.explainability.errors import InvalidInputError, UnknownMethodError
-from fair_forge.explainability.generation import (
+from fair_forge.explainability.runtime.generation import (
     _answer_text,
     end_of_turn_ids,
     generate_target,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fair_forge.explainability import AttributionExplainer, AttributionMethod, Granularity
-from fair_forge.explainability.prompt import build_model_input
+from fair_forge.explainability.text.prompt import build_model_input
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France? Tell me now."}]
 TARGET = "The capital of France is Paris."

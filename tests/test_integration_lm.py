@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from fair_forge.explainability import AttributionExplainer, AttributionMethod, Granularity
-from fair_forge.explainability.prompt import build_model_input
-from fair_forge.explainability.scoring import TargetScorer, rows_per_call
+from fair_forge.explainability.text.prompt import build_model_input
+from fair_forge.explainability.runtime.scorer import TargetScorer, rows_per_call
 
 pytestmark = pytest.mark.integration
 

@@ -7,10 +7,10 @@ import pytest
 
 from fair_forge.explainability import AttributionExplainer
 from fair_forge.explainability.errors import InvalidInputError
-from fair_forge.explainability.prompt import build_model_input
-from fair_forge.explainability.scoring import TargetScorer
-from fair_forge.explainability.segment import build_features, restrict_to_messages
-from fair_forge.explainability.types import Granularity
+from fair_forge.explainability.text.prompt import build_model_input
+from fair_forge.explainability.runtime.scorer import TargetScorer
+from fair_forge.explainability.text.segment import build_features, restrict_to_messages
+from fair_forge.explainability.core.types import Granularity
 
 MESSAGES = [
     {"role": "system", "content": "Paris is a city in France. Berlin is the capital of Germany."},
@@ -103,7 +103,7 @@ def occlusion_and_random_keeps(model_input, n_random: int = 12) -> np.ndarray:
 @pytest.mark.parametrize("remove", [False, True])
 @pytest.mark.parametrize("batch_size", [1, 5, None])
 def test_rows_continuing_the_input_cache_equal_full_rows(tiny_lm, monkeypatch, remove, batch_size):
-    from fair_forge.explainability import scoring
+    from fair_forge.explainability.runtime import scorer as scoring
 
     model, tokenizer = tiny_lm
     messages = MESSAGES if tokenizer.chat_template else None

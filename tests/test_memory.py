@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from fair_forge.explainability.errors import InvalidInputError
-from fair_forge.explainability.memory import (
+from fair_forge.explainability.runtime.memory import (
     CallEstimate,
     MemoryBudgetWarning,
     ModelShape,
@@ -25,8 +25,8 @@ from fair_forge.explainability.memory import (
     memory_budget,
     rows_per_call,
 )
-from fair_forge.explainability.prompt import ModelInput
-from fair_forge.explainability.scoring import (
+from fair_forge.explainability.text.prompt import ModelInput
+from fair_forge.explainability.runtime.scorer import (
     EmbeddingRows,
     MaskedRows,
     TargetScorer,
@@ -150,7 +150,7 @@ TARGET = "The capital of France is Paris."
 
 def test_gradient_calls_are_sized_by_max_memory_with_a_warning_below_one_row(tiny_lm):
     from fair_forge.explainability import AttributionExplainer
-    from fair_forge.explainability.prompt import build_model_input
+    from fair_forge.explainability.text.prompt import build_model_input
 
     model, tokenizer = tiny_lm
     messages = MESSAGES if tokenizer.chat_template else None

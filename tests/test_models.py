@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fair_forge.explainability import models
+from fair_forge.explainability.runtime import models
 from fair_forge.explainability.errors import ModelLoadError
 
 # --- unit: atomic publishing, errors --------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ _RACE_SCRIPT = textwrap.dedent(
     """
     import contextlib, sys, time
     from pathlib import Path
-    from fair_forge.explainability import models
+    from fair_forge.explainability.runtime import models
 
     def slow_fake_convert(gguf, out):
         time.sleep(1.0)  # long enough for both processes to be converting at once
@@ -128,7 +128,7 @@ def test_two_processes_racing_without_the_lock_both_get_one_complete_folder(tmp_
 _LOAD_SCRIPT = textwrap.dedent(
     """
     import json, os
-    from fair_forge.explainability import models
+    from fair_forge.explainability.runtime import models
     model, tokenizer = models.load_default_model()
     print(json.dumps({
         "path": str(models.default_model_path()),

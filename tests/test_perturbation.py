@@ -13,11 +13,11 @@ from sklearn.linear_model import Ridge
 
 from fair_forge.explainability.errors import BudgetError, InvalidInputError, NoAttributableFeaturesError
 from fair_forge.explainability.explainer import AttributionExplainer
-from fair_forge.explainability.methods import MethodContext, _coalitions as core, get_method
-from fair_forge.explainability.prompt import build_model_input
-from fair_forge.explainability.scoring import TargetScorer
-from fair_forge.explainability.segment import build_features
-from fair_forge.explainability.types import Granularity
+from fair_forge.explainability.methods import MethodContext, coalitions as core, get_method
+from fair_forge.explainability.text.prompt import build_model_input
+from fair_forge.explainability.runtime.scorer import TargetScorer
+from fair_forge.explainability.text.segment import build_features
+from fair_forge.explainability.core.types import Granularity
 
 # ---- analytic value functions and brute-force references --------------------------------------------------------
 

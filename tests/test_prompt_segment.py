@@ -10,8 +10,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from fair_forge.explainability import Granularity, InvalidInputError, NoAttributableFeaturesError
-from fair_forge.explainability.prompt import BoundaryMergeWarning, UnknownTokenWarning, build_model_input, render_chat
-from fair_forge.explainability.segment import build_features
+from fair_forge.explainability.text.prompt import BoundaryMergeWarning, UnknownTokenWarning, build_model_input, render_chat
+from fair_forge.explainability.text.segment import build_features
 
 from conftest import CHATML_TEMPLATE
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fair_forge.explainability.errors import BudgetError, ConvergenceWarning, InvalidInputError
-from fair_forge.explainability.methods._quadrature import (
+from fair_forge.explainability.methods.quadrature import (
     DEFAULT_MAX_STEPS,
     ROUND_STEPS,
     Integral,

@@ -15,8 +15,8 @@ from typing import Any, Iterator
 import pytest
 
 from fair_forge.explainability import AttributionBatchResult, AttributionExplainer, explain_dataset, load_results
-from fair_forge.explainability.records import SETTINGS_KEY
-from fair_forge.explainability.sinks import JsonlSink, stored_settings
+from fair_forge.explainability.core.records import SETTINGS_KEY
+from fair_forge.explainability.runs.sinks import JsonlSink, stored_settings
 from same_results import PACKING_DEPENDENT, close
 
 ray = pytest.importorskip("ray")
@@ -66,7 +66,7 @@ def explainer(saved_model: Path) -> AttributionExplainer:
 def ray_parts(monkeypatch) -> list[str]:
     """The names of the parts each Ray window wrote (the driver counts their failures right after the window); a
     Parquet part must carry the run settings in its schema metadata, as a local part does."""
-    from fair_forge.explainability import ray_engine
+    from fair_forge.explainability.runs import ray_engine
 
     names: list[str] = []
     count = ray_engine.count_failed
@@ -95,7 +95,7 @@ def _lines(path: Path) -> list[dict[str, Any]]:
 
 def test_ray_resumes_a_local_output_window_by_window(local_ray, explainer, saved_model: Path, tmp_path: Path,
                                                      ray_parts: list[str], monkeypatch) -> None:
-    from fair_forge.explainability import ray_engine
+    from fair_forge.explainability.runs import ray_engine
 
     local = explain_dataset(explainer, ROWS, **SETTINGS)
     out = tmp_path / "ray.parquet"
@@ -160,7 +160,7 @@ def test_an_uncommitted_torn_ray_jsonl_output_loads_and_resumes(local_ray, expla
 
 def test_an_in_memory_ray_run_on_two_actors_equals_local(local_ray, explainer, saved_model: Path,
                                                          monkeypatch) -> None:
-    from fair_forge.explainability import ray_engine
+    from fair_forge.explainability.runs import ray_engine
 
     monkeypatch.setattr(ray_engine, "ITEMS_PER_RAY_BATCH", 1)  # batches of one item: both actors get some
     local = explain_dataset(explainer, ROWS, **SETTINGS)
@@ -173,7 +173,7 @@ def test_an_in_memory_ray_run_on_two_actors_equals_local(local_ray, explainer, s
 def test_ray_missing_is_an_error_naming_the_extra(tiny_llama, monkeypatch) -> None:
     import importlib.util
 
-    from fair_forge.explainability import ray_engine
+    from fair_forge.explainability.runs import ray_engine
 
     model, tokenizer = tiny_llama
     real = importlib.util.find_spec

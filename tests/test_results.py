@@ -24,9 +24,9 @@ from fair_forge.explainability import (
     register_method,
 )
 from fair_forge.explainability.errors import ProbabilityUnderflowWarning
-from fair_forge.explainability.methods import _REGISTRY
-from fair_forge.explainability.types import AttributionMatrix, TokenAttribution, format_table, normalize_scores
-from fair_forge.explainability.visualization import plot_attributions, render_html
+from fair_forge.explainability.methods.registry import _REGISTRY
+from fair_forge.explainability.core.types import AttributionMatrix, TokenAttribution, format_table, normalize_scores
+from fair_forge.explainability.viz.html import plot_attributions, render_html
 
 MESSAGES = [
     {"role": "system", "content": "Answer  briefly."},

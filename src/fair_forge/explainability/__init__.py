@@ -18,7 +18,7 @@ from .errors import (
     UnknownMethodError,
     UnsupportedModelError,
 )
-from .types import (
+from .core.types import (
     AttributionBatchResult,
     AttributionMatrix,
     AttributionMetadata,
@@ -32,15 +32,15 @@ from .types import (
 
 if TYPE_CHECKING:  # what the lazy names below are, for type checkers, IDEs and the API reference
     from .explainer import AttributionExplainer, compute_attributions
-    from .methods import MethodContext, RawAttribution, available_methods, register_method
-    from .models import (
+    from .methods.registry import MethodContext, RawAttribution, available_methods, register_method
+    from .runtime.models import (
         DEFAULT_ENCODER_NAME,
         DEFAULT_MODEL_NAME,
         default_model_path,
         load_default_encoder,
         load_default_model,
     )
-    from .datasets import DatasetRun, explain_dataset
+    from .runs.datasets import DatasetRun, explain_dataset
     from .evaluation import (
         FaithfulnessBatchReport,
         FaithfulnessReport,
@@ -49,40 +49,40 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers, IDEs and 
         faithfulness,
         plot_faithfulness,
     )
-    from .generation import generate_targets
-    from .records import DatasetRecord
-    from .similarity import IntJacobianExplainableTransformer, SimilarityExplainer
-    from .sinks import load_results
-    from .summary import plot_summary, summarize
-    from .visualization import plot_attributions, plot_connections, plot_matrix, render_html
+    from .runtime.generation import generate_targets
+    from .core.records import DatasetRecord
+    from .similarity.explainer import IntJacobianExplainableTransformer, SimilarityExplainer
+    from .runs.sinks import load_results
+    from .runs.summary import plot_summary, summarize
+    from .viz.html import plot_attributions, plot_connections, plot_matrix, render_html
 
 # Imported on first use: torch, transformers, sentence-transformers and matplotlib take seconds to import, and
 # `fair-forge-explain --help` or loading a saved result needs none of them.
 _LAZY = {
     "AttributionExplainer": "explainer",
     "compute_attributions": "explainer",
-    "MethodContext": "methods",
-    "RawAttribution": "methods",
-    "available_methods": "methods",
-    "register_method": "methods",
-    "DEFAULT_ENCODER_NAME": "models",
-    "DEFAULT_MODEL_NAME": "models",
-    "default_model_path": "models",
-    "load_default_encoder": "models",
-    "load_default_model": "models",
-    "SimilarityExplainer": "similarity",
-    "IntJacobianExplainableTransformer": "similarity",
-    "render_html": "visualization",
-    "plot_attributions": "visualization",
-    "plot_matrix": "visualization",
-    "plot_connections": "visualization",
-    "DatasetRecord": "records",
-    "DatasetRun": "datasets",
-    "explain_dataset": "datasets",
-    "generate_targets": "generation",
-    "load_results": "sinks",
-    "plot_summary": "summary",
-    "summarize": "summary",
+    "MethodContext": "methods.registry",
+    "RawAttribution": "methods.registry",
+    "available_methods": "methods.registry",
+    "register_method": "methods.registry",
+    "DEFAULT_ENCODER_NAME": "runtime.models",
+    "DEFAULT_MODEL_NAME": "runtime.models",
+    "default_model_path": "runtime.models",
+    "load_default_encoder": "runtime.models",
+    "load_default_model": "runtime.models",
+    "SimilarityExplainer": "similarity.explainer",
+    "IntJacobianExplainableTransformer": "similarity.explainer",
+    "render_html": "viz.html",
+    "plot_attributions": "viz.html",
+    "plot_matrix": "viz.html",
+    "plot_connections": "viz.html",
+    "DatasetRecord": "core.records",
+    "DatasetRun": "runs.datasets",
+    "explain_dataset": "runs.datasets",
+    "generate_targets": "runtime.generation",
+    "load_results": "runs.sinks",
+    "plot_summary": "runs.summary",
+    "summarize": "runs.summary",
     "FaithfulnessBatchReport": "evaluation",
     "FaithfulnessReport": "evaluation",
     "FaithfulnessScores": "evaluation",

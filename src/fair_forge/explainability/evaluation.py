@@ -30,12 +30,12 @@ from pydantic import BaseModel, Field
 
 from .errors import InvalidInputError
 from .explainer import AttributionExplainer
-from .items import batch_items, item_fields
-from .models import borrowed
-from .prompt import ModelInput, build_model_input
-from .scoring import EvaluationCount, MaskedRows, TargetScorer, score_row_requests
-from .segment import build_features, restrict_to_messages
-from .types import AttributionBatchResult, AttributionMethod, AttributionResult, Granularity
+from .text.items import batch_items, item_fields
+from .runtime.models import borrowed
+from .text.prompt import ModelInput, build_model_input
+from .runtime.scorer import EvaluationCount, MaskedRows, TargetScorer, score_row_requests
+from .text.segment import build_features, restrict_to_messages
+from .core.types import AttributionBatchResult, AttributionMethod, AttributionResult, Granularity
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -350,7 +350,7 @@ def compare_methods(
     """
     import pandas as pd
 
-    from .methods import available_methods, get_method
+    from .methods.registry import available_methods, get_method
 
     chosen = dict(methods) if isinstance(methods, Mapping) else {m: {} for m in (methods or available_methods())}
     if not chosen:

@@ -8,16 +8,16 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 
 import numpy as np
 
-from . import engine
+from .runtime import engine
 from .errors import ContextLengthError, ExplainabilityError, InvalidInputError
-from .generation import generate_target
-from .items import batch_items, item_fields
-from .methods import MethodContext, MethodSpec, RawAttribution, get_method
-from .models import borrowed, check_model, display_name
-from .prompt import Messages, ModelInput, build_model_input
-from .scoring import ScoreKind, TargetScorer, model_context_length
-from .segment import Feature, build_features, check_message_indices, restrict_to_messages
-from .types import (
+from .runtime.generation import generate_target
+from .text.items import batch_items, item_fields
+from .methods.registry import MethodContext, MethodSpec, RawAttribution, get_method
+from .runtime.models import borrowed, check_model, display_name
+from .text.prompt import Messages, ModelInput, build_model_input
+from .runtime.scorer import ScoreKind, TargetScorer, model_context_length
+from .text.segment import Feature, build_features, check_message_indices, restrict_to_messages
+from .core.types import (
     AttributionBatchResult,
     AttributionMatrix,
     AttributionMetadata,
@@ -367,7 +367,7 @@ class AttributionExplainer:
 
     def visualize(self, result: AttributionResult, return_html: bool = False) -> Optional[str]:
         """Show ``result`` as coloured text in a notebook, or return the (escaped, self-contained) HTML."""
-        from .visualization import display_html, render_html
+        from .viz.html import display_html, render_html
 
         if return_html:
             return render_html(result)

@@ -28,12 +28,12 @@ import torch
 from pydantic import Field
 
 from ..errors import BudgetError, NoAttributableFeaturesError
-from ..scoring import EXPLAINED_SCORE, EmbeddingAnswer, EmbeddingRows
-from ..types import AttributionMethod
-from . import (Count, FiniteFloat, MethodContext, MethodParams, Plan, RawAttribution, SampledParams, TokenId,
+from ..runtime.scorer import EXPLAINED_SCORE, EmbeddingAnswer, EmbeddingRows
+from ..core.types import AttributionMethod
+from .registry import (Count, FiniteFloat, MethodContext, MethodParams, Plan, RawAttribution, SampledParams, TokenId,
                register_method)
-from ._coalitions import DEFAULT_MAX_EVALUATIONS
-from ._quadrature import integrate, warn_if_unconverged
+from .coalitions import DEFAULT_MAX_EVALUATIONS
+from .quadrature import integrate, warn_if_unconverged
 
 Reduction = Literal["sum", "l2"]
 NOISE_SAMPLES = 16  # default number of noisy samples

@@ -23,12 +23,12 @@ import torch
 from pydantic import BeforeValidator, Field, model_validator
 
 from ..errors import NoAttributableFeaturesError
-from ..scoring import MaskedRows
-from ..types import AttributionMethod
-from . import (Count, FiniteFloat, Flag, MethodContext, MethodParams, Plan, RawAttribution, SampledParams, TokenId,
+from ..runtime.scorer import MaskedRows
+from ..core.types import AttributionMethod
+from .registry import (Count, FiniteFloat, Flag, MethodContext, MethodParams, Plan, RawAttribution, SampledParams, TokenId,
                _integer, register_method)
-from . import _coalitions as core
-from . import _sparse
+from . import coalitions as core
+from . import sparse
 
 SampleCount = Annotated[int, BeforeValidator(_integer), Field(ge=2, strict=True)]  # a fit or a variance needs two
 
@@ -69,7 +69,7 @@ class LimeParams(CoalitionParams):
 class ContextCiteParams(MaskingParams, SampledParams):
     n_samples: Optional[SampleCount] = Field(
         None, description="random half-ablations scored; None: one per feature, between 32 and 64")
-    alpha: FiniteFloat = Field(_sparse.DEFAULT_ALPHA, gt=0, description="Lasso penalty, relative to the standard deviation of the scores over the ablations")
+    alpha: FiniteFloat = Field(sparse.DEFAULT_ALPHA, gt=0, description="Lasso penalty, relative to the standard deviation of the scores over the ablations")
 
 
 class SobolParams(MaskingParams, SampledParams):
@@ -161,7 +161,7 @@ def lime(context: MethodContext) -> Plan:
 def context_cite(context: MethodContext) -> Plan:
     masks = _Masks(context)
     params = context.params
-    estimate = yield from masks.run(_sparse.sparse_plan(masks.n_features, n_samples=params["n_samples"],
+    estimate = yield from masks.run(sparse.sparse_plan(masks.n_features, n_samples=params["n_samples"],
                                                         alpha=params["alpha"], **_sampling(params)))
     return masks.attribution(estimate, **estimate.extras)
 

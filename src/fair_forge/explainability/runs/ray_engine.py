@@ -24,8 +24,8 @@ from itertools import count, islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
-from .errors import InvalidInputError
-from .records import DatasetRecord, arrow_table, record_rows
+from ..errors import InvalidInputError
+from ..core.records import DatasetRecord, arrow_table, record_rows
 from .sinks import ITEMS_PER_PART, Sink, count_failed, output_format
 
 RAY_EXTRA_HINT = "engine='ray' needs Ray Data: pip install 'fair-forge-explainability[ray]'"
@@ -63,7 +63,7 @@ class _ExplainActor:
 
     def __init__(self, loader: ModelLoader, explainer_options: dict[str, Any], run: dict[str, Any]) -> None:
         from .datasets import RunSettings
-        from .explainer import AttributionExplainer
+        from ..explainer import AttributionExplainer
 
         model, tokenizer = load_model(loader)
         self.explainer = AttributionExplainer(model, tokenizer, **explainer_options)

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 # max_memory=None: a fraction of the free memory where the model runs. On a GPU, more rows per call run in parallel,
 # so calls may take half of the free device memory; on the CPU a call of one long row is already compute-bound and

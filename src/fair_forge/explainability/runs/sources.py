@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
-from .errors import InvalidInputError
-from .records import DatasetRecord
-from .types import BatchFailure
+from ..errors import InvalidInputError
+from ..core.records import DatasetRecord
+from ..core.types import BatchFailure
 
 DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {
     "messages": ("messages",),

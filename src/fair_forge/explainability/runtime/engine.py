@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Generator, Iterable, Iterator, Optional, Union
 
-from .prompt import ModelInput
-from .scoring import Request, TargetScorer, answer_requests
+from ..text.prompt import ModelInput
+from .scorer import Request, TargetScorer, answer_requests
 
 ITEMS_IN_FLIGHT = 16  # default window: enough small items to fill a call; memory grows with it, not with the data
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Optional
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 from .prompt import Messages
 
 

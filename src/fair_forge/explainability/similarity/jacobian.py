@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from ..errors import BudgetError, InvalidInputError, UnsupportedModelError
-from ..models import borrowed
-from ._quadrature import DEFAULT_TOLERANCE, integrate, warn_if_unconverged
+from ..runtime.models import borrowed
+from ..methods.quadrature import DEFAULT_TOLERANCE, integrate, warn_if_unconverged
 
 Integration = Literal["gauss_legendre", "midpoint", "riemann", "adaptive"]
 FIXED_RULES: tuple[str, ...] = ("gauss_legendre", "midpoint", "riemann")

@@ -18,11 +18,11 @@ from typing import Any, Optional, Sequence
 import torch
 from sentence_transformers import SentenceTransformer
 
-from .errors import ContextLengthError, InvalidInputError, UnsupportedModelError
-from .methods._quadrature import DEFAULT_TOLERANCE
-from .models import display_name
-from .prompt import validate_text
-from .methods.similarity import (
+from ..errors import ContextLengthError, InvalidInputError, UnsupportedModelError
+from ..methods.quadrature import DEFAULT_TOLERANCE
+from ..runtime.models import display_name
+from ..text.prompt import validate_text
+from .jacobian import (
     DEFAULT_MAX_EVALUATIONS,
     IntegratedJacobians,
     Projections,
@@ -33,7 +33,7 @@ from .methods.similarity import (
     resolve_path,
     similarity_terms,
 )
-from .types import (
+from ..core.types import (
     AttributionBatchResult,
     AttributionMatrix,
     AttributionMetadata,

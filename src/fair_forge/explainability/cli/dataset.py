@@ -13,15 +13,15 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import cli
-from .cli import PROG, BadInput, _check_method, _non_negative_int, _parse_params, _Parser
-from .types import Granularity
+from . import common
+from .common import PROG, BadInput, Parser, non_negative_int, parse_params
+from ..core.types import Granularity
 
 COLUMN_KEYS = ("messages", "prompt", "question", "system", "context", "target", "id")
 
 
 def build_dataset_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=f"{PROG} dataset",
+    parser = Parser(prog=f"{PROG} dataset",
                      description="Explain every item of a dataset into a JSONL or Parquet file.")
     parser.add_argument("input", metavar="INPUT", help="a .jsonl, .csv or .parquet file of items")
     parser.add_argument("--out", required=True, metavar="OUT", help="output .jsonl or .parquet (format by suffix)")
@@ -32,14 +32,14 @@ def build_dataset_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", metavar="PATH", default=None,
                         help="a local transformers model folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--generate", action="store_true", help="explain the model's own answers, not the dataset's")
-    parser.add_argument("--max-new-tokens", metavar="N", type=_non_negative_int, default=64,
+    parser.add_argument("--max-new-tokens", metavar="N", type=non_negative_int, default=64,
                         help="longest generated answer, in tokens (default: 64)")
     parser.add_argument("--resume", action="store_true",
                         help="continue into an existing OUT written with the same settings")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default) or ray")
-    parser.add_argument("--workers", metavar="N", type=_non_negative_int, default=2, help="Ray actors (default: 2)")
-    parser.add_argument("--limit", metavar="N", type=_non_negative_int, default=None, help="only the first N items")
+    parser.add_argument("--workers", metavar="N", type=non_negative_int, default=2, help="Ray actors (default: 2)")
+    parser.add_argument("--limit", metavar="N", type=non_negative_int, default=None, help="only the first N items")
     parser.add_argument("--column", metavar="KEY=NAME", action="append", default=[],
                         help=f"the column holding KEY, one of {', '.join(COLUMN_KEYS)} (e.g. --column question=q)")
     parser.add_argument("--param", metavar="KEY=VALUE", action="append", default=[],
@@ -48,10 +48,10 @@ def build_dataset_parser() -> argparse.ArgumentParser:
 
 
 def build_summarize_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=f"{PROG} summarize", description="Print the per-feature summary of a dataset output.")
+    parser = Parser(prog=f"{PROG} summarize", description="Print the per-feature summary of a dataset output.")
     parser.add_argument("output", metavar="OUT", help="a .jsonl or .parquet output of `dataset`")
-    parser.add_argument("--top", metavar="K", type=_non_negative_int, default=20, help="rows to print (default: 20)")
-    parser.add_argument("--min-count", metavar="N", type=_non_negative_int, default=1,
+    parser.add_argument("--top", metavar="K", type=non_negative_int, default=20, help="rows to print (default: 20)")
+    parser.add_argument("--min-count", metavar="N", type=non_negative_int, default=1,
                         help="only features seen at least N times (default: 1)")
     return parser
 
@@ -70,10 +70,10 @@ def _columns(pairs: Sequence[str]) -> dict[str, str]:
 
 def run_dataset(args: argparse.Namespace) -> int:
     """Check everything that can be checked without the model, then load it and stream the dataset."""
-    from .sinks import output_format
-    from .sources import SOURCE_SUFFIXES
+    from ..runs.sinks import output_format
+    from ..runs.sources import SOURCE_SUFFIXES
 
-    params = _parse_params(args.param)
+    params = parse_params(args.param)
     columns = _columns(args.column)
     source, out = Path(args.input), Path(args.out)
     if source.suffix.lower() not in SOURCE_SUFFIXES or not source.is_file():
@@ -82,16 +82,16 @@ def run_dataset(args: argparse.Namespace) -> int:
     if out.exists() and not (args.resume or args.overwrite):
         raise BadInput(f"{out} exists: pass --resume to continue it or --overwrite to replace it")
     if args.engine == "ray":
-        from .ray_engine import check_ray
+        from ..runs.ray_engine import check_ray
 
         check_ray()
     if args.workers < 1 or args.max_new_tokens < 1:
         raise BadInput("--workers and --max-new-tokens must be >= 1")
-    _check_method(args.method)
+    common.check_method(args.method)
 
-    model, tokenizer, model_name = cli._load_model(args.model)
-    from .datasets import explain_dataset
-    from .explainer import AttributionExplainer
+    model, tokenizer, model_name = common.load_model(args.model)
+    from ..runs.datasets import explain_dataset
+    from ..explainer import AttributionExplainer
 
     explainer = AttributionExplainer(model, tokenizer, model_name=model_name)
     engine: dict[str, Any] = {"engine": args.engine}
@@ -108,7 +108,7 @@ def run_dataset(args: argparse.Namespace) -> int:
 
 
 def run_summarize(args: argparse.Namespace) -> int:
-    from .summary import summarize
+    from ..runs.summary import summarize
 
     path = Path(args.output)
     if not path.exists():

@@ -22,10 +22,10 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequenc
 import numpy as np
 import torch
 
-from .errors import InvalidInputError, ProbabilityUnderflowWarning, UnsupportedModelError
+from ..errors import InvalidInputError, ProbabilityUnderflowWarning, UnsupportedModelError
 from .memory import CallEstimate, call_estimate, check_max_memory, checkpointed_layers, memory_budget
 from .memory import rows_per_call as rows_within_budget
-from .prompt import ModelInput
+from ..text.prompt import ModelInput
 
 ScoreKind = Literal["sum", "mean", "prob"]
 T = TypeVar("T")

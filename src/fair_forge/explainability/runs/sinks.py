@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
 
-from .errors import InvalidInputError
-from .records import SETTINGS_KEY, DatasetRecord, arrow_table, batch_records, record_rows, rows_record
-from .types import AttributionBatchResult
+from ..errors import InvalidInputError
+from ..core.records import SETTINGS_KEY, DatasetRecord, arrow_table, batch_records, record_rows, rows_record
+from ..core.types import AttributionBatchResult
 
 FORMAT_VERSION = 1
 MERGED_KEY = b"fair_forge_merged_parts"

@@ -12,10 +12,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
-from .errors import InvalidInputError
-from .records import DatasetRecord
+from ..errors import InvalidInputError
+from ..core.records import DatasetRecord
 from .sinks import load_results
-from .types import AttributionBatchResult, AttributionResult
+from ..core.types import AttributionBatchResult, AttributionResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -79,7 +79,7 @@ def summarize(results: Any, *, top: Optional[int] = None, min_count: int = 1) ->
 def plot_summary(summary: Any, *, top: int = 15, ax: Optional["Axes"] = None) -> "Figure":
     """Horizontal bars of the ``top`` features' mean |normalized score|, coloured by the sign of their mean score,
     with their count beside them. Returns the (pyplot-free) Figure."""
-    from .visualization import _figure_and_axes, _label, _sign_color
+    from ..viz.html import _figure_and_axes, _label, _sign_color
 
     shown = summary.head(top)
     figure, ax = _figure_and_axes(ax, (6.4, max(2.0, 0.3 * len(shown) + 1.2)))

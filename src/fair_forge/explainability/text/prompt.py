@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import InvalidInputError, UnsupportedModelError
+from ..errors import InvalidInputError, UnsupportedModelError
 
 VALID_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 

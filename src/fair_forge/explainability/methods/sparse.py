@@ -22,7 +22,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import InvalidInputError
-from ._coalitions import (
+from .coalitions import (
     DEFAULT_MAX_EVALUATIONS,
     Estimate,
     EstimatorPlan,

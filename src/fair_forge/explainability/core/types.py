@@ -15,7 +15,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .errors import InvalidInputError, NonFiniteScoreError
+from ..errors import InvalidInputError, NonFiniteScoreError
 
 #: Why a score may come out NaN or infinite, said in the error that reports one.
 _NON_FINITE_CAUSES = (
@@ -245,7 +245,7 @@ class AttributionResult(BaseModel):
     def save_html(self, path: str | os.PathLike[str], show_scores: bool = False) -> Path:
         """Write the self-contained, escaped HTML view of this result (no CDN, no network); returns the path.
         ``show_scores`` prints each score under its word, for static exports."""
-        from .visualization import render_html
+        from ..viz.html import render_html
 
         target = Path(path)
         target.write_text(render_html(self, standalone=True, show_scores=show_scores), encoding="utf-8")
@@ -253,7 +253,7 @@ class AttributionResult(BaseModel):
 
     def _repr_html_(self) -> str:
         """Notebook rendering: the coloured-text view as an HTML fragment."""
-        from .visualization import render_html
+        from ..viz.html import render_html
 
         return render_html(self, standalone=False)
 
@@ -314,7 +314,7 @@ class AttributionBatchResult(BaseModel):
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write to ``path``: JSONL (one result per line) or Parquet (the tidy table), by suffix."""
-        from .sinks import save_batch
+        from ..runs.sinks import save_batch
 
         return save_batch(self, path)
 
@@ -322,7 +322,7 @@ class AttributionBatchResult(BaseModel):
     def load(cls, path: str | os.PathLike[str]) -> "AttributionBatchResult":
         """Read a file written by ``save`` or ``explain_dataset``, ordered by item index."""
         from .records import batch_from_records
-        from .sinks import load_results
+        from ..runs.sinks import load_results
 
         return batch_from_records(load_results(path))
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
 
-from .errors import InvalidInputError, ModelLoadError, UnsupportedModelError
+from ..errors import InvalidInputError, ModelLoadError, UnsupportedModelError
 
 if TYPE_CHECKING:  # imported for annotations only: transformers and sentence-transformers are slow to import
     from sentence_transformers import SentenceTransformer

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
-from .errors import InvalidInputError
-from .types import AttributionResult, in_notebook
+from ..errors import InvalidInputError
+from ..core.types import AttributionResult, in_notebook
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

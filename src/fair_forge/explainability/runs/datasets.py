@@ -20,15 +20,15 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Optional, Union
 
-from .engine import ITEMS_IN_FLIGHT
-from .errors import ExplainabilityError, InvalidInputError
-from .explainer import AttributionExplainer, parse_granularity
-from .generation import DEFAULT_GENERATION_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, generate_targets
-from .methods import get_method
-from .records import DatasetRecord, batch_from_records
+from ..runtime.engine import ITEMS_IN_FLIGHT
+from ..errors import ExplainabilityError, InvalidInputError
+from ..explainer import AttributionExplainer, parse_granularity
+from ..runtime.generation import DEFAULT_GENERATION_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, generate_targets
+from ..methods.registry import get_method
+from ..core.records import DatasetRecord, batch_from_records
 from .sinks import Sink, load_results, open_sink, output_format, remove_output, stored_settings
 from .sources import ColumnMap, DatasetItem, iter_items, iter_source
-from .types import AttributionBatchResult, BatchFailure
+from ..core.types import AttributionBatchResult, BatchFailure
 
 PathLike = Union[str, os.PathLike]
 BLOCK = ITEMS_IN_FLIGHT  # items of consecutive source indices explained together (see ``explain_records``)

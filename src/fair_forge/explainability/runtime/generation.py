@@ -12,9 +12,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .errors import ExplainabilityError, InvalidInputError
+from ..errors import ExplainabilityError, InvalidInputError
 from .models import borrowed
-from .prompt import Messages, _drop_trailing_specials, _encode, render_chat, validate_messages
+from ..text.prompt import Messages, _drop_trailing_specials, _encode, render_chat, validate_messages
 
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_GENERATION_BATCH_SIZE = 8

@@ -8,7 +8,7 @@ instead); ``--messages`` reads a JSON list of ``{"role": ..., "content": ...}`` 
 ``messages`` list and optionally a ``target``). The default model is the embedded SmolLM2-135M-Instruct; ``--model``
 takes a local transformers folder. Without ``--target`` the model's own greedy answer is explained. Bad input exits
 with code 2 and one line on stderr; other failures exit with 1. ``dataset`` and ``summarize`` subcommands: see
-``cli_dataset.py``.
+``cli/dataset.py``.
 
 Building the parser imports neither torch nor transformers (``--help`` answers at once); the model and the methods
 are imported only when an explanation runs.
@@ -23,32 +23,19 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from .errors import ExplainabilityError, InvalidInputError
+from . import common
+from .common import EXIT_FAILURE, PROG, BadInput, Parser, non_negative_int, parse_params
 
 if TYPE_CHECKING:  # annotations only: importing types at run time would slow --help
-    from .types import AttributionResult
-from .types import AttributionMethod, Granularity, format_table
+    from ..core.types import AttributionResult
+from ..core.types import AttributionMethod, Granularity, format_table
 
-PROG = "fair-forge-explain"
-EXIT_BAD_INPUT = 2
-EXIT_FAILURE = 1
 #: Built-in methods for causal LMs, listed by --help from the enum (importing the methods would import torch).
 LM_METHODS = tuple(m.value for m in AttributionMethod if m is not AttributionMethod.INTEGRATED_JACOBIANS)
 
 
-class BadInput(Exception):
-    """Input rejected by the CLI itself, before any model is loaded."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (and exit code 2), not the whole usage block."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog=PROG,
         description="Which words of the input made a language model produce TARGET?",
         epilog=f"methods: {', '.join(LM_METHODS)} (and any registered with register_method)",
@@ -83,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the full result as JSON to OUT ('-': print only the JSON, no table)",
     )
     parser.add_argument(
-        "--top", metavar="K", type=_non_negative_int, default=10, help="how many features to print (default: 10)"
+        "--top", metavar="K", type=non_negative_int, default=10, help="how many features to print (default: 10)"
     )
     parser.add_argument("--raw", action="store_true", help="explain --prompt as raw text, without the chat template")
     parser.add_argument(
@@ -98,38 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="a method parameter, e.g. --param n_steps=32 (VALUE is read as JSON when it parses, else as text)",
     )
     return parser
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _parse_params(pairs: Sequence[str]) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise BadInput(f"--param expects KEY=VALUE, got {pair!r}")
-        try:
-            params[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key.strip()] = value
-    return params
-
-
-def _check_text(text: Optional[str], name: str) -> None:
-    """Reject text Python cannot encode (a lone surrogate, e.g. from undecodable bytes in argv) before any load."""
-    if text is None:
-        return
-    from .prompt import validate_text
-
-    validate_text(text, name)
 
 
 def _check_output_path(path: Optional[str]) -> None:
@@ -170,50 +125,9 @@ def _read_messages(path: str) -> tuple[list[Any], Optional[str]]:
     return data, target
 
 
-def _check_method(method: Optional[str]) -> None:
-    """Reject an unknown method before the (slow) model load; the registry's error names the available ones."""
-    if method is None:
-        return
-    from .methods import get_method
-
-    get_method(method)
-
-
-def _load_model(path: Optional[str]) -> tuple[Any, Any, str]:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
-    if path is None:
-        from .models import DEFAULT_MODEL_NAME, load_default_model
-
-        model, tokenizer = load_default_model()
-        return model, tokenizer, DEFAULT_MODEL_NAME
-    folder = Path(path)
-    if not folder.is_dir():
-        raise BadInput(f"--model {path}: no such folder (give a local transformers model folder)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise BadInput(f"--model {path}: cannot load a causal LM and tokenizer from it ({_one_line(exc)})") from None
-    model.eval()
-    return model, tokenizer, folder.name or str(folder)
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= 400 else text[:397] + "..."
-
-
 def print_faithfulness(explainer: Any, result: AttributionResult, source: Any) -> None:
     """``--evaluate``: the faithfulness report of ``result`` (mode "remove"), beside the random orders' mean."""
-    from .evaluation import faithfulness
+    from ..evaluation import faithfulness
 
     report = faithfulness(explainer, result, source)
     print(f"\nfaithfulness: top features removed, {report.n_random} random orders for reference, "
@@ -226,7 +140,7 @@ def print_faithfulness(explainer: Any, result: AttributionResult, source: Any) -
 
 
 def run(args: argparse.Namespace) -> int:
-    params = _parse_params(args.param)
+    params = parse_params(args.param)
     target = args.target
     messages: Optional[list[Any]] = None
     if args.raw and args.prompt is None:
@@ -238,15 +152,15 @@ def run(args: argparse.Namespace) -> int:
         raise BadInput("--target is empty; give the response text to explain")
     if args.prompt is not None and not args.prompt.strip():
         raise BadInput("--prompt is empty; give the user's message")
-    _check_text(args.prompt, "--prompt")
-    _check_text(target, "--target")
+    common.check_text(args.prompt, "--prompt")
+    common.check_text(target, "--target")
     for index, message in enumerate(messages or []):
-        _check_text(message["content"], f"message {index} of {args.messages}")
+        common.check_text(message["content"], f"message {index} of {args.messages}")
     _check_output_path(args.json)
-    _check_method(args.method)
+    common.check_method(args.method)
 
-    model, tokenizer, model_name = _load_model(args.model)
-    from .explainer import AttributionExplainer
+    model, tokenizer, model_name = common.load_model(args.model)
+    from ..explainer import AttributionExplainer
 
     explainer = AttributionExplainer(model, tokenizer, model_name=model_name)
     request: dict[str, Any] = {"target": target, "granularity": args.granularity, **params}
@@ -274,26 +188,3 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_FAILURE
         print(f"\nfull result written to {args.json}")
     return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .cli_dataset import SUBCOMMANDS  # `dataset` and `summarize`
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    build, command = SUBCOMMANDS[argv[0]] if argv and argv[0] in SUBCOMMANDS else (build_parser, run)
-    args = build().parse_args(argv[1:] if build is not build_parser else argv)  # bad arguments: exit code 2
-    try:
-        return command(args)
-    except (BadInput, InvalidInputError) as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except ExplainabilityError as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_FAILURE
-    except MemoryError:
-        print(f"{PROG}: error: out of memory; ask for fewer steps or samples (--param)", file=sys.stderr)
-        return EXIT_FAILURE
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -15,9 +15,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .errors import InvalidInputError, NoAttributableFeaturesError
+from ..errors import InvalidInputError, NoAttributableFeaturesError
 from .prompt import ModelInput, SourceSpan
-from .types import Granularity
+from ..core.types import Granularity
 
 WORD_PATTERN = re.compile(r"\w+(?:['’\-]\w+)*|[^\w\s]")
 SENTENCE_PATTERN = re.compile(r"[^\n]+?(?:[.!?]+(?=\s|$)|$)", re.MULTILINE)

@@ -1,0 +1,1 @@
+"""Dataset runs: sources, sinks, the record pipeline, the local and Ray engines, summaries."""

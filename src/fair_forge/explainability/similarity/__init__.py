@@ -1,0 +1,1 @@
+"""Siamese (sentence-embedding) similarity: the explainer and its integrated-Jacobian engine."""
