@@ -1,0 +1,119 @@
+"""``compare_methods`` (one table: every method's faithfulness on the same items) and ``plot_faithfulness``."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from ..core.types import Granularity
+from ..errors import InvalidInputError
+from ..explainer import AttributionExplainer
+from ..text.items import batch_items
+from .edits import DEFAULT_FRACTIONS, check_settings
+from .measure import faithfulness
+from .reports import METRICS, FaithfulnessBatchReport, FaithfulnessReport, FaithfulnessScores
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def compare_methods(
+    explainer: AttributionExplainer,
+    items: Any,
+    methods: Union[Sequence[str], Mapping[str, Mapping[str, Any]], None] = None,
+    *,
+    granularity: Optional[Union[str, Granularity]] = None,
+    **params: Any,
+) -> Any:
+    """Explain ``items`` with every method and tabulate how faithful each is: a pandas DataFrame, one row per method
+    and a ``random`` row (the mean over items of the random orders' means) for reference.
+
+    ``methods`` are names (default: every registered method) or a mapping name -> method parameters. ``params`` go
+    to ``faithfulness`` (``fractions``, ``curve_points``, ``mode``, ``n_random``, ``seed``, ``baseline_id``); the
+    random orders are scored once, with the first method. Columns: the mean over items of comprehensiveness,
+    sufficiency, deletion and insertion AUC, ``seconds_per_item`` and ``passes_per_item`` (forward + backward) of
+    the explanations themselves (``explain_batch``), and ``n_items`` explained.
+    """
+    import pandas as pd
+
+    from ..methods.registry import available_methods, get_method
+
+    chosen = dict(methods) if isinstance(methods, Mapping) else {m: {} for m in (methods or available_methods())}
+    if not chosen:
+        raise InvalidInputError("methods is empty: name at least one method")
+    for name, method_params in chosen.items():  # every setting checked before the first (slow) explanation
+        get_method(name).resolve_params(method_params)
+    unknown = sorted(set(params) - {"fractions", "curve_points", "mode", "n_random", "seed", "baseline_id"})
+    if unknown:
+        raise InvalidInputError(f"compare_methods got unknown parameter(s) {unknown}; method parameters go in methods")
+    check_settings(params.get("fractions", DEFAULT_FRACTIONS), params.get("curve_points", 11),
+              params.get("mode", "remove"), params.get("n_random", 10), params.get("seed", 0),
+              params.get("baseline_id"))
+    records = batch_items(items)
+    rows, random = [], None
+    for position, (name, method_params) in enumerate(chosen.items()):
+        started = time.perf_counter()
+        batch = explainer.explain_batch(records, method=name, granularity=granularity, show_progress=False,
+                                        **method_params)
+        seconds = time.perf_counter() - started
+        if not len(batch):
+            raise InvalidInputError(f"{name} explained none of the items: {batch.failures[:1]}")
+        report = faithfulness(explainer, batch, records, **{**params, **({} if position == 0 else {"n_random": 0})})
+        random = random or report.random_mean
+        passes = [r.metadata.n_forward_passes + r.metadata.n_backward_passes for r in batch]
+        rows.append({"method": str(get_method(name).name), **_metric_columns(report.mean),
+                     "seconds_per_item": seconds / len(batch), "passes_per_item": float(np.mean(passes)),
+                     "n_items": len(batch)})
+    if random is not None:
+        rows.append({"method": "random", **_metric_columns(random), "seconds_per_item": float("nan"),
+                     "passes_per_item": float("nan"), "n_items": rows[0]["n_items"]})
+    return pd.DataFrame(rows)
+
+
+def _metric_columns(scores: FaithfulnessScores) -> dict[str, float]:
+    return {name: getattr(scores, name) for name in METRICS}
+
+
+def plot_faithfulness(report: Any, ax: Optional[Sequence[Any]] = None) -> "Figure":
+    """Draw a report's deletion and insertion curves against the random orders' mean (band: one spread), or, for a
+    ``compare_methods`` DataFrame, its four metrics per method as bars. Pyplot-free Figure (headless)."""
+    from matplotlib.figure import Figure
+
+    if isinstance(report, (FaithfulnessReport, FaithfulnessBatchReport)):
+        return _plot_curves(report, Figure(figsize=(9, 3.5), layout="constrained"))
+    if hasattr(report, "columns") and set(METRICS) <= set(report.columns) and "method" in report.columns:
+        figure = Figure(figsize=(12, 3.5), layout="constrained")
+        for axes, name in zip(figure.subplots(1, len(METRICS)), METRICS):
+            colours = ["0.6" if m == "random" else "tab:blue" for m in report["method"]]
+            axes.barh(list(report["method"]), list(report[name]), color=colours)
+            axes.invert_yaxis()
+            axes.set_title(name.replace("_", " ") + (" (lower is better)" if name in ("sufficiency", "deletion_auc")
+                                                     else " (higher is better)"), fontsize=9)
+        return figure
+    raise InvalidInputError("plot_faithfulness takes a FaithfulnessReport, a FaithfulnessBatchReport or the "
+                            f"DataFrame of compare_methods, got {type(report).__name__}")
+
+
+def _plot_curves(report: Union[FaithfulnessReport, FaithfulnessBatchReport], figure: "Figure") -> "Figure":
+    if isinstance(report, FaithfulnessBatchReport):
+        x, mine, random = report.reports[0].curve_fractions, report.mean, report.random_mean
+        spread, title = None, f"{report.reports[0].method}: mean of {len(report)} items"
+    else:
+        x, mine, random, spread = report.curve_fractions, report.explanation, report.random_mean, report.random_std
+        title = f"{report.method} ({report.granularity.value}, {report.mode})"
+    for axes, curve, label in zip(figure.subplots(1, 2), ("deletion_curve", "insertion_curve"),
+                                  ("features removed", "features kept")):
+        axes.plot(x, getattr(mine, curve), marker="o", label="explanation's order")
+        if random is not None:
+            mean = np.asarray(getattr(random, curve))
+            axes.plot(x, mean, color="0.4", linestyle="--", label="random order (mean)")
+            if spread is not None:
+                width = np.asarray(getattr(spread, curve))
+                axes.fill_between(x, mean - width, mean + width, color="0.8", alpha=0.6)
+        axes.set_xlabel(f"fraction of {label}")
+        axes.set_ylabel("explained score")
+        axes.set_title(f"{curve.split('_')[0]}: {title}", fontsize=9)
+        axes.legend(fontsize=8)
+    return figure
