@@ -5,12 +5,12 @@ computation on the edited text."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from additive import OFFSET, additive_explainer
 
 from fair_forge.explainability import (
     AttributionExplainer,
@@ -31,49 +31,13 @@ from fair_forge.explainability.core.types import Granularity
 QUESTION = "What is the capital of France?"
 MESSAGES = [{"role": "user", "content": QUESTION}]
 TARGET = "Paris"
-OFFSET = 6.0  # keeps every row's log-prob below -1, where float32 log1p(-exp(z)) is exact to ~1e-7
-
-
-class AdditiveLM(torch.nn.Module):
-    """A 'causal LM' whose log p(next token) is exactly z = sum of ``weights[id]`` over the attended tokens - OFFSET.
-
-    Every position puts logit z on the next token and log(1 - e^z) on a sink token (-inf elsewhere), so the softmax
-    gives the next token probability e^z. Removed tokens (out of attention) and baseline tokens (weight 0) both drop
-    their weight: the explained score of a row is n_target x (sum of the weights of the features present + const).
-    """
-
-    def __init__(self, weights: torch.Tensor, sink_id: int) -> None:
-        super().__init__()
-        self.weights = torch.nn.Parameter(weights.float(), requires_grad=False)
-        self.sink_id = sink_id
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **_: Any) -> Any:
-        size, length = input_ids.shape
-        attended = torch.ones_like(input_ids) if attention_mask is None else attention_mask[:, -length:]
-        z = (self.weights[input_ids] * attended).sum(-1) - OFFSET
-        logits = torch.full((size, length, len(self.weights)), -math.inf)
-        following = torch.roll(input_ids, -1, dims=1)
-        logits.scatter_(-1, following[..., None], z[:, None, None].expand(size, length, 1))
-        logits[..., self.sink_id] = torch.log1p(-torch.exp(z))[:, None]
-        return SimpleNamespace(logits=logits)
 
 
 @pytest.fixture
 def additive(gpt2_tokenizer) -> tuple[AttributionExplainer, list[float], Any]:
     """(explainer on AdditiveLM, weight of each word feature of QUESTION, its model input)."""
-    model_input = build_model_input(gpt2_tokenizer, target=TARGET, messages=MESSAGES)
-    features = build_features(model_input, Granularity.WORD)
-    ids = model_input.input_ids
-    feature_ids = [int(ids[p]) for f in features for p in f.token_positions]
-    assert len(set(feature_ids)) == len(feature_ids)  # so a weight per id is a weight per feature
-    assert not set(feature_ids) & set(model_input.target_ids.tolist())
-    weights = torch.zeros(len(gpt2_tokenizer))
     chosen = [0.5, 0.125, 0.25, 2.0, 0.0625, 1.5, 0.375]  # dyadic: exact in float32
-    assert len(chosen) == len(features)
-    for feature, weight in zip(features, chosen):
-        weights[int(ids[feature.token_positions[-1]])] = weight  # one token per feature carries it
-    sink = gpt2_tokenizer.convert_tokens_to_ids("<unk>")
-    explainer = AttributionExplainer(AdditiveLM(weights, sink), gpt2_tokenizer, prefix_cache=False)
+    explainer, model_input = additive_explainer(gpt2_tokenizer, MESSAGES, TARGET, chosen)
     return explainer, chosen, model_input
 
 
