@@ -12,18 +12,25 @@ k highest-ranked features, where k = ceil(fraction x n_features) (at least one f
 - insertion curve   f(only top_k kept) at the same fractions, and its area (higher is better)
 
 (ERASER's AOPC comprehensiveness and sufficiency, DeYoung et al. 2020; RISE's deletion and insertion areas.) The same
-numbers for ``n_random`` random orders (mean and spread) say what chance gives. All edits of all items go through the
-``TargetScorer`` in packed no-grad model calls; the random orders are drawn from ``numpy.random.default_rng(seed)``
-per item, so a batch gives the same numbers as its items one by one.
+numbers for ``n_random`` random orders (mean and spread) say what chance gives. ``metrics=`` adds (or computes alone)
+ContextCite's context metrics (``context.py``): the top-k drop f(x) - f(x without the top k) for each k of ``top_k``,
+and the linear datamodeling score, the rank correlation over ``n_ablations`` random half-ablations between the sum of
+the kept features' scores and f. All edits of all items go through the ``TargetScorer`` in packed no-grad model calls
+(``edits.py``); the random orders are drawn from ``numpy.random.default_rng(seed)`` and the ablations from
+``default_rng((seed, 1))`` per item, so a batch gives the same numbers as its items one by one.
 """
 
 from .compare import compare_methods, plot_faithfulness
+from .context import CONTEXT_METRICS, DEFAULT_N_ABLATIONS, DEFAULT_TOP_K
 from .edits import DEFAULT_FRACTIONS, removed_count
 from .measure import faithfulness
 from .reports import METRICS, EditMode, FaithfulnessBatchReport, FaithfulnessReport, FaithfulnessScores
 
 __all__ = [
+    "CONTEXT_METRICS",
     "DEFAULT_FRACTIONS",
+    "DEFAULT_N_ABLATIONS",
+    "DEFAULT_TOP_K",
     "METRICS",
     "EditMode",
     "FaithfulnessBatchReport",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import math
+import re
 import time
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
@@ -11,12 +14,14 @@ from ..core.types import Granularity
 from ..errors import InvalidInputError
 from ..explainer import AttributionExplainer
 from ..text.items import batch_items
-from .edits import DEFAULT_FRACTIONS, check_settings
+from .edits import check_settings
 from .measure import faithfulness
 from .reports import METRICS, FaithfulnessBatchReport, FaithfulnessReport, FaithfulnessScores
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+_TOP_K_COLUMN = re.compile(r"top_\d+_drop")
 
 
 def compare_methods(
@@ -31,10 +36,12 @@ def compare_methods(
     and a ``random`` row (the mean over items of the random orders' means) for reference.
 
     ``methods`` are names (default: every registered method) or a mapping name -> method parameters. ``params`` go
-    to ``faithfulness`` (``fractions``, ``curve_points``, ``mode``, ``n_random``, ``seed``, ``baseline_id``); the
-    random orders are scored once, with the first method. Columns: the mean over items of comprehensiveness,
-    sufficiency, deletion and insertion AUC, ``seconds_per_item`` and ``passes_per_item`` (forward + backward) of
-    the explanations themselves (``explain_batch``), and ``n_items`` explained.
+    to ``faithfulness`` (``metrics``, ``fractions``, ``curve_points``, ``mode``, ``n_random``, ``seed``,
+    ``baseline_id``, ``top_k``, ``n_ablations``); the random orders are scored once, with the first method. Columns:
+    the mean over items of each metric computed (by default comprehensiveness, sufficiency, deletion and insertion
+    AUC; ``top_{k}_drop`` for each k and ``lds`` when ``metrics`` names them, the random row's ``lds`` NaN: its chance
+    level is 0), ``seconds_per_item`` and ``passes_per_item`` (forward + backward) of the explanations themselves
+    (``explain_batch``), and ``n_items`` explained.
     """
     import pandas as pd
 
@@ -45,47 +52,53 @@ def compare_methods(
         raise InvalidInputError("methods is empty: name at least one method")
     for name, method_params in chosen.items():  # every setting checked before the first (slow) explanation
         get_method(name).resolve_params(method_params)
-    unknown = sorted(set(params) - {"fractions", "curve_points", "mode", "n_random", "seed", "baseline_id"})
+    defaults = {name: p.default for name, p in inspect.signature(faithfulness).parameters.items()
+                if p.kind is p.KEYWORD_ONLY}
+    unknown = sorted(set(params) - set(defaults))
     if unknown:
         raise InvalidInputError(f"compare_methods got unknown parameter(s) {unknown}; method parameters go in methods")
-    check_settings(params.get("fractions", DEFAULT_FRACTIONS), params.get("curve_points", 11),
-              params.get("mode", "remove"), params.get("n_random", 10), params.get("seed", 0),
-              params.get("baseline_id"))
+    check_settings(**{**defaults, **params})
     records = batch_items(items)
-    rows, random = [], None
-    for position, (name, method_params) in enumerate(chosen.items()):
+    rows, first = [], None
+    for name, method_params in chosen.items():
         started = time.perf_counter()
         batch = explainer.explain_batch(records, method=name, granularity=granularity, show_progress=False,
                                         **method_params)
         seconds = time.perf_counter() - started
         if not len(batch):
             raise InvalidInputError(f"{name} explained none of the items: {batch.failures[:1]}")
-        report = faithfulness(explainer, batch, records, **{**params, **({} if position == 0 else {"n_random": 0})})
-        random = random or report.random_mean
+        report = faithfulness(explainer, batch, records, **{**params, **({} if first is None else {"n_random": 0})})
+        first = report if first is None else first
         passes = [r.metadata.n_forward_passes + r.metadata.n_backward_passes for r in batch]
-        rows.append({"method": str(get_method(name).name), **_metric_columns(report.mean),
-                     "seconds_per_item": seconds / len(batch), "passes_per_item": float(np.mean(passes)),
-                     "n_items": len(batch)})
-    if random is not None:
-        rows.append({"method": "random", **_metric_columns(random), "seconds_per_item": float("nan"),
-                     "passes_per_item": float("nan"), "n_items": rows[0]["n_items"]})
+        columns = _metric_columns(report.mean, report.top_k_drop, report.lds)
+        rows.append({"method": str(get_method(name).name), **columns, "seconds_per_item": seconds / len(batch),
+                     "passes_per_item": float(np.mean(passes)), "n_items": len(batch)})
+    if first is not None and (first.random_mean is not None or first.random_top_k_drop is not None):
+        lds = None if first.lds is None else math.nan
+        rows.append({"method": "random", **_metric_columns(first.random_mean, first.random_top_k_drop, lds),
+                     "seconds_per_item": math.nan, "passes_per_item": math.nan, "n_items": rows[0]["n_items"]})
     return pd.DataFrame(rows)
 
 
-def _metric_columns(scores: FaithfulnessScores) -> dict[str, float]:
-    return {name: getattr(scores, name) for name in METRICS}
+def _metric_columns(scores: Optional[FaithfulnessScores], top_k_drop: Optional[dict[int, float]],
+                    lds: Optional[float]) -> dict[str, float]:
+    """One table row's metric columns: the curve metrics, ``top_{k}_drop`` for each k, ``lds``; those computed."""
+    columns = {name: getattr(scores, name) for name in METRICS} if scores is not None else {}
+    columns.update({f"top_{k}_drop": value for k, value in (top_k_drop or {}).items()})
+    return columns if lds is None else {**columns, "lds": lds}
 
 
 def plot_faithfulness(report: Any, ax: Optional[Sequence[Any]] = None) -> "Figure":
     """Draw a report's deletion and insertion curves against the random orders' mean (band: one spread), or, for a
-    ``compare_methods`` DataFrame, its four metrics per method as bars. Pyplot-free Figure (headless)."""
+    ``compare_methods`` DataFrame, each of its metrics per method as bars. Pyplot-free Figure (headless)."""
     from matplotlib.figure import Figure
 
     if isinstance(report, (FaithfulnessReport, FaithfulnessBatchReport)):
         return _plot_curves(report, Figure(figsize=(9, 3.5), layout="constrained"))
-    if hasattr(report, "columns") and set(METRICS) <= set(report.columns) and "method" in report.columns:
-        figure = Figure(figsize=(12, 3.5), layout="constrained")
-        for axes, name in zip(figure.subplots(1, len(METRICS)), METRICS):
+    names = [c for c in getattr(report, "columns", ()) if c in METRICS or c == "lds" or _TOP_K_COLUMN.fullmatch(c)]
+    if names and "method" in report.columns:
+        figure = Figure(figsize=(3 * len(names), 3.5), layout="constrained")
+        for axes, name in zip(np.atleast_1d(figure.subplots(1, len(names))), names):
             colours = ["0.6" if m == "random" else "tab:blue" for m in report["method"]]
             axes.barh(list(report["method"]), list(report[name]), color=colours)
             axes.invert_yaxis()
@@ -97,6 +110,8 @@ def plot_faithfulness(report: Any, ax: Optional[Sequence[Any]] = None) -> "Figur
 
 
 def _plot_curves(report: Union[FaithfulnessReport, FaithfulnessBatchReport], figure: "Figure") -> "Figure":
+    if (report.mean if isinstance(report, FaithfulnessBatchReport) else report.explanation) is None:
+        raise InvalidInputError("this report has no curves: its metrics= named none of the four curve metrics")
     if isinstance(report, FaithfulnessBatchReport):
         x, mine, random = report.reports[0].curve_fractions, report.mean, report.random_mean
         spread, title = None, f"{report.reports[0].method}: mean of {len(report)} items"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -18,31 +18,41 @@ from ..runtime.scorer import EvaluationCount, MaskedRows, TargetScorer, score_ro
 from ..text.items import item_fields
 from ..text.prompt import ModelInput, build_model_input
 from ..text.segment import build_features, restrict_to_messages
-from .reports import EditMode
+from .context import CONTEXT_METRICS, clipped_top_k, draw_ablations
+from .reports import METRICS, EditMode
 
 DEFAULT_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)
 
 
 @dataclass(frozen=True)
 class Settings:
+    metrics: tuple[str, ...]  # what is computed: the four curve metrics (all or none) and/or the context metrics
     fractions: tuple[float, ...]
     curve_fractions: tuple[float, ...]
     mode: EditMode
     n_random: int
     seed: int
     baseline_id: Optional[int]
+    top_k: tuple[int, ...]
+    n_ablations: int
+
+    @property
+    def curves(self) -> bool:
+        """The four ERASER / RISE metrics come from the same curve edits: asking for one computes them all."""
+        return METRICS[0] in self.metrics
 
 
 @dataclass(frozen=True)
 class ItemPlan:
-    """One result's edits: feature masks (rows: orders x [deletion, insertion] x steps) as unique token keep-masks."""
+    """One result's edits as unique token keep-masks, and where each metric's feature masks landed among them."""
 
     result: AttributionResult
     model_input: ModelInput
     ranking: np.ndarray
-    steps: list[int]  # the k values edited, sorted
+    steps: list[int]  # the k values the curves edit, sorted
     keep: np.ndarray  # (m, L) unique token keep-masks
-    inverse: np.ndarray  # (orders, 2, steps) -> row of ``keep``
+    rows: dict[str, np.ndarray]  # block name -> row of ``keep`` for each mask of the block (see ``plan_edits``)
+    ablations: Optional[np.ndarray]  # (n_ablations, n_features) LDS keep-masks
 
 
 def removed_count(fraction: float, n_features: int) -> int:
@@ -51,24 +61,50 @@ def removed_count(fraction: float, n_features: int) -> int:
     return int(math.ceil(round(fraction * n_features, 9)))
 
 
-def check_settings(fractions: Sequence[float], curve_points: int, mode: str, n_random: int, seed: int,
-              baseline_id: Optional[int]) -> Settings:
-    """The checked parameters; a typed error before any model call."""
+def _is_count(value: Any, low: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= low
+
+
+def _metrics(metrics: Union[str, Sequence[str], None]) -> tuple[str, ...]:
+    """The metrics asked for, in canonical order: the four curve metrics (any one of them brings all four), then the
+    context metrics; None is the four."""
+    if metrics is None:
+        return METRICS
+    names = [metrics] if isinstance(metrics, str) else list(metrics) if isinstance(metrics, Sequence) else None
+    if not names:
+        raise InvalidInputError(f"metrics must be a non-empty list of metric names or None, got {metrics!r}")
+    unknown = [name for name in names if name not in METRICS + CONTEXT_METRICS]
+    if unknown:
+        raise InvalidInputError(f"unknown metric(s) {unknown}: choose from {list(METRICS + CONTEXT_METRICS)}")
+    curves = METRICS if set(names) & set(METRICS) else ()
+    return curves + tuple(name for name in CONTEXT_METRICS if name in names)
+
+
+def check_settings(*, metrics: Union[str, Sequence[str], None], fractions: Sequence[float], curve_points: int,
+                   mode: str, n_random: int, seed: int, baseline_id: Optional[int], top_k: Union[int, Sequence[int]],
+                   n_ablations: int) -> Settings:
+    """The checked parameters of ``faithfulness`` (same names); a typed error before any model call."""
     try:
         values = tuple(float(f) for f in fractions)
     except (TypeError, ValueError):
         raise InvalidInputError(f"fractions must be numbers in (0, 1], got {fractions!r}") from None
     if not values or not all(0.0 < f <= 1.0 for f in values):
         raise InvalidInputError(f"fractions must be a non-empty list of numbers in (0, 1], got {fractions!r}")
-    for name, value, low in (("curve_points", curve_points, 2), ("n_random", n_random, 0), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+    for name, value, low in (("curve_points", curve_points, 2), ("n_random", n_random, 0), ("seed", seed, 0),
+                             ("n_ablations", n_ablations, 2)):
+        if not _is_count(value, low):
             raise InvalidInputError(f"{name} must be an integer >= {low}, got {value!r}")
+    ks = [top_k] if _is_count(top_k, 1) else list(top_k) if isinstance(top_k, Sequence) else []
+    if not ks or not all(_is_count(k, 1) for k in ks):
+        raise InvalidInputError(f"top_k must be a k >= 1 or a non-empty list of them, got {top_k!r}")
     if mode not in ("remove", "replace"):
         raise InvalidInputError(f"mode must be 'remove' or 'replace', got {mode!r}")
-    if baseline_id is not None and (isinstance(baseline_id, bool) or not isinstance(baseline_id, (int, np.integer))):
+    if baseline_id is not None and not _is_count(baseline_id, 0):
         raise InvalidInputError(f"baseline_id must be a token id or None, got {baseline_id!r}")
     curve = tuple(float(x) for x in np.linspace(0.0, 1.0, int(curve_points)))
-    return Settings(values, curve, mode, int(n_random), int(seed), None if baseline_id is None else int(baseline_id))  # type: ignore[arg-type]
+    return Settings(_metrics(metrics), values, curve, mode, int(n_random), int(seed),  # type: ignore[arg-type]
+                    None if baseline_id is None else int(baseline_id), tuple(sorted({int(k) for k in ks})),
+                    int(n_ablations))
 
 
 def _source(item: Any, result: AttributionResult) -> tuple[Optional[Any], Optional[str]]:
@@ -106,20 +142,36 @@ def plan_edits(explainer: AttributionExplainer, result: AttributionResult, item:
     n = len(features)
     ranking = np.lexsort((np.arange(n), -np.asarray(result.scores, dtype=float)))  # highest first, ties by position
     rng = np.random.default_rng(settings.seed)
-    orders = [ranking] + [rng.permutation(n) for _ in range(settings.n_random)]
+    orders = np.stack([ranking] + [rng.permutation(n) for _ in range(settings.n_random)])
     steps = sorted({removed_count(f, n) for f in settings.fractions + settings.curve_fractions} | {0})
-    masks = np.zeros((len(orders), 2, len(steps), n), dtype=bool)  # [order, deletion/insertion, step, feature]
-    for o, order in enumerate(orders):
-        for s, k in enumerate(steps):
-            masks[o, 0, s] = True
-            masks[o, 0, s, order[:k]] = False
-            masks[o, 1, s, order[:k]] = True
-    unique, inverse = np.unique(masks.reshape(-1, n), axis=0, return_inverse=True)
+    ablations = draw_ablations(settings.seed, settings.n_ablations, n) if "lds" in settings.metrics else None
+    blocks = {"ends": np.stack([np.ones(n, dtype=bool), np.zeros(n, dtype=bool)])}  # f(x), f(nothing)
+    if settings.curves:
+        deletion = _without_first(orders, steps)
+        blocks["curves"] = np.stack([deletion, ~deletion], axis=1)  # [order, deletion/insertion, step, feature]
+    if "top_k_drop" in settings.metrics:
+        blocks["top_k"] = _without_first(orders, clipped_top_k(settings.top_k, n))  # [order, k, feature]
+    if ablations is not None:
+        blocks["lds"] = ablations
+    unique, inverse = np.unique(np.concatenate([b.reshape(-1, n) for b in blocks.values()]), axis=0,
+                                return_inverse=True)
+    bounds = np.cumsum([0] + [int(np.prod(b.shape[:-1])) for b in blocks.values()])
+    rows = {name: inverse[start:end].reshape(block.shape[:-1])
+            for (name, block), start, end in zip(blocks.items(), bounds, bounds[1:])}
     membership = np.zeros((n, model_input.length), dtype=bool)
     for row, feature in enumerate(features):
         membership[row, list(feature.token_positions)] = True
     keep = ~(~unique @ membership)
-    return ItemPlan(result, model_input, ranking, steps, keep, inverse.reshape(masks.shape[:3]))
+    return ItemPlan(result, model_input, ranking, steps, keep, rows, ablations)
+
+
+def _without_first(orders: np.ndarray, counts: Sequence[int]) -> np.ndarray:
+    """Feature keep-masks [order, count, feature]: every feature but the first ``counts[c]`` of each order."""
+    masks = np.ones((len(orders), len(counts), orders.shape[1]), dtype=bool)
+    for o, order in enumerate(orders):
+        for c, k in enumerate(counts):
+            masks[o, c, order[:k]] = False
+    return masks
 
 
 def score_edits(explainer: AttributionExplainer, edits: Sequence[tuple[ModelInput, np.ndarray]], mode: EditMode,
