@@ -125,7 +125,9 @@ def _source(item: Any, result: AttributionResult) -> tuple[Optional[Any], Option
 
 
 def plan_edits(explainer: AttributionExplainer, result: AttributionResult, item: Any, settings: Settings) -> ItemPlan:
-    """Rebuild the result's input and features from ``item``, check they match, and lay out every edit."""
+    """Rebuild the result's input and features from ``item``, check they match, and lay out every edit: feature masks
+    in blocks (``ends``: f(x), f(nothing); ``curves``: [order, deletion/insertion, step]; ``top_k``: [order, k];
+    ``lds``: the ablations) made unique together, so an edit two metrics share is scored once."""
     messages, prompt = _source(item, result)
     model_input = build_model_input(explainer.tokenizer, target=result.target, messages=messages, prompt=prompt,
                                     include_template_tokens=explainer.include_template_tokens)
