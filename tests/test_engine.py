@@ -10,7 +10,8 @@ from fair_forge.explainability import AttributionExplainer, InvalidInputError, R
 from fair_forge.explainability.runtime.engine import Job, Rejected, run
 from fair_forge.explainability.methods.registry import _REGISTRY, MethodContext, get_method
 from fair_forge.explainability.text.prompt import build_model_input
-from fair_forge.explainability.runtime.scorer import MaskedRows, TargetScorer
+from fair_forge.explainability.runtime.requests import MaskedRows
+from fair_forge.explainability.runtime.scorer import TargetScorer
 from fair_forge.explainability.text.segment import build_features
 from fair_forge.explainability.core.types import Granularity
 

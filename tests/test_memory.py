@@ -26,13 +26,9 @@ from fair_forge.explainability.runtime.memory import (
     rows_per_call,
 )
 from fair_forge.explainability.text.prompt import ModelInput
-from fair_forge.explainability.runtime.scorer import (
-    EmbeddingRows,
-    MaskedRows,
-    TargetScorer,
-    score_embedding_requests,
-    score_row_requests,
-)
+from fair_forge.explainability.runtime.packer import score_embedding_requests, score_row_requests
+from fair_forge.explainability.runtime.requests import EmbeddingRows, MaskedRows
+from fair_forge.explainability.runtime.scorer import TargetScorer
 
 N_TARGET = 10
 SHAPES = [(1, 64, 0), (4, 100, 20), (2, 120, 0), (3, 30, 90)]  # (rows, length after the prefix, prefix)

@@ -33,7 +33,9 @@ from .explainer import AttributionExplainer
 from .text.items import batch_items, item_fields
 from .runtime.models import borrowed
 from .text.prompt import ModelInput, build_model_input
-from .runtime.scorer import EvaluationCount, MaskedRows, TargetScorer, score_row_requests
+from .runtime.packer import score_row_requests
+from .runtime.requests import EvaluationCount, MaskedRows
+from .runtime.scorer import TargetScorer
 from .text.segment import build_features, restrict_to_messages
 from .core.types import AttributionBatchResult, AttributionMethod, AttributionResult, Granularity
 

@@ -9,13 +9,15 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 import numpy as np
 
 from .runtime import engine
+from .core.config import ExplainerConfig
 from .errors import ContextLengthError, ExplainabilityError, InvalidInputError
 from .runtime.generation import generate_target
 from .text.items import batch_items, item_fields
 from .methods.registry import MethodContext, MethodSpec, RawAttribution, get_method
 from .runtime.models import borrowed, check_model, display_name
 from .text.prompt import Messages, ModelInput, build_model_input
-from .runtime.scorer import ScoreKind, TargetScorer, model_context_length
+from .runtime.architectures import model_context_length
+from .runtime.scorer import ScoreKind, TargetScorer
 from .text.segment import Feature, build_features, check_message_indices, restrict_to_messages
 from .core.types import (
     AttributionBatchResult,
@@ -106,18 +108,32 @@ class AttributionExplainer:
         check_model(model)
         self.model = model
         self.tokenizer = tokenizer
-        self.default_method = get_method(default_method).name
-        self.default_granularity = parse_granularity(default_granularity)
-        self.verbose = verbose
         config = getattr(model, "config", None)
-        self.model_name = model_name or display_name(getattr(config, "name_or_path", None), type(model).__name__)
         TargetScorer(model, score=score, batch_size=batch_size, max_memory=max_memory, checkpoint=checkpoint)  # checks
-        self.score = score
-        self.batch_size = batch_size
-        self.include_template_tokens = include_template_tokens
-        self.prefix_cache = prefix_cache
-        self.max_memory = max_memory
-        self.checkpoint = checkpoint
+        self.config = ExplainerConfig(
+            default_method=get_method(default_method).name,
+            default_granularity=parse_granularity(default_granularity),
+            model_name=model_name or display_name(getattr(config, "name_or_path", None), type(model).__name__),
+            verbose=verbose, score=score, batch_size=batch_size, include_template_tokens=include_template_tokens,
+            prefix_cache=prefix_cache, max_memory=max_memory, checkpoint=checkpoint,
+        )
+
+    @classmethod
+    def from_config(cls, model: Any, tokenizer: Any, config: ExplainerConfig) -> "AttributionExplainer":
+        """An explainer of ``model`` with every option of ``config`` (how a Ray actor rebuilds the driver's)."""
+        return cls(model, tokenizer, **config.options())
+
+    # the options, read from the config (an explainer's options do not change after it is built)
+    default_method = property(lambda self: self.config.default_method)
+    default_granularity = property(lambda self: self.config.default_granularity)
+    verbose = property(lambda self: self.config.verbose)
+    model_name = property(lambda self: self.config.model_name)
+    score = property(lambda self: self.config.score)
+    batch_size = property(lambda self: self.config.batch_size)
+    include_template_tokens = property(lambda self: self.config.include_template_tokens)
+    prefix_cache = property(lambda self: self.config.prefix_cache)
+    max_memory = property(lambda self: self.config.max_memory)
+    checkpoint = property(lambda self: self.config.checkpoint)
 
     # ---- one explanation ----------------------------------------------------------------------------------------
 

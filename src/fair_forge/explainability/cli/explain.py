@@ -21,7 +21,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 from . import common
 from .common import EXIT_FAILURE, PROG, BadInput, Parser, non_negative_int, parse_params

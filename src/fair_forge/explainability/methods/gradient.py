@@ -28,7 +28,7 @@ import torch
 from pydantic import Field
 
 from ..errors import BudgetError, NoAttributableFeaturesError
-from ..runtime.scorer import EXPLAINED_SCORE, EmbeddingAnswer, EmbeddingRows
+from ..runtime.requests import EXPLAINED_SCORE, EmbeddingAnswer, EmbeddingRows
 from ..core.types import AttributionMethod
 from .registry import (Count, FiniteFloat, MethodContext, MethodParams, Plan, RawAttribution, SampledParams, TokenId,
                register_method)

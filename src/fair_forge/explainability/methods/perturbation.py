@@ -23,7 +23,7 @@ import torch
 from pydantic import BeforeValidator, Field, model_validator
 
 from ..errors import NoAttributableFeaturesError
-from ..runtime.scorer import MaskedRows
+from ..runtime.requests import MaskedRows
 from ..core.types import AttributionMethod
 from .registry import (Count, FiniteFloat, Flag, MethodContext, MethodParams, Plan, RawAttribution, SampledParams, TokenId,
                _integer, register_method)

@@ -162,7 +162,7 @@ class MethodSpec:
 
     def run(self, context: MethodContext) -> RawAttribution:
         """Run the backend alone, its requests answered one at a time by ``context.scorer``."""
-        from ..runtime.scorer import answer_requests
+        from ..runtime.packer import answer_requests
 
         plan = self.plan(context)
         batch_size = context.params.get("batch_size") or context.scorer.batch_size
@@ -286,7 +286,7 @@ def methods_reference() -> str:
     sections = []
     for name in available_methods():
         spec = get_method(name)
-        if spec.params.__module__.startswith(__name__):
+        if spec.params.__module__.startswith(f"{__package__}."):
             sections.append(f"### `{name}`\n\n{spec.description}\n\n{parameter_table(spec.params)}\n")
     return "\n".join(sections)
 

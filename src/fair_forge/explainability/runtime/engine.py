@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Generator, Iterable, Iterator, Optional, Union
 
 from ..text.prompt import ModelInput
-from .scorer import Request, TargetScorer, answer_requests
+from .packer import answer_requests
+from .requests import Request
+from .scorer import TargetScorer
 
 ITEMS_IN_FLIGHT = 16  # default window: enough small items to fill a call; memory grows with it, not with the data
 

@@ -30,6 +30,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from ..errors import InvalidInputError
+from .architectures import decoder_layers
 
 # max_memory=None: a fraction of the free memory where the model runs. On a GPU, more rows per call run in parallel,
 # so calls may take half of the free device memory; on the CPU a call of one long row is already compute-bound and
@@ -209,14 +210,6 @@ def rows_per_call(estimate: CallEstimate, budget: int) -> int:
         stacklevel=2,
     )
     return 1
-
-
-def decoder_layers(model: Any) -> torch.nn.ModuleList:
-    """The model's stack of decoder layers: its longest ``ModuleList`` (``model.layers``, ``transformer.h``, ...)."""
-    stacks = [module for module in model.modules() if isinstance(module, torch.nn.ModuleList)]
-    if not stacks:
-        raise InvalidInputError(f"{type(model).__name__} has no list of layers to checkpoint; use checkpoint=False")
-    return max(stacks, key=len)
 
 
 @contextlib.contextmanager
