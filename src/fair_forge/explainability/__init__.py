@@ -53,8 +53,9 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers, IDEs and 
     from .core.records import DatasetRecord
     from .similarity.explainer import IntJacobianExplainableTransformer, SimilarityExplainer
     from .runs.sinks import load_results
-    from .runs.summary import plot_summary, summarize
-    from .viz.html import plot_attributions, plot_connections, plot_matrix, render_html
+    from .runs.summary import summarize
+    from .viz.html import render_html
+    from .viz.plots import plot_attributions, plot_connections, plot_matrix, plot_summary
 
 # Imported on first use: torch, transformers, sentence-transformers and matplotlib take seconds to import, and
 # `fair-forge-explain --help` or loading a saved result needs none of them.
@@ -73,15 +74,15 @@ _LAZY = {
     "SimilarityExplainer": "similarity.explainer",
     "IntJacobianExplainableTransformer": "similarity.explainer",
     "render_html": "viz.html",
-    "plot_attributions": "viz.html",
-    "plot_matrix": "viz.html",
-    "plot_connections": "viz.html",
+    "plot_attributions": "viz.plots",
+    "plot_matrix": "viz.plots",
+    "plot_connections": "viz.plots",
     "DatasetRecord": "core.records",
     "DatasetRun": "runs.datasets",
     "explain_dataset": "runs.datasets",
     "generate_targets": "runtime.generation",
     "load_results": "runs.sinks",
-    "plot_summary": "runs.summary",
+    "plot_summary": "viz.plots",
     "summarize": "runs.summary",
     "FaithfulnessBatchReport": "evaluation",
     "FaithfulnessReport": "evaluation",

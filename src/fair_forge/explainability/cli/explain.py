@@ -28,7 +28,8 @@ from .common import EXIT_FAILURE, PROG, BadInput, Parser, non_negative_int, pars
 
 if TYPE_CHECKING:  # annotations only: importing types at run time would slow --help
     from ..core.types import AttributionResult
-from ..core.types import AttributionMethod, Granularity, format_table
+from ..core.types import AttributionMethod, Granularity
+from ..viz.console import format_table
 
 #: Built-in methods for causal LMs, listed by --help from the enum (importing the methods would import torch).
 LM_METHODS = tuple(m.value for m in AttributionMethod if m is not AttributionMethod.INTEGRATED_JACOBIANS)

@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 from ..core.config import ExplainerConfig
 from ..errors import InvalidInputError
-from ..core.records import DatasetRecord, arrow_table, record_rows
+from ..core.records import DatasetRecord, record_rows
+from .tables import arrow_table
 from .pipeline import RunSettings, explain_records
 from .sinks import ITEMS_PER_PART, Sink, count_failed, output_format
 

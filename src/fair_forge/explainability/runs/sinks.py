@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
 
 from ..errors import InvalidInputError
-from ..core.records import SETTINGS_KEY, DatasetRecord, arrow_table, batch_records, record_rows, rows_record
+from ..core.records import SETTINGS_KEY, DatasetRecord, batch_records, record_rows, rows_record
+from .tables import arrow_table
 from ..core.types import AttributionBatchResult
 
 FORMAT_VERSION = 1

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import ExplainabilityError, InvalidInputError
 from .models import borrowed
-from ..text.prompt import Messages, _drop_trailing_specials, _encode, render_chat, validate_messages
+from ..text.prompt import Messages, drop_trailing_specials, encode, render_chat, validate_messages
 
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_GENERATION_BATCH_SIZE = 8
@@ -44,12 +44,12 @@ def prompt_ids(tokenizer: Any, messages: Optional[Messages], prompt: Optional[st
     if (messages is None) == (prompt is None):
         raise InvalidInputError("give exactly one of messages=[...] or prompt='...'")
     if messages is not None:
-        ids, offsets = _encode(tokenizer, render_chat(tokenizer, validate_messages(messages)), False)
+        ids, offsets = encode(tokenizer, render_chat(tokenizer, validate_messages(messages)), False)
     else:
         if not isinstance(prompt, str):
             raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")
-        ids, offsets = _encode(tokenizer, prompt, True)
-    _drop_trailing_specials(tokenizer, ids, offsets)
+        ids, offsets = encode(tokenizer, prompt, True)
+    drop_trailing_specials(tokenizer, ids, offsets)
     if not ids:
         raise InvalidInputError("the prompt is empty: there is nothing to generate an answer from")
     return ids

@@ -202,7 +202,7 @@ def _locate_sources(
     return sources
 
 
-def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]]]:
+def encode(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]]]:
     if not getattr(tokenizer, "is_fast", False):
         raise UnsupportedModelError(
             "a fast (Rust) tokenizer is needed for character offsets; load it with AutoTokenizer(..., use_fast=True)"
@@ -211,7 +211,7 @@ def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[list[i
     return list(encoding["input_ids"]), [tuple(span) for span in encoding["offset_mapping"]]
 
 
-def _drop_trailing_specials(tokenizer: Any, ids: list[int], offsets: list[tuple[int, int]]) -> None:
+def drop_trailing_specials(tokenizer: Any, ids: list[int], offsets: list[tuple[int, int]]) -> None:
     """Remove special tokens a tokenizer appends (e.g. EOS): the target must be the end of the sequence."""
     special = set(tokenizer.all_special_ids)
     while ids and ids[-1] in special and offsets[-1] == (0, 0):
@@ -262,8 +262,8 @@ def build_model_input(
         user_prompt = prompt
         add_special = True
 
-    ids, offsets = _encode(tokenizer, rendered + target_text, add_special)
-    _drop_trailing_specials(tokenizer, ids, offsets)
+    ids, offsets = encode(tokenizer, rendered + target_text, add_special)
+    drop_trailing_specials(tokenizer, ids, offsets)
     boundary = len(rendered)
     full_text = rendered + target_text
 
@@ -277,9 +277,9 @@ def build_model_input(
             BoundaryMergeWarning,
             stacklevel=3,
         )
-        ids, offsets = _encode(tokenizer, rendered, add_special)
-        _drop_trailing_specials(tokenizer, ids, offsets)
-        target_ids, target_offsets = _encode(tokenizer, target_text, False)
+        ids, offsets = encode(tokenizer, rendered, add_special)
+        drop_trailing_specials(tokenizer, ids, offsets)
+        target_ids, target_offsets = encode(tokenizer, target_text, False)
         # SentencePiece-style tokenizers prefix a lone '▁' that covers no character of its own: not the user's text
         while len(target_offsets) > 1 and target_offsets[0] == target_offsets[1]:
             target_ids, target_offsets = target_ids[1:], target_offsets[1:]
