@@ -36,7 +36,7 @@ from .text.prompt import ModelInput, build_model_input
 from .runtime.packer import score_row_requests
 from .runtime.requests import EvaluationCount, MaskedRows
 from .runtime.scorer import TargetScorer
-from .text.segment import build_features, restrict_to_messages
+from .text.segment import build_features, kept_tokens, membership, restrict_to_messages
 from .core.types import AttributionBatchResult, AttributionMethod, AttributionResult, Granularity
 
 if TYPE_CHECKING:
@@ -204,10 +204,7 @@ def _plan(explainer: AttributionExplainer, result: AttributionResult, item: Any,
             masks[o, 0, s, order[:k]] = False
             masks[o, 1, s, order[:k]] = True
     unique, inverse = np.unique(masks.reshape(-1, n), axis=0, return_inverse=True)
-    membership = np.zeros((n, model_input.length), dtype=bool)
-    for row, feature in enumerate(features):
-        membership[row, list(feature.token_positions)] = True
-    keep = ~(~unique @ membership)
+    keep = kept_tokens(unique, membership(features, range(model_input.length)))
     return _ItemPlan(result, model_input, ranking, steps, keep, inverse.reshape(masks.shape[:3]))
 
 

@@ -30,6 +30,7 @@ from typing import Any, Callable, Generator, Optional
 
 import numpy as np
 
+from ..core.plans import drive
 from ..errors import BudgetError, InvalidInputError, NoAttributableFeaturesError
 
 ValueFunction = Callable[[np.ndarray], np.ndarray]
@@ -130,13 +131,7 @@ EstimatorPlan = Generator[np.ndarray, np.ndarray, Estimate]
 def run_with(plan: EstimatorPlan, value_fn: ValueFunction, n_features: int,
              batch_size: Optional[int] = None) -> Estimate:
     """Drive an estimator plan with a value function (each distinct mask once, ``batch_size`` masks per call)."""
-    evaluator = MaskEvaluator(value_fn, n_features, batch_size)
-    masks = next(plan)
-    while True:
-        try:
-            masks = plan.send(evaluator(masks))
-        except StopIteration as stop:
-            return stop.value
+    return drive(plan, MaskEvaluator(value_fn, n_features, batch_size))
 
 
 def distinct_values(masks: np.ndarray) -> Generator[np.ndarray, np.ndarray, tuple[np.ndarray, int]]:

@@ -27,8 +27,10 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from ..core.plans import relay
 from ..errors import BudgetError, NoAttributableFeaturesError
 from ..runtime.requests import EXPLAINED_SCORE, EmbeddingAnswer, EmbeddingRows
+from ..text.segment import membership
 from ..core.types import AttributionMethod
 from .registry import (Count, FiniteFloat, MethodContext, MethodParams, Plan, RawAttribution, SampledParams, TokenId,
                register_method)
@@ -82,10 +84,7 @@ class _Embeddings:
         scorer.embedding_layer()  # typed error for models without input embeddings, before any model call
         positions = np.flatnonzero(model_input.attributable)
         self.inputs = scorer.embed(model_input.input_ids[positions])  # (A, H) float32
-        index = {int(p): i for i, p in enumerate(positions)}
-        self.membership = torch.zeros(len(context.features), len(positions), dtype=torch.float64)  # (F, A)
-        for row, feature in enumerate(context.features):
-            self.membership[row, [index[p] for p in feature.token_positions]] = 1.0
+        self.membership = torch.from_numpy(membership(context.features, positions).astype(np.float64))  # (F, A)
         # the explained score, then (per_target) each target token's log-prob
         self.outputs = (EXPLAINED_SCORE, *(range(model_input.n_target) if context.per_target else ()))
 
@@ -151,19 +150,18 @@ def integrated_gradients(context: MethodContext) -> Plan:
     # one rule, steered by the explained score's completeness; the per-target rows are integrated at its points
     rule = integrate(total, n_steps=params["n_steps"], tolerance=params["tolerance"], max_steps=params["max_steps"])
     points_per_request = max(1, STEPS_PER_REQUEST // len(embeddings.outputs))
-    alphas = next(rule)
-    while True:
+
+    def integrand(alphas: np.ndarray) -> Plan:
+        """The rule's points as requests of ``points_per_request`` rows: (explained score's, every output's) terms."""
         contributions = []  # per point: (outputs, A) sums over the hidden dimension of (x - b) * gradient
         for start in range(0, len(alphas), points_per_request):
             chunk = torch.as_tensor(alphas[start : start + points_per_request], dtype=x.dtype).to(x.device)
             answer = yield embeddings.rows(b + chunk[:, None, None] * (x - b))
             contributions.append(((x - b).double() * embeddings.per_output(answer)).sum(-1).transpose(0, 1).cpu())
         vector = torch.cat(contributions).numpy()  # (k, outputs, A)
-        try:
-            alphas = rule.send((vector[:, 0].sum(-1), vector))
-        except StopIteration as stop:
-            integral = stop.value
-            break
+        return vector[:, 0].sum(-1), vector
+
+    integral = yield from relay(rule, integrand)
     warn_if_unconverged(integral, params["tolerance"], "integrated gradients")
     raw = embeddings.result(torch.from_numpy(integral.value)[..., None], "sum")  # (outputs, A, 1)
     delta = abs(float(raw.feature_scores.sum()) - total)

@@ -22,8 +22,10 @@ import numpy as np
 import torch
 from pydantic import BeforeValidator, Field, model_validator
 
+from ..core.plans import relay
 from ..errors import NoAttributableFeaturesError
 from ..runtime.requests import MaskedRows
+from ..text.segment import kept_tokens, membership
 from ..core.types import AttributionMethod
 from .registry import (Count, FiniteFloat, Flag, MethodContext, MethodParams, Plan, RawAttribution, SampledParams, TokenId,
                _integer, register_method)
@@ -89,19 +91,16 @@ class _Masks:
         self.baseline_id = int(context.model_input.baseline_token_id if baseline == "pad" else baseline)
         self.remove = params["remove"]
         self.n_features = len(context.features)
-        self.membership = np.zeros((self.n_features, context.model_input.length), dtype=bool)  # feature -> tokens
-        for row, feature in enumerate(context.features):
-            self.membership[row, list(feature.token_positions)] = True
+        self.membership = membership(context.features, range(context.model_input.length))  # feature -> tokens
 
     def run(self, estimator: core.EstimatorPlan) -> Plan:
         """Drive ``estimator``: each batch of feature masks becomes one ``MaskedRows`` request."""
-        masks = next(estimator)
-        while True:
-            log_probs = yield MaskedRows(~(~masks @ self.membership), self.baseline_id, self.remove)
-            try:
-                masks = estimator.send(self.values(log_probs))
-            except StopIteration as stop:
-                return stop.value
+        return (yield from relay(estimator, self.ask))
+
+    def ask(self, masks: np.ndarray) -> Plan:
+        """The values of feature ``masks`` (n, features): one ``MaskedRows`` request of their token masks."""
+        log_probs = yield MaskedRows(kept_tokens(masks, self.membership), self.baseline_id, self.remove)
+        return self.values(log_probs)
 
     def values(self, log_probs: np.ndarray) -> np.ndarray:
         """(n, T) target log-probs -> (n,) explained scores, or (n, 1 + T) [score, log-probs] with per_target."""

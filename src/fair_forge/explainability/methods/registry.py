@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
+from ..core.plans import drive
 from ..errors import BudgetError, InvalidInputError, UnknownMethodError
 from .coalitions import DEFAULT_MAX_EVALUATIONS
 from ..core.types import AttributionMethod
@@ -164,15 +165,13 @@ class MethodSpec:
         """Run the backend alone, its requests answered one at a time by ``context.scorer``."""
         from ..runtime.packer import answer_requests
 
-        plan = self.plan(context)
         batch_size = context.params.get("batch_size") or context.scorer.batch_size
-        answer = None
-        while True:
-            try:
-                request = plan.send(answer)
-            except StopIteration as stop:
-                return stop.value
-            (answer,) = answer_requests([(context.scorer, context.model_input, request)], batch_size)
+
+        def answer(request: Any) -> Any:
+            (reply,) = answer_requests([(context.scorer, context.model_input, request)], batch_size)
+            return reply
+
+        return drive(self.plan(context), answer)
 
 
 def _run_alone(run: Backend, context: MethodContext) -> Plan:

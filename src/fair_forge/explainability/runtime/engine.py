@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Generator, Iterable, Iterator, Optional, Union
 
 from ..text.prompt import ModelInput
+from ..core.plans import advance
 from .packer import answer_requests
 from .requests import Request
 from .scorer import TargetScorer
@@ -75,9 +76,11 @@ class _Flight:
         count = self.job.scorer.count
         started, calls_before = time.perf_counter(), count.seconds
         try:
-            self.request = self.job.plan.send(answer)
-        except StopIteration as stop:
-            self.outcome = Finished(self.job.index, stop.value, None, self.job)
+            done, value = advance(self.job.plan, answer)
+            if done:
+                self.outcome = Finished(self.job.index, value, None, self.job)
+            else:
+                self.request = value
         except Exception as error:  # noqa: BLE001 - recorded for this item; the others go on
             self.fail(error)
         finally:  # calls the plan made itself (plain backends) are already in count.seconds

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.plans import drive
 from ..errors import BudgetError, InvalidInputError
 from ..runtime.architectures import encoder_layers
 from ..runtime.models import borrowed
@@ -256,18 +257,16 @@ class IntegratedJacobians:
         size = float(change.norm())
         direction = change / size if size else change
         rule = integrate(size, tolerance=self.tolerance, max_steps=self.steps)
-        alphas = next(rule)
-        while True:
+        active = int((difference.abs().amax(-1) > 0).sum())
+
+        def integrand(alphas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             points = torch.from_numpy(alphas)
-            active = int((difference.abs().amax(-1) > 0).sum())
             rows = [self._jvp_at(features, reference, difference, points[chunk], change.shape[-1], counts)
                     for chunk in self._chunks(len(points), active)]
             per_point = torch.cat(rows)  # (k, S, D)
-            try:
-                alphas = rule.send(((per_point.sum(1) @ direction).cpu().numpy(), per_point.cpu().numpy()))
-            except StopIteration as stop:
-                integral = stop.value
-                break
+            return (per_point.sum(1) @ direction).cpu().numpy(), per_point.cpu().numpy()
+
+        integral = drive(rule, integrand)
         warn_if_unconverged(integral, self.tolerance, "integrated Jacobians")
         return torch.from_numpy(integral.value).to(difference.device)
 
