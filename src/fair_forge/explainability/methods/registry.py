@@ -231,7 +231,6 @@ def register_method(
 
 def get_method(method: Union[str, AttributionMethod]) -> MethodSpec:
     """The spec registered for ``method``, or a typed error naming the available ones."""
-    _load_builtins()
     key = method_name(method)
     if key not in _REGISTRY:
         hint = ""
@@ -243,7 +242,6 @@ def get_method(method: Union[str, AttributionMethod]) -> MethodSpec:
 
 def available_methods() -> list[str]:
     """Names of every registered method, sorted."""
-    _load_builtins()
     return sorted(_REGISTRY)
 
 
@@ -288,9 +286,3 @@ def methods_reference() -> str:
         if spec.params.__module__.startswith(f"{__package__}."):
             sections.append(f"### `{name}`\n\n{spec.description}\n\n{parameter_table(spec.params)}\n")
     return "\n".join(sections)
-
-
-def _load_builtins() -> None:
-    # Importing the built-in modules runs their @register_method decorators; done lazily to avoid import cycles.
-    from . import gradient  # noqa: F401
-    from . import perturbation  # noqa: F401
