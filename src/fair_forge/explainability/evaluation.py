@@ -212,7 +212,7 @@ def _score_edits(explainer: AttributionExplainer, edits: Sequence[tuple[ModelInp
                  baseline_id: Optional[int]) -> tuple[list[np.ndarray], list[EvaluationCount]]:
     """Explained scores of every edit (token keep-masks (m_i, L_i) per input) in shared no-grad model calls, and each
     input's cost; the one place this module touches the scorer. The masking is the perturbation methods' own
-    (``scoring.MaskedRows``); a chat header common to the inputs runs once for all of them."""
+    (``requests.MaskedRows``); a chat header common to the inputs runs once for all of them."""
     prefixes: dict = {}
     requests = []
     for model_input, keep in edits:

@@ -81,7 +81,7 @@ class AttributionExplainer:
 
     ``score`` picks the explained quantity (sum of target log-probs by default, or "mean", or "prob");
     ``include_template_tokens`` makes chat-template tokens attributable too; ``batch_size`` caps the rows per
-    model call (None: sized by a token and a logits budget, see ``scoring.rows_per_call``; a method's own
+    model call (None: sized by a token and a logits budget, see ``packer.rows_per_call``; a method's own
     ``batch_size`` parameter overrides it);
     ``prefix_cache`` runs the unchanging start of the input (system prompt, chat header) once per explanation.
     ``max_memory`` (bytes) bounds the activation memory of a model call, which sizes calls of long inputs (None: a

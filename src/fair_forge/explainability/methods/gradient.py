@@ -5,7 +5,7 @@ as they are, so baselines, noise and interpolation touch only what is attributed
 differentiates (the explained score, or one target token's log-prob for the per-target matrix). It receives the
 rows' gradients and computes its attribution itself:
 
-  INTEGRATED_GRADIENTS: (x - b) * the path integral of the gradient, by ``_quadrature.integrate`` (steps, achieved
+  INTEGRATED_GRADIENTS: (x - b) * the path integral of the gradient, by ``quadrature.integrate`` (steps, achieved
       error and a ``ConvergenceWarning`` when the error stays above ``tolerance``); token scores add up to
       f(x) - f(b) up to that error;
   GRADIENT_SHAP: mean of (x + noise - b) * gradient at b + alpha (x + noise - b), alpha ~ U(0, 1);

@@ -1,6 +1,6 @@
 """Perturbation methods: OCCLUSION, LIME, KERNEL_SHAP, SOBOL on a causal LM, as plans for the batch engine.
 
-The algorithms live in ``_coalitions`` as plans over feature masks (masks first, values, then fit); this module
+The algorithms live in ``coalitions`` as plans over feature masks (masks first, values, then fit); this module
 only adapts them to the model: a feature mask (n, d) becomes a token keep-mask (n, L) (a dropped feature's tokens
 are replaced by the ``baseline`` token, or removed from attention with ``remove=True``), yielded as a
 ``MaskedRows`` request whose answer, the target log-probs, gives the explained score. With ``per_target`` the same
@@ -10,7 +10,7 @@ evaluations.
 Additivity: OCCLUSION and KERNEL_SHAP are registered additive (KernelSHAP values add up to
 f(input) - f(all features masked); occlusion is the per-feature drop). LIME is *not* registered additive: its
 coefficients belong to a Ridge surrogate with an intercept, so they add up to the surrogate's prediction, not to
-f(input) - f(baseline); nor is CONTEXT_CITE (a sparse surrogate on random half-ablations, ``_sparse``, for inputs
+f(input) - f(baseline); nor is CONTEXT_CITE (a sparse surrogate on random half-ablations, ``sparse``, for inputs
 with many features such as the sentences of a long document). SOBOL indices are non-negative variance shares and not additive.
 """
 

@@ -9,7 +9,7 @@ The Lasso picks the features; their coefficients are then refitted by least squa
 (a relaxed Lasso, Meinshausen 2007), because the L1 penalty shrinks every kept coefficient towards zero by about
 ``4 * alpha`` (times the scores' spread) on 0/1 masks. So a value function that is exactly linear in a few features is recovered exactly.
 
-Same conventions as ``_coalitions``: ``v(masks) -> scores``, masks (n, d) bool with True = kept, scores (n,) or
+Same conventions as ``coalitions``: ``v(masks) -> scores``, masks (n, d) bool with True = kept, scores (n,) or
 (n, K); the estimate is (d,) or (K, d), each output column fitted on its own. ``sparse_plan`` is the generator the
 batch engine drives (it yields its distinct masks once, receives their values and returns the ``Estimate``);
 ``sparse_surrogate`` drives it with a value function.

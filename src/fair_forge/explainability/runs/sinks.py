@@ -1,4 +1,4 @@
-"""Where dataset results go: one record per item (``records.py``), streamed to JSONL or Parquet and read back lazily.
+"""Where dataset results go: one record per item (``core/records.py``), streamed to JSONL or Parquet and read back lazily.
 
 An output is a committed file plus the parts staged beside it in ``<name>.parts/`` (``part-<run>-....parquet`` or
 ``.jsonl``, names that sort in write order and never repeat). A local JSONL run appends whole, flushed lines to the

@@ -1,9 +1,9 @@
 """The batch engine: one single-threaded driver that runs the plans of many items and packs their model calls.
 
-A method's plan is a generator: it yields requests (``scoring.MaskedRows``, ``scoring.EmbeddingRows``), receives
+A method's plan is a generator: it yields requests (``requests.MaskedRows``, ``requests.EmbeddingRows``), receives
 their answers and returns its ``RawAttribution``. The driver keeps a window of at most ``window`` items in flight,
 refilled in input order. Each round it takes the one pending request of every item in flight, answers them all
-through the packer (``scoring.answer_requests``: rows of every item in shared, budgeted calls, shortest with
+through the packer (``packer.answer_requests``: rows of every item in shared, budgeted calls, shortest with
 shortest, a prefix shared by items computed once) and sends each item its answer. An item whose plan returns is
 yielded at once. Nothing here depends on timing: the same items and settings make the same rounds, the same calls
 and so bit-identical results and pass counts on every run. No threads, no locks, no global RNG.
@@ -95,7 +95,7 @@ def run(jobs: Iterable[Union[Job, Rejected]], *, batch_size: Optional[int] = Non
         window: int = ITEMS_IN_FLIGHT, on_round: Callable[[], None] = lambda: None) -> Iterator[Finished]:
     """Run every job's plan, ``window`` at a time, packing their requests; yields each item's outcome as it ends.
 
-    ``batch_size`` caps the rows per model call (None: the packer's budgets, ``scoring.rows_per_call``);
+    ``batch_size`` caps the rows per model call (None: the packer's budgets, ``packer.rows_per_call``);
     ``on_round`` is called after each round of answered requests (progress of a long explanation).
     """
     source = iter(jobs)

@@ -1,6 +1,6 @@
 """The model's own answers: generate the target to explain when an item has none.
 
-Prompts are rendered exactly as ``prompt.py`` renders them for attribution (chat template with the generation prompt,
+Prompts are rendered exactly as ``text/prompt.py`` renders them for attribution (chat template with the generation prompt,
 or the raw prompt with the tokenizer's special tokens), left-padded by hand into batches (the tokenizer is never
 changed), decoded greedily by default, cut at the first token that ends a turn, and stripped of surrounding
 whitespace: the text ``build_model_input`` then tokenizes in context as the target.

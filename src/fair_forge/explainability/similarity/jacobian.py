@@ -103,7 +103,7 @@ class IntegratedJacobians:
     The model is borrowed: hooks live only inside one call and are removed in ``finally``; modes and
     ``requires_grad`` flags are restored. ``batch_size`` bounds the sequences evaluated in one model call
     (interpolation points x tangents, or x cotangents). ``integration="adaptive"`` integrates each text with the
-    adaptive rule of ``_quadrature`` (forward mode only) until the completeness error of its projections onto
+    adaptive rule of ``methods.quadrature`` (forward mode only) until the completeness error of its projections onto
     g(a) - g(r_a) is within ``tolerance``, with ``steps`` as the budget of interpolation points per text.
     """
 
