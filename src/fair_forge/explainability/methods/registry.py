@@ -1,7 +1,7 @@
 """The method registry: built-in backends register themselves with a decorator, users add their own the same way.
 
 A backend is either a *plan*, a generator function ``plan(context)`` that yields the model calls it needs
-(``scoring.MaskedRows``, ``scoring.EmbeddingRows``), receives their answers and returns a ``RawAttribution`` (the
+(``requests.MaskedRows``, ``requests.EmbeddingRows``), receives their answers and returns a ``RawAttribution`` (the
 batch engine packs the calls of many items), or a plain function ``run(context) -> RawAttribution`` that calls the
 model itself through ``context.scorer`` (run alone, unpacked). Either way it sees the tokenized input, the
 features to attribute to and its validated parameters, never the user's raw text.
