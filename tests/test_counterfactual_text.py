@@ -17,6 +17,7 @@ from fair_forge.explainability.text.counterfactual import (
     expand_differences,
 )
 from fair_forge.explainability.text.prompt import build_model_input
+from fair_forge.explainability.text.swap import GENDER_PAIRS, swap
 
 NURSE = "The nurse said she was tired."
 
@@ -181,3 +182,90 @@ def test_alignment_errors_say_what_is_wrong():
     assert len(align("She is a nurse.", "He was the nurse.", max_changed_fraction=0.6).differences) == 1
     with pytest.raises(InvalidInputError, match=r"max_changed_fraction must be a number in \(0, 1\]"):
         align(NURSE, "The nurse said he was tired.", max_changed_fraction=0)
+
+
+# ---- swap ------------------------------------------------------------------------------------------------------
+
+
+def test_swap_keeps_case_and_whole_words():
+    assert swap(NURSE, "gender") == "The nurse said he was tired."
+    assert swap("she She SHE", "gender") == "he He HE"
+    assert swap("She shed the sheet; the theme, Sheila.", "gender") == "He shed the sheet; the theme, Sheila."
+    assert swap("Mr. Smith met Ms. Jones; she's his aunt.", "gender") == "Ms. Smith met Mr. Jones; he's her uncle."
+    assert swap("The women and their daughters.", "gender") == "The men and their sons."
+
+
+def test_her_and_his_follow_their_position():
+    assert swap("Her book is on her desk.", "gender") == "His book is on his desk."
+    assert swap("I saw her. I told her the truth, then thanked her", "gender") == (
+        "I saw him. I told him the truth, then thanked him")
+    assert swap("The book is his. His car is his to keep.", "gender") == "The book is hers. Her car is hers to keep."
+    assert swap("He said it was hers.", "gender") == "She said it was his."
+    assert swap("Mrs Smith", "gender") == "Mr Smith"  # one-way: Mr -> Ms
+    # the documented limit: a content word after an object pronoun reads as a noun
+    assert swap("I saw him yesterday.", "gender") == "I saw her yesterday."
+    assert swap("I saw her yesterday.", "gender") == "I saw his yesterday."
+
+
+TEMPLATES = ["The {w} is here.", "{W} called twice.", "Ask the {w}, then leave.", "WHERE IS THE {U}?",
+             "A {w}'s view", "({w})", "{w}\n{W}"]
+
+
+def test_swapping_twice_gives_the_text_back_for_the_bijective_words():
+    sentences = [template.format(w=w.lower(), W=w.capitalize(), U=w.upper())
+                 for pair in GENDER_PAIRS for w in pair for template in TEMPLATES]
+    sentences += ["She told him the truth and he thanked her.", "His book and her pen are on the table.",
+                  "It is hers, not his.", "She said her son saw him at the park.", "The woman gave her keys to him."]
+    for sentence in sentences:
+        swapped = swap(sentence, "gender")
+        assert swapped != sentence
+        assert swap(swapped, "gender") == sentence, (sentence, swapped)
+
+
+def test_swap_in_chat_messages_keeps_their_type_and_roles():
+    x = [{"role": "system", "content": "Help him.", "name": "guide"},
+         {"role": "user", "content": "Is she a good nurse?"}, {"role": "assistant", "content": "She is."}]
+    original = [dict(message) for message in x]
+    assert swap(x, "gender") == [{"role": "system", "content": "Help her.", "name": "guide"},
+                                 {"role": "user", "content": "Is he a good nurse?"},
+                                 {"role": "assistant", "content": "He is."}]
+    assert x == original  # not changed in place
+    assert swap(x, "gender", roles="user") == [x[0], {"role": "user", "content": "Is he a good nurse?"}, x[2]]
+    assert swap(x, "gender", roles={"system", "assistant"})[1] == x[1]
+    alignment = align(x, swap(x, "gender", roles=["user"]))
+    assert alignment.differences == (Difference(1, 3, 6, "she", 3, 5, "he"),)
+
+
+def test_swap_with_pairs_both_ways_alone_or_on_top_of_gender():
+    religion = [("Christian", "Muslim"), ("church", "mosque")]
+    assert swap("A Christian visited the church.", "religion", pairs=religion) == "A Muslim visited the mosque."
+    assert swap("The MUSLIM left the mosque.", "religion", pairs=religion) == "The CHRISTIAN left the church."
+    assert swap("Alice said she would come.", "gender", pairs=[("Alice", "Bob")]) == "Bob said he would come."
+    assert swap("New York is big.", pairs=[("New York", "Paris")]) == "Paris is big."
+
+
+def test_swap_errors_say_what_is_wrong():
+    with pytest.raises(InvalidInputError, match=r"unknown attribute 'race': the built-in tables are \['gender'\]"):
+        swap(NURSE, "race")
+    with pytest.raises(InvalidInputError, match="no 'gender' word occurs in x, so the counterfactual would equal x"):
+        swap("The nurse was tired.", "gender")
+    with pytest.raises(InvalidInputError, match=r"no 'gender' word occurs in the \['system'\] messages of x"):
+        swap(chat("Is she here?"), "gender", roles="system")
+    with pytest.raises(InvalidInputError, match="no word of the pairs occurs in x"):
+        swap(NURSE, pairs=[("doctor", "surgeon")])
+    with pytest.raises(InvalidInputError, match=r"give an attribute \(\['gender'\]\) or pairs="):
+        swap(NURSE)
+    with pytest.raises(InvalidInputError, match="each of pairs must be two words"):
+        swap(NURSE, pairs=[("she",)])
+    with pytest.raises(InvalidInputError, match=r"pairs is a list of pairs: write pairs=\[\('she', 'he'\)\]"):
+        swap(NURSE, pairs=("she", "he"))
+    with pytest.raises(InvalidInputError, match="pairs must be a non-empty list"):
+        swap(NURSE, pairs=[])
+    with pytest.raises(InvalidInputError, match="'she' is in two pairs"):
+        swap(NURSE, pairs=[("she", "he"), ("she", "they")])
+    with pytest.raises(InvalidInputError, match="swaps a word with itself"):
+        swap(NURSE, pairs=[("she", "She")])
+    with pytest.raises(InvalidInputError, match="roles= selects chat messages, but x is a prompt"):
+        swap(NURSE, "gender", roles="user")
+    with pytest.raises(InvalidInputError, match="roles must name message roles"):
+        swap(chat("Is she here?"), "gender", roles=["customer"])
