@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import numpy as np
 import pytest
@@ -127,6 +128,43 @@ def test_composition_round_trips_and_locates_every_kept_difference(x, y, granula
                     composition.messages[span.message_index]["content"])
                 assert span.message_index == difference.message_index
                 assert text[span.start : span.end] == difference.text
+
+
+def test_random_edits_round_trip_at_every_granularity():
+    """Seeded random word edits (replace, insert, delete, odd spacing): differences are ordered, hold their texts,
+    and compose gives x, x', and each single difference at its span."""
+    rng = random.Random(0)
+    vocab = ["she", "he", "the", "nurse", "was", "tired", ".", "!", ",", "and", "Her", "book", "?", "\n", "a"]
+    checked = 0
+    for _ in range(300):
+        x = "".join(rng.choice(vocab) + rng.choice([" ", " ", "", "  ", "\n"]) for _ in range(rng.randint(1, 12)))
+        words = x.split(" ")
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randrange(len(words))
+            if rng.random() < 0.4:
+                words[i] = rng.choice(vocab)
+            elif rng.random() < 0.5:
+                words.insert(i, rng.choice(vocab))
+            elif len(words) > 1:
+                del words[i]
+        y = " ".join(words)
+        if x.split() == y.split():
+            continue  # identical or whitespace-only: the errors tested below
+        for granularity in ("word", "sentence"):
+            alignment = expand_differences(align(x, y, max_changed_fraction=1), granularity)
+            found = alignment.differences
+            assert all(a.end <= b.start and a.counterfactual_end <= b.counterfactual_start
+                       for a, b in zip(found, found[1:]))
+            assert all(x[d.start : d.end] == d.text and y[d.counterfactual_start : d.counterfactual_end]
+                       == d.counterfactual_text for d in found)
+            assert compose(alignment, [True] * len(found)).prompt == x
+            assert compose(alignment, [False] * len(found)).prompt == y
+            for k, difference in enumerate(found):
+                composition = compose(alignment, [i == k for i in range(len(found))])
+                span = composition.spans[k]
+                assert composition.prompt[span.start : span.end] == difference.text
+        checked += 1
+    assert checked > 250
 
 
 def test_single_difference_kept_gives_exact_texts():
