@@ -21,6 +21,7 @@ from typing import Any, Collection, Mapping, Optional, Sequence, Union
 
 from ..errors import InvalidInputError
 from .prompt import VALID_ROLES, Messages, validate_messages, validate_text
+from .protected import whole_words_pattern
 
 #: Gender words swapped both ways (a bijection: swapping twice gives the text back).
 GENDER_PAIRS: tuple[tuple[str, str], ...] = (
@@ -155,8 +156,7 @@ def swap(
     """
     table = _table(attribute, pairs)
     chosen = _selected_roles(roles)
-    words = sorted(table, key=len, reverse=True)  # longest first, so a phrase wins over a word inside it
-    pattern = re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, words)) + r")(?!\w)", re.IGNORECASE)
+    pattern = whole_words_pattern(table)
     if isinstance(x, str):
         if chosen is not None:
             raise InvalidInputError("roles= selects chat messages, but x is a prompt; leave roles out")
