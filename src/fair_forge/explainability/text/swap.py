@@ -90,8 +90,9 @@ def _user_table(pairs: Any) -> dict[str, Replacement]:
     return table
 
 
-def _table(attribute: Optional[str], pairs: Any) -> dict[str, Replacement]:
-    """The swap table: the built-in one of ``attribute`` with ``pairs`` on top, or ``pairs`` alone."""
+def swap_table(attribute: Optional[str], pairs: Any) -> dict[str, Replacement]:
+    """The swap table: the built-in one of ``attribute`` with ``pairs`` on top, or ``pairs`` alone; typed errors for an
+    unknown attribute or a malformed pair (so a caller can check a swap before it has any text)."""
     if attribute is not None and not isinstance(attribute, str):
         raise InvalidInputError(f"attribute must be a name such as 'gender', got {attribute!r}")
     if attribute is None and pairs is None:
@@ -154,7 +155,7 @@ def swap(
     of those roles (e.g. "user"). Raises ``InvalidInputError`` for an unknown attribute or when no word of the table
     occurs (the counterfactual would equal x).
     """
-    table = _table(attribute, pairs)
+    table = swap_table(attribute, pairs)
     chosen = _selected_roles(roles)
     pattern = whole_words_pattern(table)
     if isinstance(x, str):
