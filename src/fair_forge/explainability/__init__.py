@@ -54,6 +54,7 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers, IDEs and 
     from .similarity.explainer import IntJacobianExplainableTransformer, SimilarityExplainer
     from .runs.sinks import load_results
     from .runs.summary import summarize
+    from .text.swap import swap
     from .viz.html import render_html
     from .viz.plots import plot_attributions, plot_connections, plot_matrix, plot_summary
 
@@ -83,6 +84,7 @@ _LAZY = {
     "generate_targets": "runtime.generation",
     "load_results": "runs.sinks",
     "plot_summary": "viz.plots",
+    "swap": "text.swap",
     "summarize": "runs.summary",
     "FaithfulnessBatchReport": "evaluation",
     "FaithfulnessReport": "evaluation",
@@ -109,6 +111,7 @@ __all__ = [
     "load_results",
     "plot_summary",
     "summarize",
+    "swap",
     "DEFAULT_ENCODER_NAME",
     "DEFAULT_MODEL_NAME",
     "IntJacobianExplainableTransformer",

@@ -3,35 +3,31 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
-import numpy as np
 
 from .runtime import engine
 from .core.config import ExplainerConfig
-from .errors import ContextLengthError, ExplainabilityError, InvalidInputError
+from .errors import InvalidInputError
 from .runtime.generation import generate_target
-from .text.items import batch_items, item_fields
-from .methods.registry import MethodContext, MethodSpec, RawAttribution, get_method
+from .item_plan import Prepared, Settings, build_result, prepare, scored_plan
+from .methods.registry import MethodContext, get_method
 from .runtime.models import borrowed, check_model, display_name
-from .text.prompt import Messages, ModelInput, build_model_input
-from .runtime.architectures import model_context_length
 from .runtime.scorer import ScoreKind, TargetScorer
-from .text.segment import Feature, build_features, check_message_indices, restrict_to_messages
+from .runtime.scores import get_score
+from .text.items import batch_items, item_fields, item_options
+from .text.prompt import Messages
+from .text.segment import check_message_indices
 from .core.types import (
     AttributionBatchResult,
-    AttributionMatrix,
-    AttributionMetadata,
     AttributionMethod,
     AttributionResult,
     BatchFailure,
     Granularity,
-    TokenAttribution,
-    normalize_scores,
 )
 
 MethodLike = Union[str, AttributionMethod]
+DEFAULT_CONTRAST = "logprob_diff"
 # seconds an explain() call runs before its progress bar appears: quick explanations print nothing
 PROGRESS_DELAY = 10.0
 GranularityLike = Union[str, Granularity]
@@ -47,33 +43,6 @@ def parse_granularity(granularity: GranularityLike) -> Granularity:
         except ValueError:
             pass
     raise InvalidInputError(f"unknown granularity {granularity!r}; use one of {[g.value for g in Granularity]}")
-
-
-def _method_label(name: str) -> Union[AttributionMethod, str]:
-    """The enum member for a built-in method, the plain name for a user-registered one."""
-    try:
-        return AttributionMethod(name)
-    except ValueError:
-        return name
-
-
-@dataclass(frozen=True)
-class _Settings:
-    """What every item of a call shares, validated once: the method, its parameters, granularity, per_target."""
-
-    spec: MethodSpec
-    params: dict[str, Any]
-    granularity: Granularity
-    per_target: bool
-    attribute_messages: Optional[tuple[int, ...]] = None  # None: every message's text is attributable
-
-
-@dataclass(frozen=True)
-class _Request:
-    """One tokenized item: everything checked, nothing computed yet."""
-
-    model_input: ModelInput
-    features: list[Feature]
 
 
 class AttributionExplainer:
@@ -148,9 +117,20 @@ class AttributionExplainer:
         per_target: bool = False,
         attribute_messages: Optional[Sequence[int]] = None,
         show_progress: bool = True,
+        contrast_target: Optional[str] = None,
+        contrast: str = DEFAULT_CONTRAST,
+        counterfactual: Optional[Union[Messages, str]] = None,
         **method_params: Any,
     ) -> AttributionResult:
         """Attribute ``target`` to the features of ``messages`` (chat) or ``prompt`` (raw text).
+
+        ``contrast_target="No"`` explains why ``target`` rather than it: the explained score becomes
+        log p(target) - log p(contrast) (``contrast="logprob_diff"``) or p(target) - p(contrast) (``"prob_diff"``,
+        or a contrastive score registered in ``runtime/scores.py``). ``counterfactual=x_prime`` (messages with the
+        same roles, or a prompt) explains f(x) - f(x'): the features are the segments where x and x' differ, each
+        carrying the ``counterfactual_text`` it replaces; Shapley-type methods (kernel_shap) sum to the difference
+        exactly, integrated gradients follows the path from x''s embeddings where the segments' token counts match.
+        ``metadata.target_score`` is the explained score at the input (and ``counterfactual_score`` at x').
 
         An explanation that takes longer than ``PROGRESS_DELAY`` seconds (many steps or samples, ``per_target``,
         a long document) shows a progress bar of its model requests unless ``show_progress=False``.
@@ -159,10 +139,10 @@ class AttributionExplainer:
         ``n_samples``, ``baseline``, ``noise_std``, ``seed``, ``batch_size``, ...) are passed as keywords.
         Without a ``target`` the model's own greedy answer is explained (``generation.generate_target``).
         """
-        settings = self._settings(method, granularity, per_target, method_params, attribute_messages)
+        settings = self._settings(method, granularity, per_target, method_params, attribute_messages, contrast)
         if target is None:  # settings are checked before the model generates
             target = generate_target(self.model, self.tokenizer, messages=messages, prompt=prompt)
-        request = self._prepare(messages, prompt, target, settings)
+        request = prepare(self, settings, messages, prompt, target, contrast_target, counterfactual)
         from tqdm.auto import tqdm
 
         with tqdm(desc=f"explaining ({settings.spec.name})", unit="request", delay=PROGRESS_DELAY,
@@ -173,7 +153,8 @@ class AttributionExplainer:
         return outcome
 
     def _settings(self, method: Optional[MethodLike], granularity: Optional[GranularityLike], per_target: bool,
-                  method_params: Mapping[str, Any], attribute_messages: Optional[Sequence[int]] = None) -> _Settings:
+                  method_params: Mapping[str, Any], attribute_messages: Optional[Sequence[int]] = None,
+                  contrast: str = DEFAULT_CONTRAST) -> Settings:
         """The method and its validated parameters: every settings error is raised here, once, before any item."""
         spec = get_method(method if method is not None else self.default_method)
         scorer = TargetScorer(self.model)  # a typed error for a model without parameters
@@ -181,30 +162,10 @@ class AttributionExplainer:
         level = parse_granularity(granularity if granularity is not None else self.default_granularity)
         if spec.kind == "gradient":
             scorer.embedding_layer()  # typed error for models without input embeddings
-        return _Settings(spec, params, level, bool(per_target), check_message_indices(attribute_messages))
+        contrast = get_score(contrast, contrastive=True).name  # a typed error for an unknown contrast
+        return Settings(spec, params, level, bool(per_target), check_message_indices(attribute_messages), contrast)
 
-    def _prepare(self, messages: Optional[Messages], prompt: Optional[str], target: Optional[str],
-                 settings: _Settings) -> _Request:
-        """Check and tokenize one item; raises typed errors before any model call."""
-        if target is None:
-            raise InvalidInputError("target is required: the response text to explain")
-        model_input = build_model_input(
-            self.tokenizer,
-            target=target,
-            messages=messages,
-            prompt=prompt,
-            include_template_tokens=self.include_template_tokens,
-        )
-        limit = model_context_length(self.model)
-        if limit is not None and model_input.length > limit:
-            raise ContextLengthError(
-                f"prompt + target are {model_input.length} tokens but the model takes at most {limit}; "
-                "shorten the prompt or the target"
-            )
-        model_input = restrict_to_messages(model_input, settings.attribute_messages)
-        return _Request(model_input, build_features(model_input, settings.granularity))
-
-    def _outcomes(self, requests: Iterable[Union[_Request, Exception]], settings: _Settings,
+    def _outcomes(self, requests: Iterable[Union[Prepared, Exception]], settings: Settings,
                   on_round: Callable[[], Any] = lambda: None) -> Iterator[tuple[int, Union[AttributionResult, Exception]]]:
         """Run prepared items through the batch engine (``engine.run``); (index, result or error) as items finish.
 
@@ -213,20 +174,23 @@ class AttributionExplainer:
         """
         batch_size = settings.params.get("batch_size") or self.batch_size
         prefixes: dict = {}
-        in_flight: dict[int, _Request] = {}
+        in_flight: dict[int, Prepared] = {}
 
         def jobs() -> Iterator[Union[engine.Job, engine.Rejected]]:
             for index, request in enumerate(requests):
                 if isinstance(request, Exception):
                     yield engine.Rejected(index, request)
                     continue
+                contrasted = request.model_input.contrast is not None
                 scorer = TargetScorer(self.model, score=self.score, batch_size=batch_size,
                                       prefix_cache=self.prefix_cache, prefixes=prefixes,
-                                      max_memory=self.max_memory, checkpoint=self.checkpoint)
+                                      max_memory=self.max_memory, checkpoint=self.checkpoint,
+                                      contrast=settings.contrast if contrasted else None,
+                                      contrast_length=request.model_input.n_contrast)
                 context = MethodContext(scorer, request.model_input, request.features, dict(settings.params),
-                                        settings.per_target)
+                                        settings.per_target, request.counterfactual)
                 in_flight[index] = request
-                yield engine.Job(index, request.model_input, scorer, settings.spec.plan(context))
+                yield engine.Job(index, request.model_input, scorer, scored_plan(settings.spec, context))
 
         with borrowed(self.model):
             for finished in engine.run(jobs(), batch_size=batch_size, on_round=on_round):
@@ -235,67 +199,11 @@ class AttributionExplainer:
                     yield finished.index, finished.error
                     continue
                 try:
-                    result: Union[AttributionResult, Exception] = self._result(
-                        settings, request, finished.value, finished.job.scorer)
+                    result: Union[AttributionResult, Exception] = build_result(
+                        self, settings, request, finished.value, finished.job.scorer)
                 except Exception as error:  # noqa: BLE001 - a malformed backend answer fails its item only
                     result = error
                 yield finished.index, result
-
-    def _result(self, settings: _Settings, request: _Request, raw: RawAttribution,
-                scorer: TargetScorer) -> AttributionResult:
-        spec = settings.spec
-        if not isinstance(raw, RawAttribution):
-            raise ExplainabilityError(f"method {spec.name} returned {type(raw).__name__}, not a RawAttribution")
-        scores = np.asarray(raw.feature_scores, dtype=float).reshape(-1)
-        if scores.shape[0] != len(request.features):
-            raise ExplainabilityError(
-                f"method {spec.name} returned {scores.shape[0]} scores for {len(request.features)} features"
-            )
-        normalized = normalize_scores(scores.tolist())
-        attributions = [
-            TokenAttribution(
-                text=feature.text,
-                score=float(score),
-                position=index,
-                normalized_score=norm,
-                start=feature.start,
-                end=feature.end,
-                message_index=feature.message_index,
-                token_positions=list(feature.token_positions),
-            )
-            for index, (feature, score, norm) in enumerate(zip(request.features, scores, normalized))
-        ]
-        matrix = None
-        if raw.matrix is not None:
-            matrix = AttributionMatrix(
-                row_labels=request.model_input.target_labels,
-                column_labels=[f.text for f in request.features],
-                values=np.asarray(raw.matrix, dtype=float).tolist(),
-            )
-        metadata = AttributionMetadata(
-            compute_time_seconds=scorer.count.seconds,
-            n_forward_passes=scorer.count.forward_passes,
-            n_backward_passes=scorer.count.backward_passes,
-            n_tokens_processed=scorer.count.tokens_processed,
-            method_params=dict(settings.params),
-            score=self.score,
-            n_features=len(request.features),
-            n_target_tokens=request.model_input.n_target,
-            **raw.metadata,
-        )
-        if self.verbose:
-            print(f"[fair_forge] {spec.name}: {len(scores)} features in {scorer.count.seconds:.2f}s")
-        return AttributionResult(
-            prompt=request.model_input.prompt,
-            target=request.model_input.target,
-            method=_method_label(spec.name),
-            granularity=settings.granularity,
-            attributions=attributions,
-            matrix=matrix,
-            model_name=self.model_name,
-            metadata=metadata,
-            messages=request.model_input.messages,
-        )
 
     # ---- many explanations ------------------------------------------------------------------------------------
 
@@ -308,12 +216,14 @@ class AttributionExplainer:
         per_target: bool = False,
         show_progress: bool = True,
         attribute_messages: Optional[Sequence[int]] = None,
+        contrast: str = DEFAULT_CONTRAST,
         **method_params: Any,
     ) -> AttributionBatchResult:
         """Explain every item; an item that fails is recorded in ``failures`` and the others still return.
 
         Items are ``(messages_or_prompt, target)`` pairs, dicts with ``messages`` or ``prompt`` (or ``question``,
-        sent as one user message) and ``target`` (or ``answer``), or a pandas DataFrame with those columns.
+        sent as one user message) and ``target`` (or ``answer``), or a pandas DataFrame with those columns; a dict
+        (a row) may also give a ``contrast_target`` and a ``counterfactual`` (see ``explain``).
         This is a pure map over items: an item's result depends only on the settings and the item. It collects
         ``iter_explain``: the batch engine runs a window of items together and packs their model calls (rows of
         similar length together; a system prompt shared by the items computed once), which gives the same scores
@@ -328,7 +238,7 @@ class AttributionExplainer:
         try:
             for index, outcome in self.iter_explain(records, method=method, granularity=granularity,
                                                     per_target=per_target, attribute_messages=attribute_messages,
-                                                    **method_params):
+                                                    contrast=contrast, **method_params):
                 outcomes[index] = outcome
                 progress.update(1)
         finally:
@@ -350,6 +260,7 @@ class AttributionExplainer:
         granularity: Optional[GranularityLike] = None,
         per_target: bool = False,
         attribute_messages: Optional[Sequence[int]] = None,
+        contrast: str = DEFAULT_CONTRAST,
         **method_params: Any,
     ) -> Iterator[tuple[int, Union[AttributionResult, BatchFailure]]]:
         """Stream ``(index, result or failure)`` over ``items`` (any iterable, read lazily), as items finish.
@@ -358,18 +269,18 @@ class AttributionExplainer:
         the first item is read; an item that fails yields a ``BatchFailure`` and the stream goes on. At most
         ``engine.ITEMS_IN_FLIGHT`` items are in flight at once, so items may finish out of input order.
         """
-        settings = self._settings(method, granularity, per_target, method_params, attribute_messages)
+        settings = self._settings(method, granularity, per_target, method_params, attribute_messages, contrast)
         if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
             raise InvalidInputError("items must be an iterable of (messages_or_prompt, target) pairs or dicts")
         return self._stream(items, settings)
 
-    def _stream(self, items: Iterable[Any], settings: _Settings
+    def _stream(self, items: Iterable[Any], settings: Settings
                 ) -> Iterator[tuple[int, Union[AttributionResult, BatchFailure]]]:
-        def prepared() -> Iterator[Union[_Request, Exception]]:
+        def prepared() -> Iterator[Union[Prepared, Exception]]:
             for record in items:
                 try:
                     messages, prompt, target = item_fields(record)
-                    yield self._prepare(messages, prompt, target, settings)
+                    yield prepare(self, settings, messages, prompt, target, **item_options(record))
                 except Exception as error:  # noqa: BLE001 - recorded per item; nothing the user gave is lost
                     yield error
 

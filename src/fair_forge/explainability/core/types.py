@@ -74,6 +74,8 @@ class TokenAttribution(BaseModel):
     end: Optional[int] = None
     message_index: Optional[int] = None
     token_positions: list[int] = Field(default_factory=list, description="positions in the model's input_ids")
+    counterfactual_text: Optional[str] = Field(
+        None, description="for a counterfactual explanation: the text of x' this feature replaces ('' where x' has none)")
 
     @model_validator(mode="after")
     def _finite(self) -> "TokenAttribution":
@@ -143,6 +145,11 @@ class AttributionMetadata(BaseModel):
     method_params: dict[str, Any] = Field(default_factory=dict)
     convergence_delta: Optional[float] = None
     relative_convergence_delta: Optional[float] = None
+    target_score: Optional[float] = Field(
+        None, description="the explained score at the input (log p(target), or the contrastive margin)")
+    baseline_score: Optional[float] = Field(
+        None, description="the explained score at the method's baseline (IG's, or the fully masked input), if it has one")
+    counterfactual_score: Optional[float] = Field(None, description="for a counterfactual explanation: f(x')")
 
 
 def check_finite_scores(scores: Sequence[float], labels: Optional[Sequence[str]] = None) -> None:
@@ -170,6 +177,9 @@ class AttributionResult(BaseModel):
 
     prompt: str
     target: str
+    contrast_target: Optional[str] = Field(None, description="the answer the target was contrasted with, if any")
+    counterfactual_prompt: Optional[str] = Field(
+        None, description="for a counterfactual explanation: x' (its messages' contents joined by newlines)")
     method: Union[AttributionMethod, str] = Field(description="a built-in method, or the name of a registered one")
     granularity: Granularity
     attributions: list[TokenAttribution]

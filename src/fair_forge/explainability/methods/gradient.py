@@ -28,7 +28,7 @@ import torch
 from pydantic import Field
 
 from ..core.plans import relay
-from ..errors import BudgetError, NoAttributableFeaturesError
+from ..errors import BudgetError, InvalidInputError, NoAttributableFeaturesError
 from ..runtime.requests import EXPLAINED_SCORE, EmbeddingAnswer, EmbeddingRows
 from ..text.segment import membership
 from ..core.types import AttributionMethod
@@ -89,7 +89,13 @@ class _Embeddings:
         self.outputs = (EXPLAINED_SCORE, *(range(model_input.n_target) if context.per_target else ()))
 
     def baseline(self, spec: Union[str, int]) -> torch.Tensor:
-        """(A, H) baseline: "zero", "pad" (the input's baseline token) or a token id, at every attributed token."""
+        """(A, H) baseline: "zero", "pad" (the input's baseline token) or a token id, at every attributed token; for
+        a counterfactual, x''s own tokens at those positions (the straight path from x' to x)."""
+        counterfactual = self.context.counterfactual
+        if counterfactual is not None:
+            if counterfactual.baseline_ids is None:
+                raise InvalidInputError(f"no path from x' to x: {counterfactual.baseline_problem}")
+            return self.context.scorer.embed(counterfactual.baseline_ids)
         if spec == "zero":
             return torch.zeros_like(self.inputs)
         token = self.context.model_input.baseline_token_id if spec == "pad" else int(spec)
@@ -106,6 +112,10 @@ class _Embeddings:
     def rows(self, points: torch.Tensor) -> EmbeddingRows:
         """Points (k, A, H) whose gradient is wanted for every output (one forward, a backward per output)."""
         return EmbeddingRows(points, self.outputs)
+
+    def score(self, answer: EmbeddingAnswer, row: int = 0) -> float:
+        """The explained score of one row of an answer."""
+        return float(self.context.scorer.reduce(torch.from_numpy(answer.log_probs[row])))
 
     def per_output(self, answer: EmbeddingAnswer) -> torch.Tensor:
         """(k, outputs, A, H) gradients of ``rows`` -> (outputs, k, A, H) in float64."""
@@ -167,7 +177,8 @@ def integrated_gradients(context: MethodContext) -> Plan:
     delta = abs(float(raw.feature_scores.sum()) - total)
     raw.metadata.update(
         convergence_delta=delta, relative_convergence_delta=delta / abs(total) if total else None,
-        score_input=float(endpoints[0]), score_baseline=float(endpoints[1]),
+        score_input=float(endpoints[0]), score_baseline=float(endpoints[1]), target_score=float(endpoints[0]),
+        **{"counterfactual_score" if context.counterfactual is not None else "baseline_score": float(endpoints[1])},
         n_steps_used=integral.n_evaluations, integration_error=integral.error, converged=integral.converged,
     )
     return raw
@@ -197,7 +208,8 @@ def gradient_shap(context: MethodContext) -> Plan:
 def input_x_gradient(context: MethodContext) -> Plan:
     embeddings = _Embeddings(context)
     answer = yield embeddings.rows(embeddings.inputs.unsqueeze(0))
-    return embeddings.result(embeddings.inputs.double() * embeddings.per_output(answer)[:, 0], "sum")
+    return embeddings.result(embeddings.inputs.double() * embeddings.per_output(answer)[:, 0], "sum",
+                             target_score=embeddings.score(answer))
 
 
 @register_method(AttributionMethod.SALIENCY, kind="gradient", additive=False, params=MethodParams,
@@ -205,7 +217,7 @@ def input_x_gradient(context: MethodContext) -> Plan:
 def saliency(context: MethodContext) -> Plan:
     embeddings = _Embeddings(context)
     answer = yield embeddings.rows(embeddings.inputs.unsqueeze(0))
-    return embeddings.result(embeddings.per_output(answer)[:, 0], "l2")
+    return embeddings.result(embeddings.per_output(answer)[:, 0], "l2", target_score=embeddings.score(answer))
 
 
 def _noisy_gradients(context: MethodContext, statistic: Literal["mean", "square", "variance"]) -> Plan:

@@ -24,7 +24,7 @@ from pydantic import BeforeValidator, Field, model_validator
 
 from ..core.plans import relay
 from ..errors import NoAttributableFeaturesError
-from ..runtime.requests import MaskedRows
+from ..runtime.requests import MaskedRows, TextRows
 from ..text.segment import kept_tokens, membership
 from ..core.types import AttributionMethod
 from .registry import (Count, FiniteFloat, Flag, MethodContext, MethodParams, Plan, RawAttribution, SampledParams, TokenId,
@@ -92,27 +92,51 @@ class _Masks:
         self.remove = params["remove"]
         self.n_features = len(context.features)
         self.membership = membership(context.features, range(context.model_input.length))  # feature -> tokens
+        # the input itself (its score is reported) and, for a counterfactual, x' (all differences take x''s text)
+        self.anchors = np.ones((1 + (context.counterfactual is not None), self.n_features), dtype=bool)
+        self.anchors[1:] = False
+        self.anchor_values: Optional[np.ndarray] = None
+        self.n_added = 0  # anchor rows the estimator did not ask for
 
     def run(self, estimator: core.EstimatorPlan) -> Plan:
         """Drive ``estimator``: each batch of feature masks becomes one ``MaskedRows`` request."""
         return (yield from relay(estimator, self.ask))
 
     def ask(self, masks: np.ndarray) -> Plan:
-        """The values of feature ``masks`` (n, features): one ``MaskedRows`` request of their token masks."""
-        log_probs = yield MaskedRows(kept_tokens(masks, self.membership), self.baseline_id, self.remove)
-        return self.values(log_probs)
+        """The values of feature ``masks`` (n, features): one request of their token masks (``MaskedRows``), or for
+        a counterfactual of the texts they compose (``TextRows``). The first request also scores the anchors."""
+        added = np.zeros((0, self.n_features), dtype=bool)
+        if self.anchor_values is None:
+            missing = [row for row in self.anchors if not (masks == row).all(axis=1).any()]
+            added = np.array(missing, dtype=bool).reshape(-1, self.n_features)
+            self.n_added = len(added)
+        rows = np.concatenate([masks, added])
+        if self.context.counterfactual is not None:
+            log_probs = yield TextRows(self.context.counterfactual.inputs(rows))
+        else:
+            log_probs = yield MaskedRows(kept_tokens(rows, self.membership), self.baseline_id, self.remove)
+        values = self.values(log_probs)
+        if self.anchor_values is None:
+            self.anchor_values = np.stack([values[np.flatnonzero((rows == row).all(axis=1))[0]] for row in self.anchors])
+        return values[: len(masks)]
 
     def values(self, log_probs: np.ndarray) -> np.ndarray:
         """(n, T) target log-probs -> (n,) explained scores, or (n, 1 + T) [score, log-probs] with per_target."""
-        total = self.context.scorer.reduce(torch.from_numpy(log_probs)).numpy()
-        return np.concatenate([total[:, None], log_probs], axis=1) if self.context.per_target else total
+        scorer, log_probs = self.context.scorer, torch.from_numpy(log_probs)
+        total = scorer.reduce(log_probs).numpy()
+        return np.concatenate([total[:, None], scorer.per_token(log_probs).numpy()], axis=1) \
+            if self.context.per_target else total
 
     def attribution(self, estimate: core.Estimate, **metadata: Any) -> RawAttribution:
         """Split an estimate into feature scores and the per-target matrix, with the shared metadata."""
         values = estimate.values
         scores, matrix = (values[0], values[1:]) if self.context.per_target else (values, None)
-        return RawAttribution(feature_scores=scores, matrix=matrix,
-                              metadata={"n_evaluations": estimate.n_evaluations, **metadata})
+        totals = self.anchor_values.reshape(len(self.anchors), -1)[:, 0]
+        scored = {"target_score": float(totals[0])}
+        if self.context.counterfactual is not None:
+            scored["counterfactual_score"] = float(totals[1])
+        return RawAttribution(feature_scores=scores, matrix=matrix, metadata={
+            "n_evaluations": estimate.n_evaluations + self.n_added, **scored, **metadata})
 
 
 def _sampling(params: dict[str, Any]) -> dict[str, Any]:
@@ -140,7 +164,7 @@ def kernel_shap(context: MethodContext) -> Plan:
     delta = abs(float(np.asarray(estimate.values.sum(-1)).reshape(-1)[0]) - difference)
     return masks.attribution(
         estimate, exact=extras["exact"], n_coalitions=extras["n_coalitions"], score_input=extras["value_all"],
-        score_baseline=extras["value_none"], convergence_delta=delta,
+        score_baseline=extras["value_none"], baseline_score=extras["value_none"], convergence_delta=delta,
         relative_convergence_delta=delta / abs(difference) if difference else None,
     )
 

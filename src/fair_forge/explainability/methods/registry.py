@@ -30,6 +30,7 @@ from ..core.types import AttributionMethod
 if TYPE_CHECKING:  # imported for annotations only, to keep this module free of model code
     from ..text.prompt import ModelInput
     from ..runtime.scorer import TargetScorer
+    from ..text.counterfactual_input import CounterfactualInput
     from ..text.segment import Feature
 
 MethodKind = Literal["gradient", "perturbation"]
@@ -46,6 +47,7 @@ class MethodContext:
     features: "list[Feature]"
     params: dict[str, Any]
     per_target: bool = False
+    counterfactual: "Optional[CounterfactualInput]" = None  # explain f(x) - f(x'): features are x''s differences
 
 
 @dataclass
@@ -163,7 +165,7 @@ class MethodSpec:
 
     def run(self, context: MethodContext) -> RawAttribution:
         """Run the backend alone, its requests answered one at a time by ``context.scorer``."""
-        from ..runtime.packer import answer_requests
+        from ..runtime.answers import answer_requests
 
         batch_size = context.params.get("batch_size") or context.scorer.batch_size
 

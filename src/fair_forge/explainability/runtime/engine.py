@@ -24,7 +24,7 @@ from typing import Any, Callable, Generator, Iterable, Iterator, Optional, Union
 
 from ..text.prompt import ModelInput
 from ..core.plans import advance
-from .packer import answer_requests
+from .answers import answer_requests
 from .requests import Request
 from .scorer import TargetScorer
 

@@ -5,7 +5,7 @@ the rows of all requests by the cache they continue, sort them by width and cut 
 is the one place that decides how many rows a call holds (token, logits and activation-memory budgets). A call pads
 shorter rows on the left, out of attention and positions, so every row ends at the last position; only the logits of
 the positions that predict target tokens are computed, and only (rows, n_target) floats leave the model's device.
-``answer_requests`` answers a mixed list of requests. Each request's scorer counts the calls its rows took part in.
+Each request's scorer counts the calls its rows took part in. ``answers.py`` turns requests into the rows packed here.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ..text.prompt import ModelInput
 from .architectures import sliding_window
 from .memory import CallEstimate, call_estimate, checkpointed_layers, memory_budget
 from .memory import rows_per_call as rows_within_budget
-from .requests import (EXPLAINED_SCORE, EmbeddingAnswer, EmbeddingRows, MaskedRows, Prefix, Request, RowScorer)
+from .requests import EXPLAINED_SCORE, LOG_PROB_SUM, EmbeddingAnswer, EmbeddingRows, MaskedRows, Prefix, RowScorer
 
 T = TypeVar("T")
 # batch_size=None sizes every call by budgets (read at call time, see ``rows_per_call``): no-grad calls hold at most
@@ -80,6 +80,12 @@ class _Rows:
     positions: Optional[torch.Tensor] = None  # ... attributable positions (relative to the prefix) take ...
     embeds: Optional[torch.Tensor] = None  # ... (n, A, H) embeddings
     outputs: tuple[int, ...] = ()  # the scalars every row differentiates
+    alternative: Optional[int] = None  # a one-token contrast of a one-token target: scored from the same logits
+
+    @property
+    def answer_width(self) -> int:
+        """Columns of a row's answer: its target's log-probs, and its alternative's."""
+        return int(self.target_ids.shape[-1]) + (self.alternative is not None)
 
     @property
     def size(self) -> int:
@@ -133,7 +139,8 @@ def _masked_rows(scorer: RowScorer, model_input: ModelInput, request: MaskedRows
     else:
         cached = np.full(len(unique), prefix.length if prefix is not None else 0)
     laid = _Rows(scorer, prefix, model_input.target_ids, ids=ids, keep=torch.from_numpy(unique),
-                 baseline_id=int(request.baseline_id), remove=bool(request.remove), cached=cached)
+                 baseline_id=int(request.baseline_id), remove=bool(request.remove), cached=cached,
+                 alternative=alternative_of(model_input))
     return laid, inverse.reshape(-1)
 
 
@@ -148,7 +155,17 @@ def _embedding_rows(scorer: RowScorer, model_input: ModelInput, request: Embeddi
     prefix = None if checkpointed else scorer.prefix(model_input.input_ids, int(positions[0]))
     start = prefix.length if prefix is not None else 0
     return _Rows(scorer, prefix, model_input.target_ids, base=scorer.embed(model_input.input_ids[start:]),
-                 positions=(positions - start).to(scorer.device), embeds=embeds, outputs=tuple(request.outputs))
+                 positions=(positions - start).to(scorer.device), embeds=embeds, outputs=tuple(request.outputs),
+                 alternative=alternative_of(model_input))
+
+
+def alternative_of(model_input: ModelInput) -> Optional[int]:
+    """The contrast token of a one-token target with a one-token contrast (scored from the target's own logits),
+    else None (a longer contrast is a second input of its own, ``answers.py``)."""
+    contrast = model_input.contrast
+    if contrast is None or model_input.n_target != 1 or contrast.n_target != 1:
+        return None
+    return int(contrast.target_ids[0])
 
 
 def score_row_requests(
@@ -184,7 +201,7 @@ def score_embedding_requests(
 def _score(requests: Sequence[_Rows], batch_size: Optional[int], gradients: bool
            ) -> list[tuple[np.ndarray, Optional[torch.Tensor]]]:
     """(log-probs, gradients or None) per request, its rows cut into calls by prefix, then width."""
-    results = [(np.empty((r.size, int(r.target_ids.shape[-1]))), None) for r in requests]
+    results = [(np.empty((r.size, r.answer_width)), None) for r in requests]
     grads = [torch.empty((r.size, len(r.outputs), *r.embeds.shape[1:]), device=r.base.device) if gradients else None
              for r in requests]
     entries = [(index, row) for index, rows in enumerate(requests) for row in range(rows.size)]
@@ -193,7 +210,7 @@ def _score(requests: Sequence[_Rows], batch_size: Optional[int], gradients: bool
         for call in _calls(group, requests, batch_size, gradients):
             log_probs, call_grads = _call([(requests[index], row) for index, row in call], gradients)
             for position, (index, row) in enumerate(call):
-                results[index][0][row] = log_probs[position, log_probs.shape[1] - results[index][0].shape[1] :]
+                results[index][0][row] = log_probs[position]
                 if gradients:
                     grads[index][row] = call_grads[position]
     return [(log_probs, grad) for (log_probs, _), grad in zip(results, grads)]
@@ -250,21 +267,22 @@ def _by_prefix_then_width(
     return [sorted(group, key=width) for group in groups.values()]
 
 
-def _call(rows: Sequence[tuple[_Rows, int]], gradients: bool) -> tuple[np.ndarray, Optional[list[torch.Tensor]]]:
-    """One model call over ``rows`` (one prefix): right-aligned (rows, max n_target) float64 log-probs, and with
-    ``gradients`` each row's (outputs, A, H) gradients of its own scalars. Runs outside ``torch.inference_mode`` (a caller's
-    inference mode would forbid the gradient) and with gradients enabled only where asked for."""
+def _call(rows: Sequence[tuple[_Rows, int]], gradients: bool
+          ) -> tuple[list[np.ndarray], Optional[list[torch.Tensor]]]:
+    """One model call over ``rows`` (one prefix): each row's float64 answer (its target's log-probs, and its
+    alternative's), and with ``gradients`` each row's (outputs, A, H) gradients of its own scalars. Runs outside
+    ``torch.inference_mode`` (a caller's inference mode would forbid the gradient) and with gradients enabled only
+    where asked for."""
     with torch.inference_mode(False):
         groups = _gapless_groups(rows)
         if groups is None:
             return _call_model(rows, gradients)
-        n_target = max(int(laid.target_ids.shape[-1]) for laid, _ in rows)
-        log_probs = np.zeros((len(rows), n_target))
+        log_probs: list[Optional[np.ndarray]] = [None] * len(rows)
         grads: list[Optional[torch.Tensor]] = [None] * len(rows)
         for members in groups:
             values, group_grads = _call_model([rows[index] for index in members], gradients, compact=True)
             for position, index in enumerate(members):
-                log_probs[index, n_target - values.shape[1] :] = values[position]
+                log_probs[index] = values[position]
                 if group_grads is not None:
                     grads[index] = group_grads[position]
         return log_probs, grads if gradients else None  # type: ignore[return-value]
@@ -290,7 +308,7 @@ def _gapless_groups(rows: Sequence[tuple[_Rows, int]]) -> Optional[list[list[int
 
 
 def _call_model(rows: Sequence[tuple[_Rows, int]], gradients: bool, compact: bool = False
-                ) -> tuple[np.ndarray, Optional[list[torch.Tensor]]]:
+                ) -> tuple[list[np.ndarray], Optional[list[torch.Tensor]]]:
     """See ``_call``. ``compact``: the rows share their cached length and attended count (``_gapless_groups``), and
     the leading slots no row attends (removed tokens) are left out of the call."""
     first = rows[0][0]
@@ -315,16 +333,30 @@ def _call_model(rows: Sequence[tuple[_Rows, int]], gradients: bool, compact: boo
         ids, attention, width = ids[:, unused:], torch.cat([attention[:, :reach], attention[:, reach + unused :]], 1), \
             width - unused
     mask = attention if bool((attention == 0).any()) else None
+    alternatives = None
+    if any(laid.alternative is not None for laid, _ in rows):
+        alternatives = torch.tensor([laid.alternative or 0 for laid, _ in rows], dtype=torch.long)
     started = time.perf_counter()
     if first.ids is not None:
         with torch.no_grad():
             log_probs = scorer.target_log_probs(targets, input_ids=ids, attention_mask=mask, prefix=prefix,
-                                                count=False)
+                                                count=False, alternative_ids=alternatives)
         grads = None
     else:
-        log_probs, grads = _embedding_call(rows, targets, mask, width, gradients)
+        log_probs, grads = _embedding_call(rows, targets, mask, width, gradients, alternatives)
     _account(rows, width, gradients, time.perf_counter() - started)
-    return log_probs.detach().double().cpu().numpy(), grads
+    values = log_probs.detach().double().cpu().numpy()
+    return [_own(values, position, laid, n_target) for position, (laid, _) in enumerate(rows)], grads
+
+
+def _own(log_probs: Any, position: int, laid: _Rows, n_target: int) -> Any:
+    """A row's own answer in a call's log-probs (rows, n_target [+ 1]): its target tokens' columns (right-aligned in
+    the first ``n_target``), then its alternative's (the last column) if it has one."""
+    own = log_probs[position, n_target - int(laid.target_ids.shape[-1]) : n_target]
+    if laid.alternative is None:
+        return own
+    extra = log_probs[position, -1:]
+    return torch.cat([own, extra]) if isinstance(own, torch.Tensor) else np.concatenate([own, extra])
 
 
 def _cropped(prefix: Optional[Prefix], length: int) -> Optional[Prefix]:
@@ -340,7 +372,8 @@ def _cropped(prefix: Optional[Prefix], length: int) -> Optional[Prefix]:
 
 
 def _embedding_call(rows: Sequence[tuple[_Rows, int]], targets: torch.Tensor, mask: Optional[torch.Tensor],
-                    width: int, gradients: bool) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
+                    width: int, gradients: bool, alternatives: Optional[torch.Tensor] = None
+                    ) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
     """The forward (and backward) pass of a call of embedding rows, written into their inputs' full sequences."""
     first = rows[0][0]
     embeds = torch.zeros((len(rows), width, first.base.shape[-1]), dtype=torch.float32, device=first.base.device)
@@ -352,24 +385,32 @@ def _embedding_call(rows: Sequence[tuple[_Rows, int]], targets: torch.Tensor, ma
     with torch.set_grad_enabled(gradients), checkpointed:
         embeds.requires_grad_(gradients)
         log_probs = first.scorer.target_log_probs(targets, inputs_embeds=embeds, attention_mask=mask,
-                                                  prefix=first.prefix, count=False)
+                                                  prefix=first.prefix, count=False, alternative_ids=alternatives)
         if not gradients:
             return log_probs, None
-        n_target = log_probs.shape[-1]
+        n_target = int(targets.shape[-1])
         n_outputs = max(len(laid.outputs) for laid, _ in rows)
         per_output = []
         for index in range(n_outputs):  # one backward per output through the shared forward
             scalars = []
             for position, (laid, _) in enumerate(rows):
                 if index < len(laid.outputs):
-                    own = log_probs[position, n_target - int(laid.target_ids.shape[-1]) :]
-                    output = laid.outputs[index]
-                    scalars.append(laid.scorer.reduce(own) if output == EXPLAINED_SCORE else own[output])
+                    scalars.append(_scalar(laid, _own(log_probs, position, laid, n_target), laid.outputs[index]))
             (grads,) = torch.autograd.grad(torch.stack(scalars).sum(), embeds, retain_graph=index < n_outputs - 1)
             per_output.append(grads.detach())
     grads = torch.stack(per_output, dim=1)  # (rows, outputs, width, H)
     return log_probs, [grads[position, : len(laid.outputs), width - laid.width(row) + laid.positions]
                        for position, (laid, row) in enumerate(rows)]
+
+
+def _scalar(laid: _Rows, own: torch.Tensor, output: int) -> torch.Tensor:
+    """The scalar a row differentiates for ``output``: the explained score, the sum of its log-probs, or a target
+    token's quantity (its log-prob; with an alternative, the contrast's per-token combination)."""
+    if output == EXPLAINED_SCORE:
+        return laid.scorer.reduce(own)
+    if output == LOG_PROB_SUM:
+        return own.sum()
+    return (laid.scorer.per_token(own) if laid.alternative is not None else own)[output]
 
 
 def _account(rows: Sequence[tuple[_Rows, int]], width: int, gradients: bool, seconds: float) -> None:
@@ -382,19 +423,3 @@ def _account(rows: Sequence[tuple[_Rows, int]], width: int, gradients: bool, sec
             if gradients else 0
         owner.count.tokens_processed += width * own_rows
         owner.count.seconds += seconds * own_rows / len(rows)
-
-
-def answer_requests(requests: Sequence[tuple[RowScorer, ModelInput, Request]],
-                    batch_size: Optional[int] = None) -> list[Any]:
-    """The answer to every request (masked rows: log-probs; embedding rows: an ``EmbeddingAnswer``), in order, the
-    rows of all masked requests packed together and those of all embedding requests together."""
-    answers: list[Any] = [None] * len(requests)
-    for kind, score in ((MaskedRows, score_row_requests), (EmbeddingRows, score_embedding_requests)):
-        chosen = [index for index, (_, _, request) in enumerate(requests) if isinstance(request, kind)]
-        if chosen:
-            for index, answer in zip(chosen, score([requests[i] for i in chosen], batch_size)):
-                answers[index] = answer
-    if any(answer is None for answer in answers):
-        unknown = next(type(r).__name__ for (_, _, r), a in zip(requests, answers) if a is None)
-        raise InvalidInputError(f"a method asked for {unknown}; requests are MaskedRows or EmbeddingRows")
-    return answers

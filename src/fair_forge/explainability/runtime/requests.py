@@ -1,8 +1,10 @@
 """The model calls a method plans, their answers, and the state calls share: the vocabulary between the methods
 (which ask) and the packer (which answers), so that neither needs the other.
 
-A method asks with ``MaskedRows`` (token keep-masks over one input, answered with target log-probs) or
-``EmbeddingRows`` (attributable-token embeddings, answered with target log-probs and, if wanted, gradients).
+A method asks with ``MaskedRows`` (token keep-masks over one input, answered with target log-probs),
+``EmbeddingRows`` (attributable-token embeddings, answered with target log-probs and, if wanted, gradients) or
+``TextRows`` (other token sequences with the same target). An input with a contrast target is answered with the
+target's log-probs followed by the contrast's (n_target + n_contrast columns).
 ``RowScorer`` is what the packer needs of the scorer that owns a request's rows (``scorer.TargetScorer`` is one).
 """
 
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 EXPLAINED_SCORE = -1  # in EmbeddingRows.outputs: the explained score (else: a target token's index, its log-prob)
+LOG_PROB_SUM = -2  # ... the sum of the target's log-probs (how a contrastive score's two sides are differentiated)
 
 
 @dataclass
@@ -67,7 +70,15 @@ class EmbeddingAnswer:
     gradients: Optional[torch.Tensor]
 
 
-Request = MaskedRows | EmbeddingRows
+@dataclass(frozen=True)
+class TextRows:
+    """Score whole other inputs of the same target (e.g. a counterfactual's compositions, each its own token
+    sequence), unmasked. Answer: (n, n_target [+ n_contrast]) float64 target log-probs, one row per input."""
+
+    inputs: tuple[Any, ...]  # ModelInput each (text/prompt.py)
+
+
+Request = MaskedRows | EmbeddingRows | TextRows
 
 
 class RowScorer(Protocol):
@@ -79,6 +90,7 @@ class RowScorer(Protocol):
     max_memory: Optional[int]
     checkpoint: bool
     count: EvaluationCount
+    contrast_function: Any  # the contrastive score's combine(a, b), None without a contrast
 
     @property
     def vocab_size(self) -> int: ...
@@ -90,3 +102,5 @@ class RowScorer(Protocol):
     def target_log_probs(self, target_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor: ...
 
     def reduce(self, log_probs: torch.Tensor) -> torch.Tensor: ...
+
+    def per_token(self, log_probs: torch.Tensor) -> torch.Tensor: ...

@@ -21,7 +21,7 @@ from ..errors import InvalidInputError, UnsupportedModelError
 from ..text.prompt import ModelInput
 from .architectures import cache_argument, keeps_logits, output_layer
 from .memory import check_max_memory
-from .packer import score_row_requests
+from .answers import answer_requests
 from .requests import EvaluationCount, MaskedRows, Prefix
 from .scores import ScoreKind, get_score
 
@@ -57,14 +57,22 @@ class TargetScorer:
     ``max_memory`` is the activation-memory budget of a call in bytes (None: a fraction of the free memory, see
     ``memory.memory_budget``); ``checkpoint`` runs gradient calls with checkpointed layers (``memory.py``), which
     keep a fraction of the memory for one more forward per call, and without the prefix cache.
+
+    With ``contrast`` (a contrastive score's name, ``scores.py``) the scorer explains why its input's target rather
+    than its contrast target: the log-probs it is handed hold the target's ``n_target`` columns followed by the
+    contrast's ``contrast_length``, and ``reduce`` combines the two sums (``score`` is then not used).
     """
 
     def __init__(
         self, model: Any, *, score: ScoreKind = "sum", batch_size: Optional[int] = None, prefix_cache: bool = True,
         prefixes: Optional[dict[tuple[int, ...], Optional[Prefix]]] = None, max_memory: Optional[int] = None,
-        checkpoint: bool = False,
+        checkpoint: bool = False, contrast: Optional[str] = None, contrast_length: int = 0,
     ) -> None:
         self.score_function = get_score(score)  # a typed error for an unknown score
+        self.contrast_function = get_score(contrast, contrastive=True) if contrast is not None else None
+        if self.contrast_function is not None and (isinstance(contrast_length, bool) or contrast_length < 1):
+            raise InvalidInputError(f"a contrast needs its target's length (>= 1), got {contrast_length!r}")
+        self.contrast_length = int(contrast_length) if self.contrast_function is not None else 0
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise InvalidInputError(f"batch_size must be a positive integer or None, got {batch_size!r}")
         self.model = model
@@ -93,9 +101,31 @@ class TargetScorer:
         weight = getattr(output_layer(self.model), "weight", None)
         return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else 1
 
+    @property
+    def explained(self) -> str:
+        """The name of the score this scorer explains: its contrast's, else its score's."""
+        return (self.contrast_function or self.score_function).name
+
     def reduce(self, log_probs: torch.Tensor) -> torch.Tensor:
-        """(..., n_target) target log-probs -> (...) explained score (the registered ``score`` function)."""
-        return self.score_function(log_probs)
+        """(..., n_target [+ contrast_length]) target log-probs -> (...) explained score: the registered ``score``
+        function, or the contrast's ``combine`` of the target's and the contrast's summed log-probs."""
+        if self.contrast_function is None:
+            return self.score_function(log_probs)
+        split = log_probs.shape[-1] - self.contrast_length
+        return self.contrast_function(log_probs[..., :split].sum(-1), log_probs[..., split:].sum(-1))
+
+    def per_token(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """(..., n_target [+ contrast_length]) log-probs -> the (..., n_target) per-target-token quantities a
+        ``per_target`` matrix attributes: the log-probs, or with a contrast of the same length the contrast's
+        ``combine`` token by token (a typed error for lengths that differ)."""
+        if self.contrast_function is None:
+            return log_probs
+        split = log_probs.shape[-1] - self.contrast_length
+        if split != self.contrast_length:
+            raise InvalidInputError(
+                f"per_target with a contrast needs a target and a contrast of as many tokens (aligned token by "
+                f"token); they have {split} and {self.contrast_length}: use per_target=False")
+        return self.contrast_function(log_probs[..., :split], log_probs[..., split:])
 
     # ---- the model call ---------------------------------------------------------------------------------------
 
@@ -145,13 +175,16 @@ class TargetScorer:
         attention_mask: Optional[torch.Tensor] = None,
         prefix: Optional[Prefix] = None,
         count: bool = True,
+        alternative_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """(B, n_target) float32 log p(target_t | prefix) for a batch whose sequences end with ``target_ids``.
 
         Give ``input_ids`` (B, L) or ``inputs_embeds`` (B, L, H); gradients flow through ``inputs_embeds``.
         ``target_ids`` is (n_target,) for every row or (B, n_target) per row. With a ``prefix``, the batch holds only
         the tokens after it. With an ``attention_mask`` (B, [prefix +] L) (0 for padding or removed tokens),
-        position ids count only attended tokens. ``count=False`` leaves the counting to the caller.
+        position ids count only attended tokens. ``count=False`` leaves the counting to the caller. With
+        ``alternative_ids`` (B,), one more column: each row's log-prob of that token where its last target token is
+        predicted (a one-token contrast of a one-token target costs no extra call).
         """
         n_target = int(target_ids.shape[-1])
         batch = input_ids if input_ids is not None else inputs_embeds
@@ -186,7 +219,12 @@ class TargetScorer:
             self.count.tokens_processed += size * length
         logits = logits[:, -(n_target + 1) : -1].float()  # positions that predict the target tokens
         targets = target_ids.to(self.device).reshape(-1, n_target, 1).expand(size, n_target, 1)
-        return logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)
+        normaliser = logits.logsumexp(-1)
+        log_probs = logits.gather(-1, targets).squeeze(-1) - normaliser
+        if alternative_ids is None:
+            return log_probs
+        last = logits[:, -1].gather(-1, alternative_ids.to(self.device).reshape(size, 1)).squeeze(-1) - normaliser[:, -1]
+        return torch.cat([log_probs, last[:, None]], dim=-1)
 
     def score_embeddings(self, target_ids: torch.Tensor, inputs_embeds: torch.Tensor,
                          prefix: Optional[Prefix] = None) -> torch.Tensor:
@@ -207,9 +245,9 @@ class TargetScorer:
 
         For backends that call the model themselves (user-registered ``run(context)`` functions): a ``MaskedRows``
         request answered alone, ``batch_size`` rows per call (default: the scorer's). Returns (n,) explained scores,
-        or (n, n_target) target log-probs with ``per_target=True``.
+        or (n, n_target [+ n_contrast]) target log-probs with ``per_target=True``.
         """
         baseline = model_input.baseline_token_id if baseline_id is None else int(baseline_id)
         request = MaskedRows(np.asarray(keep, dtype=bool), baseline, remove)
-        (log_probs,) = score_row_requests([(self, model_input, request)], batch_size or self.batch_size)
+        (log_probs,) = answer_requests([(self, model_input, request)], batch_size or self.batch_size)
         return log_probs if per_target else self.reduce(torch.from_numpy(log_probs)).numpy()

@@ -6,6 +6,7 @@ every later step works from those ids and offsets: nothing is decoded and re-enc
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
@@ -58,6 +59,7 @@ class ModelInput:
     baseline_token_id: int  # token that stands in for a masked feature (pad, else unk, else eos)
     tokens: tuple[str, ...]  # the tokenizer's token strings, for labels
     messages: Optional[tuple[dict[str, str], ...]] = None  # the checked chat messages; None for a raw prompt
+    contrast: Optional["ModelInput"] = None  # the same prompt followed by the contrast target (same prompt tokens)
 
     @property
     def length(self) -> int:
@@ -70,6 +72,11 @@ class ModelInput:
     @property
     def target_ids(self) -> torch.Tensor:
         return self.input_ids[self.target_start :]
+
+    @property
+    def n_contrast(self) -> int:
+        """Tokens of the contrast target (0 without one)."""
+        return self.contrast.n_target if self.contrast is not None else 0
 
     @property
     def target_labels(self) -> list[str]:
@@ -226,6 +233,30 @@ def _baseline_token_id(tokenizer: Any) -> int:
     return 0
 
 
+def validate_contrast(contrast_target: Any, target: str) -> str:
+    """A usable contrast target: a non-empty string other than the target, else a typed error."""
+    if not isinstance(contrast_target, str):
+        raise InvalidInputError(f"contrast_target must be a string, got {type(contrast_target).__name__}")
+    if not contrast_target.strip():
+        raise InvalidInputError("contrast_target is empty; give the alternative answer to contrast with (e.g. 'No')")
+    if contrast_target.strip() == target.strip():
+        raise InvalidInputError(f"contrast_target {contrast_target!r} equals the target: nothing to contrast")
+    return contrast_target
+
+
+def with_contrast(model_input: ModelInput, contrast: ModelInput) -> ModelInput:
+    """``model_input`` with ``contrast`` (the same prompt, another target), after checking their prompts are the
+    same tokens (masks and embeddings of the prompt apply to both)."""
+    start = model_input.target_start
+    same = contrast.target_start == start and bool((contrast.input_ids[:start] == model_input.input_ids[:start]).all())
+    if not same:
+        raise InvalidInputError(
+            f"the prompt tokenizes differently before the target {model_input.target!r} and before the contrast "
+            f"{contrast.target!r} (the tokenizer merges the end of the prompt into the answer); start both answers "
+            "the same way, e.g. both with a space or both without")
+    return dataclasses.replace(model_input, contrast=contrast)
+
+
 def build_model_input(
     tokenizer: Any,
     *,
@@ -233,13 +264,22 @@ def build_model_input(
     messages: Optional[Messages] = None,
     prompt: Optional[str] = None,
     include_template_tokens: bool = False,
+    contrast_target: Optional[str] = None,
 ) -> ModelInput:
     """Tokenize ``messages`` (chat) or ``prompt`` (raw) followed by ``target``, once, with offsets.
 
     For a raw prompt, a single space is put between prompt and target when the prompt does not end with whitespace
     and the target starts with a letter or digit; it belongs to the target side (word-initial tokens carry their
     leading space). A target starting with punctuation or whitespace continues the prompt as given.
+    With ``contrast_target``, the same prompt followed by it is the input's ``contrast``: its prompt tokens must be
+    the target's (they are, unless the tokenizer merges the end of the prompt into one of them).
     """
+    if contrast_target is not None:
+        main = build_model_input(tokenizer, target=target, messages=messages, prompt=prompt,
+                                 include_template_tokens=include_template_tokens)
+        return with_contrast(main, build_model_input(tokenizer, target=validate_contrast(contrast_target, main.target),
+                                                     messages=messages, prompt=prompt,
+                                                     include_template_tokens=include_template_tokens))
     if (messages is None) == (prompt is None):
         raise InvalidInputError("give exactly one of messages=[...] or prompt='...'")
     target = validate_target(target)

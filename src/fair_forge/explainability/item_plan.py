@@ -1,0 +1,172 @@
+"""One item of an explanation, from its fields to its ``AttributionResult``: what ``AttributionExplainer`` runs for
+every item of ``explain``, ``explain_batch``, ``iter_explain`` and ``explain_dataset``.
+
+- ``Settings``: what every item of a call shares (method, parameters, granularity, per_target, the contrastive
+  score), validated once.
+- ``prepare``: one item checked and tokenized: its input, its features, and with a ``contrast_target`` the contrast
+  (``text/prompt.py``), with a ``counterfactual`` the differences between x and x' as the features
+  (``text/counterfactual_input.py``). Typed errors before any model call.
+- ``scored_plan``: the method's plan, followed where it did not score them by one request for the explained score at
+  the input (``target_score``) and, for a counterfactual, at x' (``counterfactual_score``).
+- ``build_result``: the plan's ``RawAttribution`` as the result (scores, matrix, metadata).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+from .core.plans import Plan
+from .core.types import (AttributionMatrix, AttributionMetadata, AttributionMethod, AttributionResult, Granularity,
+                         TokenAttribution, normalize_scores)
+from .errors import ContextLengthError, ExplainabilityError, InvalidInputError
+from .methods.registry import MethodContext, MethodSpec, RawAttribution
+from .runtime.architectures import model_context_length
+from .runtime.requests import MaskedRows, TextRows
+from .runtime.scorer import TargetScorer
+from .text.counterfactual_input import CounterfactualInput, counterfactual_input
+from .text.prompt import Messages, ModelInput, build_model_input
+from .text.segment import Feature, build_features, restrict_to_messages
+
+#: gradient methods that explain f(x) - f(x') of a counterfactual: those that integrate from a baseline (x')
+COUNTERFACTUAL_GRADIENT_PARAMETER = "baseline"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every item of a call shares, validated once: the method, its parameters, granularity, per_target."""
+
+    spec: MethodSpec
+    params: dict[str, Any]
+    granularity: Granularity
+    per_target: bool
+    attribute_messages: Optional[tuple[int, ...]] = None  # None: every message's text is attributable
+    contrast: str = "logprob_diff"  # the contrastive score of items with a contrast target
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One tokenized item: everything checked, nothing computed yet."""
+
+    model_input: ModelInput
+    features: list[Feature]
+    counterfactual: Optional[CounterfactualInput] = None
+
+
+def prepare(explainer: Any, settings: Settings, messages: Optional[Messages], prompt: Optional[str],
+            target: Optional[str], contrast_target: Optional[str] = None, counterfactual: Any = None) -> Prepared:
+    """Check and tokenize one item for ``explainer``; raises typed errors before any model call."""
+    if target is None:
+        raise InvalidInputError("target is required: the response text to explain")
+    model_input = build_model_input(explainer.tokenizer, target=target, messages=messages, prompt=prompt,
+                                    include_template_tokens=explainer.include_template_tokens,
+                                    contrast_target=contrast_target)
+    limit = model_context_length(explainer.model)
+    longest = max(model_input.length, model_input.contrast.length if model_input.contrast is not None else 0)
+    if limit is not None and longest > limit:
+        raise ContextLengthError(f"prompt + target are {longest} tokens but the model takes at most {limit}; "
+                                 "shorten the prompt or the target")
+    if settings.per_target and model_input.contrast is not None and model_input.n_contrast != model_input.n_target:
+        raise InvalidInputError(
+            f"per_target with a contrast compares the two answers token by token, but the target has "
+            f"{model_input.n_target} tokens and the contrast {model_input.n_contrast}; use per_target=False or "
+            "answers of as many tokens")
+    if counterfactual is None:
+        model_input = restrict_to_messages(model_input, settings.attribute_messages)
+        return Prepared(model_input, build_features(model_input, settings.granularity))
+    if settings.attribute_messages is not None:
+        raise InvalidInputError("attribute_messages and counterfactual do not combine: a counterfactual's features "
+                                "are the segments where x and x' differ")
+    spec = settings.spec
+    if spec.kind == "gradient" and COUNTERFACTUAL_GRADIENT_PARAMETER not in spec.params.model_fields:
+        raise InvalidInputError(
+            f"{spec.name} has no baseline, so it cannot explain f(x) - f(x'); use integrated_gradients, "
+            "gradient_shap or a perturbation method (kernel_shap is exact for a few differences)")
+    cf = counterfactual_input(explainer.tokenizer, messages if messages is not None else prompt, counterfactual,
+                              target=target, granularity=settings.granularity, contrast_target=contrast_target,
+                              include_template_tokens=explainer.include_template_tokens)
+    return Prepared(cf.model_input, list(cf.features), cf)
+
+
+def scored_plan(spec: MethodSpec, context: MethodContext) -> Plan:
+    """The method's plan; then, where it did not report them, one request for the explained score at the input and,
+    for a counterfactual, at x' (packed with the other items' rows)."""
+    raw = yield from spec.plan(context)
+    if not isinstance(raw, RawAttribution):
+        return raw  # reported by build_result
+    wanted = ["target_score"] + (["counterfactual_score"] if context.counterfactual is not None else [])
+    missing = [name for name in wanted if name not in raw.metadata]
+    if missing:
+        if context.counterfactual is not None:
+            cf = context.counterfactual
+            log_probs = yield TextRows((cf.model_input, cf.counterfactual_input))
+        else:
+            log_probs = yield MaskedRows(np.ones((1, context.model_input.length), dtype=bool),
+                                         context.model_input.baseline_token_id)
+        totals = context.scorer.reduce(torch.from_numpy(np.asarray(log_probs))).numpy()
+        scores = dict(zip(wanted, (float(value) for value in totals)))
+        raw.metadata.update({name: scores[name] for name in missing})
+    return raw
+
+
+def method_label(name: str) -> Union[AttributionMethod, str]:
+    """The enum member for a built-in method, the plain name for a user-registered one."""
+    try:
+        return AttributionMethod(name)
+    except ValueError:
+        return name
+
+
+def build_result(explainer: Any, settings: Settings, item: Prepared, raw: RawAttribution,
+                 scorer: TargetScorer) -> AttributionResult:
+    """A backend's answer for ``item`` as the result; a malformed answer is an ``ExplainabilityError``."""
+    spec = settings.spec
+    if not isinstance(raw, RawAttribution):
+        raise ExplainabilityError(f"method {spec.name} returned {type(raw).__name__}, not a RawAttribution")
+    scores = np.asarray(raw.feature_scores, dtype=float).reshape(-1)
+    if scores.shape[0] != len(item.features):
+        raise ExplainabilityError(f"method {spec.name} returned {scores.shape[0]} scores for {len(item.features)} "
+                                  "features")
+    replaced = item.counterfactual.counterfactual_texts if item.counterfactual is not None else [None] * len(scores)
+    attributions = [
+        TokenAttribution(text=feature.text, score=float(score), position=index, normalized_score=norm,
+                         start=feature.start, end=feature.end, message_index=feature.message_index,
+                         token_positions=list(feature.token_positions), counterfactual_text=other)
+        for index, (feature, score, norm, other) in enumerate(
+            zip(item.features, scores, normalize_scores(scores.tolist()), replaced))
+    ]
+    model_input = item.model_input
+    matrix = None
+    if raw.matrix is not None:
+        matrix = AttributionMatrix(row_labels=model_input.target_labels, column_labels=[f.text for f in item.features],
+                                   values=np.asarray(raw.matrix, dtype=float).tolist())
+    metadata = AttributionMetadata(
+        compute_time_seconds=scorer.count.seconds,
+        n_forward_passes=scorer.count.forward_passes,
+        n_backward_passes=scorer.count.backward_passes,
+        n_tokens_processed=scorer.count.tokens_processed,
+        method_params=dict(settings.params),
+        score=scorer.explained,
+        n_features=len(item.features),
+        n_target_tokens=model_input.n_target,
+        **raw.metadata,
+    )
+    if explainer.verbose:
+        print(f"[fair_forge] {spec.name}: {len(scores)} features in {scorer.count.seconds:.2f}s")
+    counterfactual = item.counterfactual
+    return AttributionResult(
+        prompt=model_input.prompt,
+        target=model_input.target,
+        contrast_target=model_input.contrast.target if model_input.contrast is not None else None,
+        counterfactual_prompt=counterfactual.counterfactual_input.prompt if counterfactual is not None else None,
+        method=method_label(spec.name),
+        granularity=settings.granularity,
+        attributions=attributions,
+        matrix=matrix,
+        model_name=explainer.model_name,
+        metadata=metadata,
+        messages=model_input.messages,
+    )
