@@ -19,8 +19,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
-from pydantic import ValidationError
-
 from ..core.audit import AuditFailure, AuditItem, AuditReport, AuditSettings, Carrier, protected_mass
 from ..core.records import DatasetRecord, batch_records
 from ..core.types import AttributionResult, BatchFailure
@@ -32,6 +30,7 @@ from ..text.protected import (
     SPANS,
     SPANS_FIELD,
     ProtectedSpan,
+    ProtectedSpec,
     item_spans,
     parse_protected,
     touched_attributes,
@@ -45,9 +44,6 @@ from .sources import ColumnMap, DatasetItem, _missing, iter_items, iter_source
 
 PathLike = Union[str, os.PathLike]
 X = Union[str, Messages]
-#: The item field (or column) that holds an item's own counterfactual x' (a prompt, or a list of messages).
-COUNTERFACTUAL_FIELD = "counterfactual"
-CONTRAST_FIELD = "contrast_target"
 REPORT_SUFFIXES = (".json", ".html")
 _ID = "audit_id"  # the id column of the audit's own run: one id per (item, pass), a hash of what is explained
 
@@ -103,31 +99,25 @@ def audit(
     beside it, a rerun resumes them (``resume``/``overwrite`` as in ``explain_dataset``), and the report is written
     to ``out``. Method parameters are keywords, as for ``explain``.
     """
-    spec = parse_protected(protected)
-    build, described = _counterfactual_builder(counterfactual)
-    if group is not None and (not isinstance(group, str) or not group):
-        raise InvalidInputError(f"group names the field holding an item's group, got {group!r}")
+    options = check_options(protected, counterfactual, group, n_bootstrap, confidence, seed, out)
     if context is not None and system is not None:
         raise InvalidInputError("give system= or context= (the same column role), not both")
     method_spec = get_method(method if method is not None else explainer.default_method)
     params = json.loads(json.dumps(dict(method_spec.resolve_params(method_params)), default=str))
     level = parse_granularity(granularity if granularity is not None else explainer.default_granularity)
-    try:
-        settings = AuditSettings(
-            model_name=explainer.model_name, method=method_spec.name, granularity=level.value, method_params=params,
-            protected=spec if isinstance(spec, str) else {name: list(words) for name, words in spec.items()},
-            group=group, counterfactual=described, n_bootstrap=n_bootstrap, confidence=confidence, seed=seed)
-    except ValidationError as error:
-        raise InvalidInputError(f"audit settings: {error.errors()[0]['loc'][0]} {error.errors()[0]['msg']}") from None
-    report_path = _report_path(out)
-    records_path = report_path.with_name(report_path.stem + ".records.jsonl") if report_path is not None else None
-    columns = ColumnMap(messages, prompt, question, system if system is not None else context, target, id_column)
+    spec = options.protected
+    settings = AuditSettings(
+        model_name=explainer.model_name, method=method_spec.name, granularity=level.value, method_params=params,
+        protected=spec if isinstance(spec, str) else {name: list(words) for name, words in spec.items()},
+        group=group, counterfactual=options.described, n_bootstrap=n_bootstrap, confidence=confidence, seed=seed)
+    report_path, records_path = options.report, options.records
+    columns = ColumnMap(messages, prompt, question, system if system is not None else context, target, id_column,
+                        contrast_target)
 
     pending: dict[str, tuple[_Item, str]] = {}  # audit id -> (item, "plain" | "counterfactual")
     rows: list[_Item] = []
     failures: list[AuditFailure] = []
-    requests = _requests(iter_source(items, columns), columns, spec, group, contrast_target or CONTRAST_FIELD, build,
-                         pending, rows, failures)
+    requests = _requests(iter_source(items, columns), columns, spec, group, options.build, pending, rows, failures)
     outcome = explain_dataset(explainer, requests, records_path, method=method_spec.name, granularity=level.value,
                               id_column=_ID, resume=resume, overwrite=overwrite, show_progress=show_progress,
                               **method_params)
@@ -148,13 +138,34 @@ def audit(
     return report
 
 
-def _report_path(out: Optional[PathLike]) -> Optional[Path]:
-    if out is None:
-        return None
-    path = Path(out)
-    if path.suffix.lower() not in REPORT_SUFFIXES:
-        raise InvalidInputError(f"out is the report: a path ending in {REPORT_SUFFIXES}, got {path}")
-    return path
+@dataclass(frozen=True)
+class AuditOptions:
+    """The audit's own options, checked: what is protected, how x' is built, where the report and records go."""
+
+    protected: ProtectedSpec
+    build: Optional[Callable[[X], X]]
+    described: Optional[str]  # how the report names the counterfactual
+    report: Optional[Path]
+    records: Optional[Path]  # <report stem>.records.jsonl beside the report
+
+
+def check_options(protected: Any, counterfactual: Any = None, group: Optional[str] = None, n_bootstrap: int = 1000,
+                  confidence: float = 0.95, seed: int = 0, out: Optional[PathLike] = None) -> AuditOptions:
+    """Check the options ``audit`` adds to ``explain_dataset``'s (typed errors, before any model is loaded or item
+    read: the command line calls this before it loads the model)."""
+    if group is not None and (not isinstance(group, str) or not group):
+        raise InvalidInputError(f"group names the field holding an item's group, got {group!r}")
+    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, int) or n_bootstrap < 1:
+        raise InvalidInputError(f"n_bootstrap must be a whole number >= 1, got {n_bootstrap!r}")
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+        raise InvalidInputError(f"confidence must lie strictly between 0 and 1 (e.g. 0.95), got {confidence!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidInputError(f"seed must be a whole number >= 0, got {seed!r}")
+    report = Path(out) if out is not None else None
+    if report is not None and report.suffix.lower() not in REPORT_SUFFIXES:
+        raise InvalidInputError(f"out is the report: a path ending in {REPORT_SUFFIXES}, got {report}")
+    records = report.with_name(report.stem + ".records.jsonl") if report is not None else None
+    return AuditOptions(parse_protected(protected), *_counterfactual_builder(counterfactual), report, records)
 
 
 def _counterfactual_builder(counterfactual: Any) -> tuple[Optional[Callable[[X], X]], Optional[str]]:
@@ -177,7 +188,7 @@ def _field(raw: Any, name: str) -> Any:
     return None if _missing(value) else value
 
 
-def _requests(rows: Iterator[Any], columns: ColumnMap, spec: Any, group: Optional[str], contrast_column: str,
+def _requests(rows: Iterator[Any], columns: ColumnMap, spec: Any, group: Optional[str],
               build: Optional[Callable[[X], X]], pending: dict[str, tuple[_Item, str]], items: list[_Item],
               failures: list[AuditFailure]) -> Iterator[dict[str, Any]]:
     """The explanations the audit asks for, item by item (x, then x' against x), as ``explain_dataset`` items; each
@@ -196,7 +207,7 @@ def _requests(rows: Iterator[Any], columns: ColumnMap, spec: Any, group: Optiona
         key = str(_field(raw, columns.id)) if columns.id is not None and source.error is None else str(source.index)
         group_value = _field(raw, group) if group is not None else None
         item = _Item(AuditItem(index=source.index, item_id=key, group=None if group_value is None else str(group_value),
-                               target=source.target, contrast_target=_field(raw, contrast_column)))
+                               target=source.target, contrast_target=source.contrast_target))
         items.append(item)
         try:
             x, texts = _x_and_texts(source)
@@ -208,13 +219,12 @@ def _requests(rows: Iterator[Any], columns: ColumnMap, spec: Any, group: Optiona
         except InvalidInputError as error:
             failures.append(_failure(item.row, "input", error))
             continue
-        request = {("prompt" if isinstance(x, str) else "messages"): x, "target": source.target}
-        if item.row.contrast_target is not None:
-            request[CONTRAST_FIELD] = item.row.contrast_target
+        request = source.request(source.target)
+        own = request.pop("counterfactual", None)
         yield _ask(request, key, "plain", item, pending)
-        x_prime = _counterfactual(x, _field(raw, COUNTERFACTUAL_FIELD), build, item, failures)
+        x_prime = _counterfactual(x, own, build, item, failures)
         if x_prime is not None:
-            yield _ask({**request, COUNTERFACTUAL_FIELD: x_prime}, key, "counterfactual", item, pending)
+            yield _ask({**request, "counterfactual": x_prime}, key, "counterfactual", item, pending)
 
 
 def _x_and_texts(source: DatasetItem) -> tuple[X, list[tuple[Optional[int], str]]]:
@@ -246,8 +256,6 @@ def _counterfactual(x: X, own: Any, build: Optional[Callable[[X], X]], item: _It
     if x_prime == x:
         item.row.no_counterfactual = "the counterfactual equals x"
         return None
-    item.row.counterfactual_prompt = x_prime if isinstance(x_prime, str) else "\n".join(
-        str(message.get("content", "")) for message in x_prime if isinstance(message, Mapping))
     return x_prime
 
 
@@ -284,10 +292,13 @@ def _fill(item: _Item, kind: str, outcome: Union[AttributionResult, BatchFailure
         row.attribute_shares = {name: share for name, share in shares.items() if share is not None}
         return
     metadata = outcome.metadata
+    row.counterfactual_prompt = outcome.counterfactual_prompt
     row.counterfactual_score = metadata.counterfactual_score
     row.counterfactual_gap = metadata.target_score - metadata.counterfactual_score
-    carriers = [Carrier(text=a.text, counterfactual_text=a.counterfactual_text, score=a.score,
-                        protected=bool(t) or (item.words is not None and bool(item.words.search(a.counterfactual_text))))
-                for a, t in zip(outcome.attributions, touched)]
+    in_x_prime = [item.words is not None and item.words.search(a.counterfactual_text or "") is not None
+                  for a in outcome.attributions]  # an inserted protected word has no span in x
+    carriers = [Carrier(text=a.text, counterfactual_text=a.counterfactual_text or "", score=a.score,
+                        protected=bool(t) or inserted)
+                for a, t, inserted in zip(outcome.attributions, touched, in_x_prime)]
     row.carriers = sorted(carriers, key=lambda carrier: abs(carrier.score), reverse=True)
     row.gap_on_protected = sum(carrier.score for carrier in carriers if carrier.protected)

@@ -67,6 +67,8 @@ def explain_dataset(
     context: Optional[str] = None,
     target: Optional[str] = None,
     id_column: Optional[str] = None,
+    contrast_target: Optional[str] = None,
+    counterfactual: Optional[str] = None,
     generate: bool = False,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     generation_kwargs: Optional[Mapping[str, Any]] = None,
@@ -86,8 +88,10 @@ def explain_dataset(
     ``DatasetRun``, else return an ``AttributionBatchResult``.
 
     ``messages=``, ``prompt=``, ``question=``, ``system=`` (alias ``context=``, sent as a system message),
-    ``target=`` and ``id_column=`` name source columns (defaults: ``messages``, ``prompt``, ``question``,
-    ``system``/``context``, ``target``/``answer``/``response``; ids hash the item and the settings). An item
+    ``target=``, ``id_column=``, ``contrast_target=`` and ``counterfactual=`` name source columns (defaults:
+    ``messages``, ``prompt``, ``question``, ``system``/``context``, ``target``/``answer``/``response``,
+    ``contrast_target``, ``counterfactual``: an item's contrast and its x', see ``AttributionExplainer.explain``;
+    ids hash the item and the settings). An item
     without a target, or every item with ``generate=True``, gets the model's own greedy answer. An existing output
     written with the same settings is resumed (``resume=False`` makes that an error), one written with other
     settings is an error unless ``overwrite=True``. ``engine="ray"`` runs on Ray Data (see ``ray_engine.py``).
@@ -104,7 +108,8 @@ def explain_dataset(
                       max_new_tokens, dict(generation_kwargs or {}), generation_batch_size)
     if max_new_tokens < 1 or generation_batch_size < 1:
         raise InvalidInputError("max_new_tokens and generation_batch_size must be >= 1")
-    columns = ColumnMap(messages, prompt, question, system if system is not None else context, target, id_column)
+    columns = ColumnMap(messages, prompt, question, system if system is not None else context, target, id_column,
+                        contrast_target, counterfactual)
     settings = run.fingerprint(explainer, columns)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     if engine == "ray":

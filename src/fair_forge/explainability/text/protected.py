@@ -97,7 +97,7 @@ def item_spans(value: Any, texts: Texts) -> list[ProtectedSpan]:
             raise InvalidInputError(f"{SPANS_FIELD} holds text that is not a JSON list of spans") from None
     if isinstance(value, (bytes, Mapping)) or not isinstance(value, Iterable):
         raise InvalidInputError(f"{SPANS_FIELD} must be a list of [start, end] pairs or mappings, got {value!r}")
-    lengths = dict((index, len(text)) for index, text in texts)
+    lengths = {index: len(text) for index, text in texts}
     default_index = texts[-1][0]
     spans = []
     for span in value:

@@ -156,8 +156,7 @@ def render_audit_html(report: AuditReport, top: int = 10) -> str:
     header = [("model", settings.model_name), ("method", settings.method), ("granularity", settings.granularity),
               ("protected", protected), ("group", str(settings.group)),
               ("counterfactual", str(settings.counterfactual)),
-              ("bootstrap", f"{settings.n_bootstrap} resamples, {settings.confidence:.0%} percentile CI, "
-                            f"seed {settings.seed}")]
+              ("bootstrap", f"{settings.n_bootstrap} resamples, {settings.confidence:.0%} CI, seed {settings.seed}")]
     body = (
         f'<div class="ff-audit"><style>{_CSS}{_AUDIT_CSS}</style><h1>Fairness audit</h1>'
         + _table(["setting", ""], [[_esc(name), _esc(value)] for name, value in header], numeric=False)
