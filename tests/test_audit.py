@@ -311,20 +311,11 @@ def test_cli_bad_arguments_exit_2_before_the_model_loads(extra, expected, items_
     assert cli.main(["audit", "--input", "missing.jsonl", "--out", "r.json", "--protected", "she"]) == 2
 
 
-@pytest.fixture
-def saved_tiny_gpt2(tiny_gpt2, tmp_path: Path) -> Path:
-    model, tokenizer = tiny_gpt2
-    folder = tmp_path / "tiny-gpt2"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def test_cli_audit_writes_the_report_and_resumes(saved_tiny_gpt2: Path, items_file: Path, capsys,
+def test_cli_audit_writes_the_report_and_resumes(saved_tiny_model: Path, items_file: Path, capsys,
                                                  monkeypatch) -> None:
     out = items_file.with_name("report.json")
     argv = ["audit", "--input", str(items_file), "--out", str(out), "--protected", "gender=she,he,her,his",
-            "--group", "group", "--counterfactual", "gender", "--model", str(saved_tiny_gpt2), "--bootstrap", "200"]
+            "--group", "group", "--counterfactual", "gender", "--model", str(saved_tiny_model), "--bootstrap", "200"]
     assert cli.main(argv) == 0
     assert "4 items, 0 failures" in capsys.readouterr().out
     report = AuditReport.model_validate_json(out.read_text(encoding="utf-8"))
