@@ -180,6 +180,9 @@ def test_protected_words_are_matched_whole_and_case_insensitively(explainer) -> 
     bad = audit(explainer, [{**rows[0], "protected_spans": [[30, 99]]}], protected="spans", **QUIET)
     assert [(f.stage, f.error_type) for f in bad.failures] == [("input", "InvalidInputError")]
     assert "does not lie in the prompt" in bad.failures[0].message
+    unreadable = audit(explainer, [rows[0], 42], protected=["she"], **QUIET)  # a row that maps to no item
+    assert [(f.index, f.stage, f.error_type) for f in unreadable.failures] == [(1, "input", "InvalidInputError")]
+    assert "an item must be a dict" in unreadable.failures[0].message and len(unreadable.items) == 2
 
 
 def test_every_item_stays_in_the_report_with_its_reason(explainer) -> None:

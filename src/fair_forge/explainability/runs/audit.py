@@ -209,6 +209,9 @@ def _requests(rows: Iterator[Any], columns: ColumnMap, spec: Any, group: Optiona
         item = _Item(AuditItem(index=source.index, item_id=key, group=None if group_value is None else str(group_value),
                                target=source.target, contrast_target=source.contrast_target))
         items.append(item)
+        if source.error is not None:  # the row could not be mapped: recorded as it was
+            failures.append(_failure(item.row, "input", source.error))
+            continue
         try:
             x, texts = _x_and_texts(source)
             item.row.prompt = "\n".join(text for _, text in texts)
@@ -229,8 +232,6 @@ def _requests(rows: Iterator[Any], columns: ColumnMap, spec: Any, group: Optiona
 
 def _x_and_texts(source: DatasetItem) -> tuple[X, list[tuple[Optional[int], str]]]:
     """The item's input (prompt or messages) and its texts, or the reason it cannot be audited."""
-    if source.error is not None:
-        raise InvalidInputError(f"{source.error.error_type}: {source.error.message}")
     if source.target is None:
         raise InvalidInputError("the item has no target: an audit compares the score of a given target across items "
                                 "(name its column with target=)")
