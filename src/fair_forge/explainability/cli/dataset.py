@@ -17,7 +17,8 @@ from . import common
 from .common import PROG, BadInput, Parser, non_negative_int, parse_params
 from ..core.types import Granularity
 
-COLUMN_KEYS = ("messages", "prompt", "question", "system", "context", "target", "id")
+COLUMN_KEYS = ("messages", "prompt", "question", "system", "context", "target", "id", "contrast_target",
+               "counterfactual")
 
 
 def build_dataset_parser() -> argparse.ArgumentParser:
@@ -42,6 +43,8 @@ def build_dataset_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", metavar="N", type=non_negative_int, default=None, help="only the first N items")
     parser.add_argument("--column", metavar="KEY=NAME", action="append", default=[],
                         help=f"the column holding KEY, one of {', '.join(COLUMN_KEYS)} (e.g. --column question=q)")
+    parser.add_argument("--contrast", metavar="NAME", default="logprob_diff",
+                        help="the contrastive score of rows with a contrast_target: logprob_diff (default) or prob_diff")
     parser.add_argument("--param", metavar="KEY=VALUE", action="append", default=[],
                         help="a method parameter, e.g. --param n_steps=16 (VALUE read as JSON when it parses)")
     return parser
@@ -88,6 +91,7 @@ def run_dataset(args: argparse.Namespace) -> int:
     if args.workers < 1 or args.max_new_tokens < 1:
         raise BadInput("--workers and --max-new-tokens must be >= 1")
     common.check_method(args.method)
+    common.check_contrast(args.contrast)
 
     model, tokenizer, model_name = common.load_model(args.model)
     from ..runs.datasets import explain_dataset
@@ -100,7 +104,7 @@ def run_dataset(args: argparse.Namespace) -> int:
     run = explain_dataset(
         explainer, source, out, method=args.method, granularity=args.granularity, generate=args.generate,
         max_new_tokens=args.max_new_tokens, limit=args.limit, resume=args.resume, overwrite=args.overwrite,
-        **engine, **columns, **params,
+        contrast=args.contrast, **engine, **columns, **params,
     )
     print(f"{run.n_explained} explained, {run.n_failed} failed, {run.n_skipped} already done; "
           f"{run.seconds:.1f} s; written to {run.path}")
