@@ -311,3 +311,17 @@ def test_cli_explains_a_contrast_and_a_counterfactual(tiny_gpt2, tmp_path, capsy
     assert sum(result.scores) == pytest.approx(result.metadata.target_score - result.metadata.counterfactual_score,
                                                abs=1e-6)
     assert cli.main(argv[:-2] + ["--contrast", "ratio"]) == 2  # an unknown contrast: bad input
+
+
+def test_faithfulness_of_a_contrast_measures_the_margin(tiny_gpt2) -> None:
+    from fair_forge.explainability import faithfulness
+
+    model, tokenizer = tiny_gpt2
+    explainer = AttributionExplainer(model, tokenizer)
+    result = explainer.explain(prompt=X, target="Paris.", contrast_target="Berlin is.", method="occlusion")
+    report = faithfulness(explainer, result, X, n_random=0)
+    assert report.score == "logprob_diff"
+    assert report.full_score == pytest.approx(result.metadata.target_score, abs=ATOL)  # the margin, not log p
+    with pytest.raises(InvalidInputError, match="counterfactual"):
+        counterfactual = explainer.explain(prompt=X, target="Paris.", counterfactual=X_PRIME, method="occlusion")
+        faithfulness(explainer, counterfactual, X)
