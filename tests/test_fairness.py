@@ -325,3 +325,31 @@ def test_faithfulness_of_a_contrast_measures_the_margin(tiny_gpt2) -> None:
     with pytest.raises(InvalidInputError, match="counterfactual"):
         counterfactual = explainer.explain(prompt=X, target="Paris.", counterfactual=X_PRIME, method="occlusion")
         faithfulness(explainer, counterfactual, X)
+
+
+# ---- claim-level targets --------------------------------------------------------------------------------------------
+
+
+def test_a_target_span_explains_its_tokens_given_the_rest_of_the_answer(tiny_gpt2) -> None:
+    """log p(second sentence | prompt, first sentence) = log p(both) - log p(first): two plain log-probs."""
+    from fair_forge.explainability import answer_sentences
+
+    model, tokenizer = tiny_gpt2
+    explainer = AttributionExplainer(model, tokenizer)
+    first, second = "Paris is in France.", " Berlin is in Germany."
+    answer = first + second
+    both = direct_score(model, tokenizer, answer, prompt=PROMPT)
+    alone = direct_score(model, tokenizer, first, prompt=PROMPT)
+    assert build_model_input(tokenizer, prompt=PROMPT, target=answer).target_ids[: len(
+        build_model_input(tokenizer, prompt=PROMPT, target=first).target_ids)].tolist() == \
+        build_model_input(tokenizer, prompt=PROMPT, target=first).target_ids.tolist()  # the first sentence's tokens
+    span = (len(first) + 1, len(answer))
+    result = explainer.explain(prompt=PROMPT, target=answer, target_span=span, method="occlusion")
+    assert result.target_span == span and result.metadata.target_score == pytest.approx(both - alone, abs=ATOL)
+    claims = answer_sentences(explainer, prompt=PROMPT, answer=answer, method="occlusion")
+    assert [r.target_span for r in claims] == [(0, len(first)), span]
+    np.testing.assert_allclose(claims[1].scores, result.scores, atol=ATOL)
+    assert claims[0].metadata.target_score == pytest.approx(alone, abs=ATOL)
+    for bad in [(5, 5), (0, 999), (3, 2)]:
+        with pytest.raises(InvalidInputError, match="target_span"):
+            explainer.explain(prompt=PROMPT, target=answer, target_span=bad, method="occlusion")

@@ -31,7 +31,7 @@ from .core.types import (
 )
 
 if TYPE_CHECKING:  # what the lazy names below are, for type checkers, IDEs and the API reference
-    from .explainer import AttributionExplainer, compute_attributions
+    from .explainer import AttributionExplainer, answer_sentences, compute_attributions
     from .methods.registry import MethodContext, RawAttribution, available_methods, register_method
     from .runtime.models import (
         DEFAULT_ENCODER_NAME,
@@ -63,6 +63,7 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers, IDEs and 
 _LAZY = {
     "AttributionExplainer": "explainer",
     "compute_attributions": "explainer",
+    "answer_sentences": "explainer",
     "MethodContext": "methods.registry",
     "RawAttribution": "methods.registry",
     "available_methods": "methods.registry",
@@ -147,6 +148,7 @@ __all__ = [
     "TokenAttribution",
     "UnknownMethodError",
     "UnsupportedModelError",
+    "answer_sentences",
     "available_methods",
     "compare_methods",
     "compute_attributions",

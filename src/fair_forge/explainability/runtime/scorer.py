@@ -60,19 +60,22 @@ class TargetScorer:
 
     With ``contrast`` (a contrastive score's name, ``scores.py``) the scorer explains why its input's target rather
     than its contrast target: the log-probs it is handed hold the target's ``n_target`` columns followed by the
-    contrast's ``contrast_length``, and ``reduce`` combines the two sums (``score`` is then not used).
+    contrast's ``contrast_length``, and ``reduce`` combines the two sums (``score`` is then not used). With
+    ``target_span=(a, b)`` the score is that of target tokens a..b-1 only (the others stay as context).
     """
 
     def __init__(
         self, model: Any, *, score: ScoreKind = "sum", batch_size: Optional[int] = None, prefix_cache: bool = True,
         prefixes: Optional[dict[tuple[int, ...], Optional[Prefix]]] = None, max_memory: Optional[int] = None,
         checkpoint: bool = False, contrast: Optional[str] = None, contrast_length: int = 0,
+        target_span: Optional[tuple[int, int]] = None,
     ) -> None:
         self.score_function = get_score(score)  # a typed error for an unknown score
         self.contrast_function = get_score(contrast, contrastive=True) if contrast is not None else None
         if self.contrast_function is not None and (isinstance(contrast_length, bool) or contrast_length < 1):
             raise InvalidInputError(f"a contrast needs its target's length (>= 1), got {contrast_length!r}")
         self.contrast_length = int(contrast_length) if self.contrast_function is not None else 0
+        self.target_span = target_span  # explain only these target tokens' log-probs (a claim of the answer)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise InvalidInputError(f"batch_size must be a positive integer or None, got {batch_size!r}")
         self.model = model
@@ -110,7 +113,8 @@ class TargetScorer:
         """(..., n_target [+ contrast_length]) target log-probs -> (...) explained score: the registered ``score``
         function, or the contrast's ``combine`` of the target's and the contrast's summed log-probs."""
         if self.contrast_function is None:
-            return self.score_function(log_probs)
+            spanned = log_probs if self.target_span is None else log_probs[..., slice(*self.target_span)]
+            return self.score_function(spanned)
         split = log_probs.shape[-1] - self.contrast_length
         return self.contrast_function(log_probs[..., :split].sum(-1), log_probs[..., split:].sum(-1))
 
