@@ -293,5 +293,6 @@ def methods_reference() -> str:
 
 def _load_builtins() -> None:
     # Importing the built-in modules runs their @register_method decorators; done lazily to avoid import cycles.
+    from . import attention  # noqa: F401
     from . import gradient  # noqa: F401
     from . import perturbation  # noqa: F401
