@@ -24,14 +24,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from ..errors import InvalidInputError, NoAttributableFeaturesError
-from ..runtime.attention import QUERY_ROWS, QueryRows, check_attention_model, query_rows, read_attention
-from ..runtime.scorer import TargetScorer
+from ..runtime.attention import QUERY_ROWS, QueryRows, query_rows, read_attention
 
 FORMAT = "fair_forge.at2/1"
 # config entries that name, time-stamp or steer the bookkeeping of a model rather than what it computes
@@ -139,7 +138,8 @@ class At2Weights:
                 metadata = opened.metadata() or {}
                 weights = opened.get_tensor("head_weights")
         except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear message
-            raise InvalidInputError(f"{str(source)!r} is not an AT2 weights file written by train_at2: {error}") from None
+            raise InvalidInputError(
+                f"{str(source)!r} is not an AT2 weights file written by train_at2: {error}") from None
         if metadata.get("format") != FORMAT:
             raise InvalidInputError(f"{str(source)!r} is not an AT2 weights file written by train_at2 "
                                     f"(format {metadata.get('format')!r}, expected {FORMAT!r})")

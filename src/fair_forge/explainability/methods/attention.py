@@ -26,20 +26,24 @@ from ..core.types import AttributionMethod
 from ..errors import InvalidInputError
 from ..runtime.attention import QueryRows
 from .at2 import At2Weights, head_scores, weights_reference
-from .registry import MethodContext, MethodParams, RawAttribution, register_method
+from .registry import Count, MethodContext, MethodParams, RawAttribution, register_method
 
 ROWS_DESCRIPTION = ("attention rows read: 'predicting' (the positions whose outputs are the target tokens' log-probs) "
                     "or 'target' (the target tokens themselves)")
 
 
-class AttentionParams(MethodParams):
+class _OnePass(MethodParams):
+    batch_size: Optional[Count] = Field(None, description="not used: the input goes through the model once, alone")
+
+
+class AttentionParams(_OnePass):
     rows: QueryRows = Field("predicting", description=ROWS_DESCRIPTION)
 
 
-class At2Params(MethodParams):
+class At2Params(_OnePass):
     weights: Annotated[Optional[dict[str, Any]], BeforeValidator(weights_reference)] = Field(
-        None, description="required: a path to head weights saved by train_at2, or the At2Weights it returned "
-                          "(kept as a reference: the file and its digest, or the weights)")
+        None, description="required: the path of head weights saved by train_at2, or the At2Weights it returned "
+                          "(kept in the results as a reference: the file and its digest, or the weights)")
 
     @model_validator(mode="after")
     def _weights_given(self) -> "At2Params":

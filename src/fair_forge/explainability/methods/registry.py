@@ -286,7 +286,7 @@ def methods_reference() -> str:
     sections = []
     for name in available_methods():
         spec = get_method(name)
-        if spec.params.__module__.startswith(__name__):
+        if spec.params.__module__.startswith(__package__ or __name__):  # built-ins: parameters defined in methods/
             sections.append(f"### `{name}`\n\n{spec.description}\n\n{parameter_table(spec.params)}\n")
     return "\n".join(sections)
 

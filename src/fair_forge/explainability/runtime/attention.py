@@ -53,8 +53,8 @@ ARGUMENTS = AttentionArguments()
 #: Families whose attention modules compute their weights themselves (ALiBi biases inside the module) instead of
 #: calling the attention interface: refused up front, with the reason.
 NO_ATTENTION_INTERFACE: dict[str, str] = {
-    "bloom": "Bloom adds ALiBi biases inside its attention module, which does not call transformers' attention interface",
-    "falcon": "Falcon computes attention inside its module (ALiBi or rotary), without transformers' attention interface",
+    "bloom": "Bloom adds ALiBi biases inside its attention module, which does not call the attention interface",
+    "falcon": "Falcon computes attention inside its module (ALiBi or rotary), without the attention interface",
     "mpt": "MPT adds ALiBi biases inside its attention module, which does not call transformers' attention interface",
 }
 
