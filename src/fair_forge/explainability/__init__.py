@@ -33,6 +33,8 @@ from .core.types import (
 if TYPE_CHECKING:  # what the lazy names below are, for type checkers, IDEs and the API reference
     from .explainer import AttributionExplainer, answer_sentences, compute_attributions
     from .methods.registry import MethodContext, RawAttribution, available_methods, register_method
+    from .methods.at2 import At2Weights
+    from .methods.at2_training import train_at2
     from .runtime.models import (
         DEFAULT_ENCODER_NAME,
         DEFAULT_MODEL_NAME,
@@ -68,6 +70,8 @@ _LAZY = {
     "RawAttribution": "methods.registry",
     "available_methods": "methods.registry",
     "register_method": "methods.registry",
+    "At2Weights": "methods.at2",
+    "train_at2": "methods.at2_training",
     "DEFAULT_ENCODER_NAME": "runtime.models",
     "DEFAULT_MODEL_NAME": "runtime.models",
     "default_model_path": "runtime.models",
@@ -113,6 +117,7 @@ __all__ = [
     "plot_summary",
     "summarize",
     "swap",
+    "train_at2",
     "DEFAULT_ENCODER_NAME",
     "DEFAULT_MODEL_NAME",
     "IntJacobianExplainableTransformer",
@@ -122,6 +127,7 @@ __all__ = [
     "plot_connections",
     "plot_matrix",
     "render_html",
+    "At2Weights",
     "AttributionBatchResult",
     "AttributionExplainer",
     "AttributionMatrix",

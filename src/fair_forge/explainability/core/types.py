@@ -39,6 +39,8 @@ class AttributionMethod(str, Enum):
     KERNEL_SHAP = "kernel_shap"
     OCCLUSION = "occlusion"
     SOBOL = "sobol"
+    ATTENTION = "attention"
+    AT2 = "at2"
     INTEGRATED_JACOBIANS = "integrated_jacobians"
 
     def __str__(self) -> str:
