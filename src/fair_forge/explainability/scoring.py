@@ -163,8 +163,8 @@ class EmbeddingRows:
 
 @dataclass(frozen=True)
 class EmbeddingAnswer:
-    """(n, n_target) float64 target log-probs of the rows, and the (n, outputs, A, H) float32 gradients of each
-    row's outputs w.r.t. its own embeddings (None when not asked for)."""
+    """(n, n_target) float64 target log-probs of the rows, and the (n, outputs, A, H) gradients of each row's outputs
+    w.r.t. its own embeddings, in the scorer's ``score_dtype`` (None when not asked for)."""
 
     log_probs: np.ndarray
     gradients: Optional[torch.Tensor]
@@ -203,6 +203,9 @@ class TargetScorer:
         if parameter is None:
             raise UnsupportedModelError(f"{type(model).__name__} has no parameters: it is not a language model")
         self.device, self.dtype = parameter.device, parameter.dtype
+        # log-probs, input embeddings and gradients: float32, or the model's dtype where it is wider (float64), so
+        # that a float64 model is scored in float64 throughout
+        self.score_dtype = torch.promote_types(self.dtype, torch.float32)
         forward_parameters = inspect.signature(model.forward).parameters
         self._keeps_logits = "logits_to_keep" in forward_parameters
         self._cache_argument = cache_argument(model)
@@ -246,9 +249,10 @@ class TargetScorer:
         return layer
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Input embeddings of ``input_ids`` (no gradient), on the model's device, in float32."""
+        """Input embeddings of ``input_ids`` (no gradient), on the model's device, in ``score_dtype`` (float32, or
+        float64 for a float64 model)."""
         with torch.no_grad():
-            return self.embedding_layer()(input_ids.to(self.device)).float()
+            return self.embedding_layer()(input_ids.to(self.device)).to(self.score_dtype)
 
     def prefix(self, input_ids: torch.Tensor, length: int) -> Optional[Prefix]:
         """The cached first ``length`` tokens of ``input_ids`` (computed once, by the first scorer that needs it),
@@ -281,7 +285,7 @@ class TargetScorer:
         prefix: Optional[Prefix] = None,
         count: bool = True,
     ) -> torch.Tensor:
-        """(B, n_target) float32 log p(target_t | prefix) for a batch whose sequences end with ``target_ids``.
+        """(B, n_target) log p(target_t | prefix) in ``score_dtype`` for a batch whose sequences end with ``target_ids``.
 
         Give ``input_ids`` (B, L) or ``inputs_embeds`` (B, L, H); gradients flow through ``inputs_embeds``.
         ``target_ids`` is (n_target,) for every row or (B, n_target) per row. With a ``prefix``, the batch holds only
@@ -319,7 +323,7 @@ class TargetScorer:
         if count:
             self.count.forward_passes += 1
             self.count.tokens_processed += size * length
-        logits = logits[:, -(n_target + 1) : -1].float()  # positions that predict the target tokens
+        logits = logits[:, -(n_target + 1) : -1].to(self.score_dtype)  # positions that predict the target tokens
         targets = target_ids.to(self.device).reshape(-1, n_target, 1).expand(size, n_target, 1)
         return logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)
 
@@ -491,8 +495,8 @@ def _score(requests: Sequence[_Rows], batch_size: Optional[int], gradients: bool
            ) -> list[tuple[np.ndarray, Optional[torch.Tensor]]]:
     """(log-probs, gradients or None) per request, its rows cut into calls by prefix, then width."""
     results = [(np.empty((r.size, int(r.target_ids.shape[-1]))), None) for r in requests]
-    grads = [torch.empty((r.size, len(r.outputs), *r.embeds.shape[1:]), device=r.base.device) if gradients else None
-             for r in requests]
+    grads = [torch.empty((r.size, len(r.outputs), *r.embeds.shape[1:]), dtype=r.base.dtype, device=r.base.device)
+             if gradients else None for r in requests]
     entries = [(index, row) for index, rows in enumerate(requests) for row in range(rows.size)]
     for group in _by_prefix_then_width(entries, lambda entry: requests[entry[0]].prefix,
                                        lambda entry: requests[entry[0]].width(entry[1])):
@@ -661,11 +665,11 @@ def _embedding_call(rows: Sequence[tuple[_Rows, int]], targets: torch.Tensor, ma
                     width: int, gradients: bool) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
     """The forward (and backward) pass of a call of embedding rows, written into their inputs' full sequences."""
     first = rows[0][0]
-    embeds = torch.zeros((len(rows), width, first.base.shape[-1]), dtype=torch.float32, device=first.base.device)
+    embeds = torch.zeros((len(rows), width, first.base.shape[-1]), dtype=first.base.dtype, device=first.base.device)
     for position, (laid, row) in enumerate(rows):
         offset = width - laid.width(row)
         embeds[position, offset:] = laid.base
-        embeds[position, offset + laid.positions] = laid.embeds[row].to(embeds.device, torch.float32)
+        embeds[position, offset + laid.positions] = laid.embeds[row].to(embeds.device, embeds.dtype)
     checkpointed = checkpointed_layers(first.scorer.model) if gradients and first.scorer.checkpoint else contextlib.nullcontext()
     with torch.set_grad_enabled(gradients), checkpointed:
         embeds.requires_grad_(gradients)
