@@ -165,3 +165,13 @@ def smollm2():
     from fair_forge.explainability import load_default_model
 
     return load_default_model()
+
+
+@pytest.fixture(scope="session")
+def smollm2_float64(smollm2):
+    """(model, tokenizer): a float64 copy of the embedded SmolLM2 (1.1 GB), for identities checked beyond float32's
+    rounding (``tests/tolerances.py``); the float32 session model is left as it is."""
+    import copy
+
+    model, tokenizer = smollm2
+    return copy.deepcopy(model).double(), tokenizer
