@@ -84,7 +84,9 @@ class AttributionExplainer:
     ``prefix_cache`` runs the unchanging start of the input (system prompt, chat header) once per explanation.
     ``max_memory`` (bytes) bounds the activation memory of a model call, which sizes calls of long inputs (None: a
     fraction of the free memory, see ``memory.py``); ``checkpoint=True`` recomputes layers in the backward pass so
-    that gradient calls keep a fraction of that memory, for one more forward per call.
+    that gradient calls keep a fraction of that memory, for one more forward per call; ``checkpoint=None`` (default)
+    does so where one row's backward pass is estimated over that budget, and a result whose gradient calls ran
+    checkpointed says so in its metadata (``checkpoint``, ``checkpoint_reason``); ``False`` never does.
     """
 
     def __init__(
@@ -101,7 +103,7 @@ class AttributionExplainer:
         include_template_tokens: bool = False,
         prefix_cache: bool = True,
         max_memory: Optional[int] = None,
-        checkpoint: bool = False,
+        checkpoint: Optional[bool] = None,
     ) -> None:
         check_model(model)
         self.model = model
@@ -266,6 +268,7 @@ class AttributionExplainer:
             n_features=len(request.features),
             n_target_tokens=request.model_input.n_target,
             **raw.metadata,
+            **({"checkpoint": True, "checkpoint_reason": scorer.checkpoint_reason} if scorer.checkpoint_reason else {}),
         )
         if self.verbose:
             print(f"[fair_forge] {spec.name}: {len(scores)} features in {scorer.count.seconds:.2f}s")

@@ -17,7 +17,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence, TypeVar
+from typing import Any, Callable, Hashable, Iterable, Iterator, Literal, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -182,14 +182,15 @@ class TargetScorer:
     by every row; models whose forward returns no cache are scored without it. ``prefixes`` shares those caches
     between scorers (the items of one batch). ``batch_size`` caps the rows per model call (None: budgets).
     ``max_memory`` is the activation-memory budget of a call in bytes (None: a fraction of the free memory, see
-    ``memory.memory_budget``); ``checkpoint`` runs gradient calls with checkpointed layers (``memory.py``), which
-    keep a fraction of the memory for one more forward per call, and without the prefix cache.
+    ``memory.memory_budget``); ``checkpoint=True`` runs gradient calls with checkpointed layers (``memory.py``), which
+    keep a fraction of the memory for one more forward per call, and without the prefix cache; ``checkpoint=None``
+    (default) does so once one row's backward pass is estimated over that budget (``checkpoints``), ``False`` never.
     """
 
     def __init__(
         self, model: Any, *, score: ScoreKind = "sum", batch_size: Optional[int] = None, prefix_cache: bool = True,
         prefixes: Optional[dict[tuple[int, ...], Optional[Prefix]]] = None, max_memory: Optional[int] = None,
-        checkpoint: bool = False,
+        checkpoint: Optional[bool] = None,
     ) -> None:
         if score not in SCORE_KINDS:
             raise InvalidInputError(f"score must be one of {SCORE_KINDS}, got {score!r}")
@@ -212,9 +213,35 @@ class TargetScorer:
         self.prefix_cache = prefix_cache
         self._prefixes = {} if prefixes is None else prefixes
         self.max_memory = check_max_memory(max_memory)
-        if not isinstance(checkpoint, bool):
-            raise InvalidInputError(f"checkpoint must be True or False, got {checkpoint!r}")
+        if checkpoint is not None and not isinstance(checkpoint, bool):
+            raise InvalidInputError(f"checkpoint must be True, False or None (automatic), got {checkpoint!r}")
         self.checkpoint = checkpoint
+        self.checkpoint_reason: Optional[str] = None  # why gradient calls ran checkpointed (None: they did not)
+
+    def checkpoints(self, length: int, prefix: int, n_target: int) -> bool:
+        """Whether a gradient call over rows of ``length`` tokens after a ``prefix``-token cache runs checkpointed
+        layers: as ``checkpoint`` says, or with ``checkpoint=None`` when one such row's backward pass is estimated
+        (``memory.call_estimate``) over the call budget (``max_memory``, or its default) and checkpointing would
+        keep less: instead of a ``MemoryBudgetWarning`` and a call over budget. Once on, it stays on for this
+        scorer's later calls (one explanation runs one way); the reason is kept in ``checkpoint_reason`` for the
+        result's metadata."""
+        if self.checkpoint is not None or self.checkpoint_reason is not None:
+            if self.checkpoint:
+                self.checkpoint_reason = "checkpoint=True"
+            return self.checkpoint is not False
+        try:
+            estimate = call_estimate(self.model, length=length, prefix=prefix, n_target=n_target, grad=True)
+        except InvalidInputError:  # no sizes in the config: no estimate, as for the call budgets
+            return False
+        budget = memory_budget(self.model, self.max_memory)
+        lighter = call_estimate(self.model, length=length, prefix=prefix, n_target=n_target, checkpoint=True)
+        if estimate.bytes_per_row <= budget or lighter.bytes_per_row >= estimate.bytes_per_row:
+            return False  # within budget, or a model too shallow for checkpointing to keep less
+        self.checkpoint_reason = (
+            f"automatic: one row of {length} tokens after a {prefix}-token prefix needs about "
+            f"{estimate.bytes_per_row / 2**30:.2f} GiB for a backward pass, over the call budget of "
+            f"{budget / 2**30:.2f} GiB (max_memory)")
+        return True
 
     @property
     def vocab_size(self) -> int:
@@ -285,7 +312,8 @@ class TargetScorer:
         prefix: Optional[Prefix] = None,
         count: bool = True,
     ) -> torch.Tensor:
-        """(B, n_target) log p(target_t | prefix) in ``score_dtype`` for a batch whose sequences end with ``target_ids``.
+        """(B, n_target) log p(target_t | prefix), in ``score_dtype``, for a batch whose sequences end with
+        ``target_ids``.
 
         Give ``input_ids`` (B, L) or ``inputs_embeds`` (B, L, H); gradients flow through ``inputs_embeds``.
         ``target_ids`` is (n_target,) for every row or (B, n_target) per row. With a ``prefix``, the batch holds only
@@ -390,6 +418,7 @@ class _Rows:
     positions: Optional[torch.Tensor] = None  # ... attributable positions (relative to the prefix) take ...
     embeds: Optional[torch.Tensor] = None  # ... (n, A, H) embeddings
     outputs: tuple[int, ...] = ()  # the scalars every row differentiates
+    checkpoint: bool = False  # gradient calls run checkpointed layers (and then have no prefix cache)
 
     @property
     def size(self) -> int:
@@ -454,11 +483,13 @@ def _embedding_rows(scorer: TargetScorer, model_input: ModelInput, request: Embe
     if embeds.ndim != 3 or embeds.shape[1] != len(positions):
         raise InvalidInputError(f"embeds must have shape (n, {len(positions)}, H), got {tuple(embeds.shape)}")
     # checkpointed layers recompute their forward in the backward pass, so they must not append to a cache
-    checkpointed = scorer.checkpoint and request.gradients
+    cached = int(positions[0]) if scorer.prefix_cache else 0
+    checkpointed = request.gradients and scorer.checkpoints(model_input.length - cached, cached, model_input.n_target)
     prefix = None if checkpointed else scorer.prefix(model_input.input_ids, int(positions[0]))
     start = prefix.length if prefix is not None else 0
     return _Rows(scorer, prefix, model_input.target_ids, base=scorer.embed(model_input.input_ids[start:]),
-                 positions=(positions - start).to(scorer.device), embeds=embeds, outputs=tuple(request.outputs))
+                 positions=(positions - start).to(scorer.device), embeds=embeds, outputs=tuple(request.outputs),
+                 checkpoint=checkpointed)
 
 
 def score_row_requests(
@@ -498,7 +529,8 @@ def _score(requests: Sequence[_Rows], batch_size: Optional[int], gradients: bool
     grads = [torch.empty((r.size, len(r.outputs), *r.embeds.shape[1:]), dtype=r.base.dtype, device=r.base.device)
              if gradients else None for r in requests]
     entries = [(index, row) for index, rows in enumerate(requests) for row in range(rows.size)]
-    for group in _by_prefix_then_width(entries, lambda entry: requests[entry[0]].prefix,
+    for group in _by_prefix_then_width(entries, lambda entry: (id(requests[entry[0]].prefix),
+                                                                requests[entry[0]].checkpoint),
                                        lambda entry: requests[entry[0]].width(entry[1])):
         for call in _calls(group, requests, batch_size, gradients):
             log_probs, call_grads = _call([(requests[index], row) for index, row in call], gradients)
@@ -535,7 +567,7 @@ def _calls(group: list[tuple[int, int]], requests: Sequence[_Rows], batch_size: 
         calls[-1].append(entry)
         n_target = max(n_target, tail)
     if over is not None:
-        rows_within_budget(over, budget)  # one MemoryBudgetWarning that suggests checkpoint=True
+        rows_within_budget(over, budget)  # one MemoryBudgetWarning (checkpoint=False or already checkpointed)
     return calls
 
 
@@ -544,19 +576,20 @@ def _estimate(rows: _Rows, row: int, n_target: int, gradients: bool) -> Optional
     no sizes (then only the token and logits budgets apply)."""
     try:
         return call_estimate(rows.scorer.model, length=rows.width(row), prefix=rows.cached_length(row),
-                             n_target=n_target, grad=gradients, checkpoint=gradients and rows.scorer.checkpoint)
+                             n_target=n_target, grad=gradients, checkpoint=gradients and rows.checkpoint)
     except InvalidInputError:
         return None
 
 
 def _by_prefix_then_width(
-    entries: Iterable[T], prefix: Callable[[T], Optional[Prefix]], width: Callable[[T], int]
+    entries: Iterable[T], key: Callable[[T], Hashable], width: Callable[[T], int]
 ) -> list[list[T]]:
-    """``entries`` grouped by the prefix object they continue (rows of one call share it), each group ordered by
-    width (stable), so that consecutive entries cut into calls need little padding."""
-    groups: dict[int, list[T]] = {}
+    """``entries`` grouped by ``key`` (the id of the prefix object they continue and whether their gradient calls
+    are checkpointed: rows of one call share both), each group ordered by width (stable), so that consecutive
+    entries cut into calls need little padding."""
+    groups: dict[Hashable, list[T]] = {}
     for entry in entries:
-        groups.setdefault(id(prefix(entry)), []).append(entry)
+        groups.setdefault(key(entry), []).append(entry)
     return [sorted(group, key=width) for group in groups.values()]
 
 
@@ -670,7 +703,8 @@ def _embedding_call(rows: Sequence[tuple[_Rows, int]], targets: torch.Tensor, ma
         offset = width - laid.width(row)
         embeds[position, offset:] = laid.base
         embeds[position, offset + laid.positions] = laid.embeds[row].to(embeds.device, embeds.dtype)
-    checkpointed = checkpointed_layers(first.scorer.model) if gradients and first.scorer.checkpoint else contextlib.nullcontext()
+    checkpointed = checkpointed_layers(first.scorer.model) if gradients and first.checkpoint \
+        else contextlib.nullcontext()
     with torch.set_grad_enabled(gradients), checkpointed:
         embeds.requires_grad_(gradients)
         log_probs = first.scorer.target_log_probs(targets, inputs_embeds=embeds, attention_mask=mask,
