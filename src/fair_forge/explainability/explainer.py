@@ -55,7 +55,9 @@ class AttributionExplainer:
     ``prefix_cache`` runs the unchanging start of the input (system prompt, chat header) once per explanation.
     ``max_memory`` (bytes) bounds the activation memory of a model call, which sizes calls of long inputs (None: a
     fraction of the free memory, see ``memory.py``); ``checkpoint=True`` recomputes layers in the backward pass so
-    that gradient calls keep a fraction of that memory, for one more forward per call.
+    that gradient calls keep a fraction of that memory, for one more forward per call; ``checkpoint=None`` (default)
+    does so where one row's backward pass is estimated over that budget, and a result whose gradient calls ran
+    checkpointed says so in its metadata (``checkpoint``, ``checkpoint_reason``); ``False`` never does.
     """
 
     def __init__(
@@ -72,7 +74,7 @@ class AttributionExplainer:
         include_template_tokens: bool = False,
         prefix_cache: bool = True,
         max_memory: Optional[int] = None,
-        checkpoint: bool = False,
+        checkpoint: Optional[bool] = None,
     ) -> None:
         check_model(model)
         self.model = model

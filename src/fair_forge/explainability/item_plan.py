@@ -161,6 +161,7 @@ def build_result(explainer: Any, settings: Settings, item: Prepared, raw: RawAtt
         n_features=len(item.features),
         n_target_tokens=model_input.n_target,
         **raw.metadata,
+        **({"checkpoint": True, "checkpoint_reason": scorer.checkpoint_reason} if scorer.checkpoint_reason else {}),
     )
     if explainer.verbose:
         print(f"[fair_forge] {spec.name}: {len(scores)} features in {scorer.count.seconds:.2f}s")

@@ -20,7 +20,7 @@ import torch
 from ..errors import InvalidInputError, UnsupportedModelError
 from ..text.prompt import ModelInput
 from .architectures import cache_argument, keeps_logits, output_layer
-from .memory import check_max_memory
+from .memory import call_estimate, check_max_memory, memory_budget
 from .answers import answer_requests
 from .requests import EvaluationCount, MaskedRows, Prefix
 from .scores import ScoreKind, get_score
@@ -67,7 +67,7 @@ class TargetScorer:
     def __init__(
         self, model: Any, *, score: ScoreKind = "sum", batch_size: Optional[int] = None, prefix_cache: bool = True,
         prefixes: Optional[dict[tuple[int, ...], Optional[Prefix]]] = None, max_memory: Optional[int] = None,
-        checkpoint: bool = False, contrast: Optional[str] = None, contrast_length: int = 0,
+        checkpoint: Optional[bool] = None, contrast: Optional[str] = None, contrast_length: int = 0,
         target_span: Optional[tuple[int, int]] = None,
     ) -> None:
         self.score_function = get_score(score)  # a typed error for an unknown score
@@ -86,14 +86,43 @@ class TargetScorer:
         if parameter is None:
             raise UnsupportedModelError(f"{type(model).__name__} has no parameters: it is not a language model")
         self.device, self.dtype = parameter.device, parameter.dtype
+        # log-probs, input embeddings and gradients: float32, or the model's dtype where it is wider (float64), so
+        # that a float64 model is scored in float64 throughout
+        self.score_dtype = torch.promote_types(self.dtype, torch.float32)
         self._keeps_logits = keeps_logits(model)
         self._cache_argument = cache_argument(model)
         self.prefix_cache = prefix_cache
         self._prefixes = {} if prefixes is None else prefixes
         self.max_memory = check_max_memory(max_memory)
-        if not isinstance(checkpoint, bool):
-            raise InvalidInputError(f"checkpoint must be True or False, got {checkpoint!r}")
+        if checkpoint is not None and not isinstance(checkpoint, bool):
+            raise InvalidInputError(f"checkpoint must be True, False or None (automatic), got {checkpoint!r}")
         self.checkpoint = checkpoint
+        self.checkpoint_reason: Optional[str] = None  # why gradient calls ran checkpointed (None: they did not)
+
+    def checkpoints(self, length: int, prefix: int, n_target: int) -> bool:
+        """Whether a gradient call over rows of ``length`` tokens after a ``prefix``-token cache runs checkpointed
+        layers: as ``checkpoint`` says, or with ``checkpoint=None`` when one such row's backward pass is estimated
+        (``memory.call_estimate``) over the call budget (``max_memory``, or its default) and checkpointing would
+        keep less: instead of a ``MemoryBudgetWarning`` and a call over budget. Once on, it stays on for this
+        scorer's later calls (one explanation runs one way); the reason is kept in ``checkpoint_reason`` for the
+        result's metadata."""
+        if self.checkpoint is not None or self.checkpoint_reason is not None:
+            if self.checkpoint:
+                self.checkpoint_reason = "checkpoint=True"
+            return self.checkpoint is not False
+        try:
+            estimate = call_estimate(self.model, length=length, prefix=prefix, n_target=n_target, grad=True)
+        except InvalidInputError:  # no sizes in the config: no estimate, as for the call budgets
+            return False
+        budget = memory_budget(self.model, self.max_memory)
+        lighter = call_estimate(self.model, length=length, prefix=prefix, n_target=n_target, checkpoint=True)
+        if estimate.bytes_per_row <= budget or lighter.bytes_per_row >= estimate.bytes_per_row:
+            return False  # within budget, or a model too shallow for checkpointing to keep less
+        self.checkpoint_reason = (
+            f"automatic: one row of {length} tokens after a {prefix}-token prefix needs about "
+            f"{estimate.bytes_per_row / 2**30:.2f} GiB for a backward pass, over the call budget of "
+            f"{budget / 2**30:.2f} GiB (max_memory)")
+        return True
 
     @property
     def vocab_size(self) -> int:
@@ -147,7 +176,7 @@ class TargetScorer:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings of ``input_ids`` (no gradient), on the model's device, in float32."""
         with torch.no_grad():
-            return self.embedding_layer()(input_ids.to(self.device)).float()
+            return self.embedding_layer()(input_ids.to(self.device)).to(self.score_dtype)
 
     def prefix(self, input_ids: torch.Tensor, length: int) -> Optional[Prefix]:
         """The cached first ``length`` tokens of ``input_ids`` (computed once, by the first scorer that needs it),
@@ -221,7 +250,7 @@ class TargetScorer:
         if count:
             self.count.forward_passes += 1
             self.count.tokens_processed += size * length
-        logits = logits[:, -(n_target + 1) : -1].float()  # positions that predict the target tokens
+        logits = logits[:, -(n_target + 1) : -1].to(self.score_dtype)  # positions that predict the target tokens
         targets = target_ids.to(self.device).reshape(-1, n_target, 1).expand(size, n_target, 1)
         normaliser = logits.logsumexp(-1)
         log_probs = logits.gather(-1, targets).squeeze(-1) - normaliser
