@@ -14,6 +14,7 @@ import torch
 from tolerances import log_prob_magnitude, model_bound, unit_roundoff
 
 from fair_forge.explainability import (
+    At2Weights,
     AttributionExplainer,
     AttributionResult,
     FaithfulnessBatchReport,
@@ -182,7 +183,8 @@ def test_every_method_result_can_be_evaluated(tiny_gpt2, method: str) -> None:
     model, tokenizer = tiny_gpt2
     model.double()  # the report's full score is the direct score of the input: an identity
     explainer = AttributionExplainer(model, tokenizer)
-    result = explainer.explain(MESSAGES, "The capital of France is Paris.", method=method)
+    params = {"weights": At2Weights.uniform(model)} if method == "at2" else {}  # head weights belong to one model
+    result = explainer.explain(MESSAGES, "The capital of France is Paris.", method=method, **params)
     report = faithfulness(explainer, result, MESSAGES, n_random=2)
     assert report.method == result.method and report.n_features == len(result.attributions)
     assert len(report.explanation.deletion_curve) == 11

@@ -185,7 +185,7 @@ def weights_reference(value: Any) -> Optional[dict[str, Any]]:
 
 
 def head_scores(model: Any, model_input: Any, features: Sequence[Any], rows: QueryRows = "predicting",
-                max_memory: Optional[int] = None) -> torch.Tensor:
+                max_memory: Optional[int] = None, **forward: Any) -> torch.Tensor:
     """(n_layers, n_heads, n_target, n_features) attention from the target's rows to each feature's tokens (summed
     over its tokens), from one forward pass."""
     if not features:
@@ -194,7 +194,7 @@ def head_scores(model: Any, model_input: Any, features: Sequence[Any], rows: Que
     for column, feature in enumerate(features):
         membership[list(feature.token_positions), column] = 1.0
     return read_attention(model, model_input.input_ids, query_rows(model_input, rows), columns=membership,
-                          max_memory=max_memory)
+                          max_memory=max_memory, **forward)
 
 
 def fit_head_weights(features: Sequence[np.ndarray], masks: Sequence[np.ndarray], outputs: Sequence[np.ndarray], *,

@@ -53,15 +53,22 @@ class At2Params(_OnePass):
         return self
 
 
-def _read(context: MethodContext, rows: QueryRows) -> torch.Tensor:
-    """(layers, heads, target rows, features) attention, from one forward pass counted by the item's scorer."""
-    scorer = context.scorer
+def _read(context: MethodContext, rows: QueryRows) -> tuple[torch.Tensor, dict[str, float]]:
+    """(layers, heads, target rows, features) attention, from one forward pass counted by the item's scorer, and
+    the explained score at the input read from the same pass (not for a contrast: its answer is another input)."""
+    scorer, model_input = context.scorer, context.model_input
     started = time.perf_counter()
-    scores = head_scores(scorer.model, context.model_input, context.features, rows, max_memory=scorer.max_memory)
+    logits: list = []
+    scores = head_scores(scorer.model, model_input, context.features, rows, max_memory=scorer.max_memory,
+                         keep_logits=model_input.n_target + 1, outputs=logits)
     scorer.count.forward_passes += 1
-    scorer.count.tokens_processed += context.model_input.length
+    scorer.count.tokens_processed += model_input.length
     scorer.count.seconds += time.perf_counter() - started
-    return scores
+    if model_input.contrast is not None:
+        return scores, {}
+    predicting = logits[0][:-1].to(scorer.score_dtype).log_softmax(-1)
+    log_probs = predicting.gather(-1, model_input.target_ids.to(predicting.device)[:, None]).squeeze(-1)
+    return scores, {"target_score": float(scorer.reduce(log_probs))}
 
 
 def _attribution(context: MethodContext, matrix: torch.Tensor, **metadata: Any) -> RawAttribution:
@@ -76,7 +83,8 @@ def _attribution(context: MethodContext, matrix: torch.Tensor, **metadata: Any) 
                              "layers (one forward pass)")
 def attention(context: MethodContext) -> RawAttribution:
     rows = context.params["rows"]
-    return _attribution(context, _read(context, rows).mean(dim=(0, 1)), rows=rows)
+    scores, scored = _read(context, rows)
+    return _attribution(context, scores.mean(dim=(0, 1)), rows=rows, **scored)
 
 
 @register_method(AttributionMethod.AT2, kind="perturbation", additive=False, params=At2Params,
@@ -85,11 +93,11 @@ def attention(context: MethodContext) -> RawAttribution:
 def at2(context: MethodContext) -> RawAttribution:
     weights = At2Weights.from_reference(context.params["weights"])
     weights.check(context.scorer.model)  # another model's weights: refused before the model runs
-    scores = _read(context, weights.rows)
+    scores, scored = _read(context, weights.rows)
     if tuple(scores.shape[:2]) != weights.head_weights.shape:
         raise InvalidInputError(f"the AT2 weights are for {weights.head_weights.shape} (layers, heads), the model "
                                 f"has {tuple(scores.shape[:2])}")
     head_weights = torch.from_numpy(weights.head_weights).to(scores.device)
     matrix = torch.einsum("lh,lhrf->rf", head_weights, scores)
-    return _attribution(context, matrix, rows=weights.rows, weights_digest=weights.digest)
+    return _attribution(context, matrix, rows=weights.rows, weights_digest=weights.digest, **scored)
 

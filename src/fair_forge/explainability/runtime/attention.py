@@ -201,13 +201,15 @@ def capture_bytes(model: Any, length: int, n_rows: int, n_columns: Optional[int]
 
 def read_attention(model: Any, input_ids: torch.Tensor, rows: Sequence[int], *,
                    columns: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                   max_memory: Optional[int] = None) -> torch.Tensor:
+                   max_memory: Optional[int] = None, keep_logits: int = 1,
+                   outputs: Optional[list] = None) -> torch.Tensor:
     """(n_layers, n_heads, R, n) float32 attention weights from positions ``rows`` of ``input_ids`` (n,) to every
     position, on the model's device, from one forward pass of the model as it is (its attention implementation kept).
 
     With ``columns`` (n, F), each layer's rows are multiplied by it as they come (e.g. summed over each feature's
     tokens: a 0/1 membership matrix), so the result is (n_layers, n_heads, R, F) and (.., n) is never kept for more
-    than one layer. ``attention_mask`` (n,) marks padding (0). Warns (``MemoryBudgetWarning``) when the forward pass
+    than one layer. ``attention_mask`` (n,) marks padding (0). ``outputs``, a list, receives the forward's logits of
+    the last ``keep_logits`` positions (the explained score comes from the same pass). Warns (``MemoryBudgetWarning``) when the forward pass
     and the kept weights together need more than ``max_memory`` (default: ``memory.memory_budget``).
     """
     check_attention_model(model)
@@ -223,11 +225,13 @@ def read_attention(model: Any, input_ids: torch.Tensor, rows: Sequence[int], *,
     recorder = _Recorder(positions.to(device), None if columns is None else columns.to(device, torch.float32))
     kwargs: dict[str, Any] = {"use_cache": False}
     if "logits_to_keep" in _forward_parameters(model):
-        kwargs["logits_to_keep"] = 1  # the logits are not needed; one position keeps the output layer cheap
+        kwargs["logits_to_keep"] = keep_logits  # only the positions asked for go through the output layer
     if attention_mask is not None:
         kwargs["attention_mask"] = torch.as_tensor(attention_mask).reshape(1, -1).to(device)
     with _recording(list(model.modules()), recorder), torch.no_grad():
-        model(input_ids=ids.reshape(1, -1).to(device), **kwargs)
+        output = model(input_ids=ids.reshape(1, -1).to(device), **kwargs)
+    if outputs is not None:
+        outputs.append(output.logits[0, -keep_logits:])
     expected = n_attention_layers(model)
     if len(recorder.layers) != expected:
         raise UnsupportedModelError(
