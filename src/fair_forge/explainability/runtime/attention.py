@@ -73,6 +73,12 @@ def query_rows(model_input: ModelInput, rows: QueryRows = "predicting") -> np.nd
 
 def check_attention_model(model: Any) -> None:
     """A typed error, before any model call, for a model whose attention cannot be read this way."""
+    from transformers.modeling_utils import AttentionInterface
+
+    if "get_interface" not in AttentionInterface.__dict__:  # transformers before 5: modules index the mapping
+        raise UnsupportedModelError("attention methods read queries and keys through "
+                                    "AttentionInterface.get_interface, which this transformers version lacks; "
+                                    "upgrade transformers or use a perturbation or gradient method")
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type in NO_ATTENTION_INTERFACE:
