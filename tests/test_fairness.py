@@ -258,3 +258,98 @@ def test_a_decision_on_one_word_puts_all_attribution_there(gpt2_tokenizer) -> No
     assert [a.text for a in counterfactual.attributions] == ["Paris", "city"]
     assert counterfactual.scores == pytest.approx([6.0, 0.0], abs=1e-6)
     assert counterfactual.metadata.counterfactual_score == pytest.approx(0.0, abs=1e-6)
+
+
+def test_views_say_what_was_asked_and_escape_it(tiny_gpt2) -> None:
+    model, tokenizer = tiny_gpt2
+    explainer = AttributionExplainer(model, tokenizer)
+    result = explainer.explain(prompt=X, target="Paris.", contrast_target="<b>No</b>",
+                               counterfactual=X_PRIME.replace("town", "<i>town</i>"), method="kernel_shap", exact=True)
+    page = result.model_copy()._repr_html_()
+    assert "why &#x27;Paris.&#x27; rather than &#x27;&lt;b&gt;No&lt;/b&gt;&#x27;" in page and "<b>No</b>" not in page
+    assert "x&#x27;: &#x27;&lt;i&gt;town&lt;/i&gt;&#x27;" in page and "<i>" not in page
+    from fair_forge.explainability.viz.console import format_table
+
+    table = format_table(result)
+    assert "question: why 'Paris.' rather than '<b>No</b>'" in table
+    meta = result.metadata
+    assert f"f(x) - f(x') = {meta.target_score - meta.counterfactual_score:+.4f}" in table
+    assert "city (x': '<i>town</i>')" in table
+
+
+def test_dataset_rows_carry_contrasts_and_counterfactuals(tiny_gpt2, tmp_path) -> None:
+    from fair_forge.explainability import explain_dataset
+
+    model, tokenizer = tiny_gpt2
+    explainer = AttributionExplainer(model, tokenizer)
+    rows = [{"question": X, "target": "Paris.", "contrast_target": "Berlin.", "counterfactual": X_PRIME, "group": "a"},
+            {"question": X, "target": "Paris.", "group": "b"}]
+    settings = dict(method="kernel_shap", exact=True, show_progress=False)
+    out = explain_dataset(explainer, rows, tmp_path / "out.jsonl", **settings)
+    records = out.load()
+    assert records.indices == [0, 1] and not records.failures
+    first = explainer.explain(chat(X), "Paris.", contrast_target="Berlin.", counterfactual=chat(X_PRIME), **settings)
+    got = records[0]
+    assert got.contrast_target == "Berlin." and [a.counterfactual_text for a in got.attributions] == ["Germany", "town"]
+    np.testing.assert_allclose(got.scores, first.scores, atol=ATOL)
+    assert got.metadata.counterfactual_score == pytest.approx(first.metadata.counterfactual_score, abs=ATOL)
+    assert records[1].contrast_target is None and records[1].attributions[0].counterfactual_text is None
+
+
+def test_cli_explains_a_contrast_and_a_counterfactual(tiny_gpt2, tmp_path, capsys) -> None:
+    from fair_forge.explainability import cli
+
+    model, tokenizer = tiny_gpt2
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    argv = ["--prompt", X, "--target", "Paris.", "--contrast-target", "Berlin.", "--counterfactual", X_PRIME,
+            "--method", "kernel_shap", "--param", "exact=true", "--model", str(folder), "--json", "-"]
+    assert cli.main(argv) == 0
+    result = AttributionResult.model_validate_json(capsys.readouterr().out)
+    assert result.contrast_target == "Berlin." and result.counterfactual_prompt == X_PRIME
+    assert sum(result.scores) == pytest.approx(result.metadata.target_score - result.metadata.counterfactual_score,
+                                               abs=1e-6)
+    assert cli.main(argv[:-2] + ["--contrast", "ratio"]) == 2  # an unknown contrast: bad input
+
+
+def test_faithfulness_of_a_contrast_measures_the_margin(tiny_gpt2) -> None:
+    from fair_forge.explainability import faithfulness
+
+    model, tokenizer = tiny_gpt2
+    explainer = AttributionExplainer(model, tokenizer)
+    result = explainer.explain(prompt=X, target="Paris.", contrast_target="Berlin is.", method="occlusion")
+    report = faithfulness(explainer, result, X, n_random=0)
+    assert report.score == "logprob_diff"
+    assert report.full_score == pytest.approx(result.metadata.target_score, abs=ATOL)  # the margin, not log p
+    with pytest.raises(InvalidInputError, match="counterfactual"):
+        counterfactual = explainer.explain(prompt=X, target="Paris.", counterfactual=X_PRIME, method="occlusion")
+        faithfulness(explainer, counterfactual, X)
+
+
+# ---- claim-level targets --------------------------------------------------------------------------------------------
+
+
+def test_a_target_span_explains_its_tokens_given_the_rest_of_the_answer(tiny_gpt2) -> None:
+    """log p(second sentence | prompt, first sentence) = log p(both) - log p(first): two plain log-probs."""
+    from fair_forge.explainability import answer_sentences
+
+    model, tokenizer = tiny_gpt2
+    explainer = AttributionExplainer(model, tokenizer)
+    first, second = "Paris is in France.", " Berlin is in Germany."
+    answer = first + second
+    both = direct_score(model, tokenizer, answer, prompt=PROMPT)
+    alone = direct_score(model, tokenizer, first, prompt=PROMPT)
+    assert build_model_input(tokenizer, prompt=PROMPT, target=answer).target_ids[: len(
+        build_model_input(tokenizer, prompt=PROMPT, target=first).target_ids)].tolist() == \
+        build_model_input(tokenizer, prompt=PROMPT, target=first).target_ids.tolist()  # the first sentence's tokens
+    span = (len(first) + 1, len(answer))
+    result = explainer.explain(prompt=PROMPT, target=answer, target_span=span, method="occlusion")
+    assert result.target_span == span and result.metadata.target_score == pytest.approx(both - alone, abs=ATOL)
+    claims = answer_sentences(explainer, prompt=PROMPT, answer=answer, method="occlusion")
+    assert [r.target_span for r in claims] == [(0, len(first)), span]
+    np.testing.assert_allclose(claims[1].scores, result.scores, atol=ATOL)
+    assert claims[0].metadata.target_score == pytest.approx(alone, abs=ATOL)
+    for bad in [(5, 5), (0, 999), (3, 2)]:
+        with pytest.raises(InvalidInputError, match="target_span"):
+            explainer.explain(prompt=PROMPT, target=answer, target_span=bad, method="occlusion")

@@ -31,8 +31,10 @@ from .core.types import (
 )
 
 if TYPE_CHECKING:  # what the lazy names below are, for type checkers, IDEs and the API reference
-    from .explainer import AttributionExplainer, compute_attributions
+    from .explainer import AttributionExplainer, answer_sentences, compute_attributions
     from .methods.registry import MethodContext, RawAttribution, available_methods, register_method
+    from .methods.at2 import At2Weights
+    from .methods.at2_training import train_at2
     from .runtime.models import (
         DEFAULT_ENCODER_NAME,
         DEFAULT_MODEL_NAME,
@@ -65,10 +67,13 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers, IDEs and 
 _LAZY = {
     "AttributionExplainer": "explainer",
     "compute_attributions": "explainer",
+    "answer_sentences": "explainer",
     "MethodContext": "methods.registry",
     "RawAttribution": "methods.registry",
     "available_methods": "methods.registry",
     "register_method": "methods.registry",
+    "At2Weights": "methods.at2",
+    "train_at2": "methods.at2_training",
     "DEFAULT_ENCODER_NAME": "runtime.models",
     "DEFAULT_MODEL_NAME": "runtime.models",
     "default_model_path": "runtime.models",
@@ -118,6 +123,7 @@ __all__ = [
     "plot_summary",
     "summarize",
     "swap",
+    "train_at2",
     "DEFAULT_ENCODER_NAME",
     "DEFAULT_MODEL_NAME",
     "IntJacobianExplainableTransformer",
@@ -127,6 +133,7 @@ __all__ = [
     "plot_connections",
     "plot_matrix",
     "render_html",
+    "At2Weights",
     "AttributionBatchResult",
     "AttributionExplainer",
     "AttributionMatrix",
@@ -153,6 +160,7 @@ __all__ = [
     "TokenAttribution",
     "UnknownMethodError",
     "UnsupportedModelError",
+    "answer_sentences",
     "available_methods",
     "compare_methods",
     "compute_attributions",

@@ -33,7 +33,7 @@ from .explainer import AttributionExplainer
 from .text.items import batch_items, item_fields
 from .runtime.models import borrowed
 from .text.prompt import ModelInput, build_model_input
-from .runtime.packer import score_row_requests
+from .runtime.answers import answer_requests
 from .runtime.requests import EvaluationCount, MaskedRows
 from .runtime.scorer import TargetScorer
 from .text.segment import build_features, kept_tokens, membership, restrict_to_messages
@@ -180,8 +180,12 @@ def _source(item: Any, result: AttributionResult) -> tuple[Optional[Any], Option
 def _plan(explainer: AttributionExplainer, result: AttributionResult, item: Any, settings: _Settings) -> _ItemPlan:
     """Rebuild the result's input and features from ``item``, check they match, and lay out every edit."""
     messages, prompt = _source(item, result)
+    if result.counterfactual_prompt is not None:
+        raise InvalidInputError("faithfulness removes features from the input; a counterfactual result's features are "
+                                "changes towards x': compare its counterfactual_score with the attributions instead")
     model_input = build_model_input(explainer.tokenizer, target=result.target, messages=messages, prompt=prompt,
-                                    include_template_tokens=explainer.include_template_tokens)
+                                    include_template_tokens=explainer.include_template_tokens,
+                                    contrast_target=result.contrast_target)
     explained = {a.message_index for a in result.attributions if a.message_index is not None}
     if messages is not None and explained < {s.message_index for s in model_input.sources}:  # attribute_messages
         model_input = restrict_to_messages(model_input, tuple(sorted(explained)))
@@ -208,20 +212,26 @@ def _plan(explainer: AttributionExplainer, result: AttributionResult, item: Any,
     return _ItemPlan(result, model_input, ranking, steps, keep, inverse.reshape(masks.shape[:3]))
 
 
-def _score_edits(explainer: AttributionExplainer, edits: Sequence[tuple[ModelInput, np.ndarray]], mode: EditMode,
+def _contrast(result: AttributionResult) -> Optional[str]:
+    """The contrastive score a result explains (its metadata's score), None for a plain result."""
+    return getattr(result.metadata, "score", None) if result.contrast_target is not None else None
+
+
+def _score_edits(explainer: AttributionExplainer, edits: Sequence[tuple[ModelInput, np.ndarray, Optional[str]]],
+                 mode: EditMode,
                  baseline_id: Optional[int]) -> tuple[list[np.ndarray], list[EvaluationCount]]:
     """Explained scores of every edit (token keep-masks (m_i, L_i) per input) in shared no-grad model calls, and each
     input's cost; the one place this module touches the scorer. The masking is the perturbation methods' own
     (``requests.MaskedRows``); a chat header common to the inputs runs once for all of them."""
     prefixes: dict = {}
     requests = []
-    for model_input, keep in edits:
+    for model_input, keep, contrast in edits:
         scorer = TargetScorer(explainer.model, score=explainer.score, prefix_cache=explainer.prefix_cache,
-                              prefixes=prefixes)
+                              prefixes=prefixes, contrast=contrast, contrast_length=model_input.n_contrast)
         baseline = model_input.baseline_token_id if baseline_id is None else baseline_id
         requests.append((scorer, model_input, MaskedRows(keep, int(baseline), remove=mode == "remove")))
     with borrowed(explainer.model):
-        log_probs = score_row_requests(requests, explainer.batch_size)
+        log_probs = answer_requests(requests, explainer.batch_size)
     scores = [scorer.reduce(torch.from_numpy(values)).double().numpy() for (scorer, _, _), values in zip(requests, log_probs)]
     return scores, [scorer.count for scorer, _, _ in requests]
 
@@ -265,7 +275,8 @@ def _report(plan: _ItemPlan, values: np.ndarray, count: EvaluationCount, seconds
     orders = [_order_scores(by_order[o, 0], by_order[o, 1], plan.steps, n, settings) for o in range(len(by_order))]
     random = orders[1:]
     return FaithfulnessReport(
-        method=plan.result.method, granularity=plan.result.granularity, mode=settings.mode, score=explainer.score,
+        method=plan.result.method, granularity=plan.result.granularity, mode=settings.mode,
+        score=_contrast(plan.result) or explainer.score,
         n_features=n, fractions=list(settings.fractions), curve_fractions=list(settings.curve_fractions),
         features_removed=[removed_count(f, n) for f in settings.fractions],
         curve_features=[removed_count(f, n) for f in settings.curve_fractions],
@@ -303,7 +314,7 @@ def faithfulness(
     started = time.perf_counter()
     if isinstance(result, AttributionResult):
         plan = _plan(explainer, result, inputs, settings)
-        (values,), (count,) = _score_edits(explainer, [(plan.model_input, plan.keep)], settings.mode,
+        (values,), (count,) = _score_edits(explainer, [(plan.model_input, plan.keep, _contrast(plan.result))], settings.mode,
                                            settings.baseline_id)
         return _report(plan, values, count, time.perf_counter() - started, settings, explainer)
     if not isinstance(result, AttributionBatchResult):
@@ -317,7 +328,7 @@ def faithfulness(
             raise InvalidInputError(f"inputs has {len(records)} items; the batch's results need items {indices}")
         items = [records[index] for index in indices]
     plans = [_plan(explainer, item_result, item, settings) for item_result, item in zip(result, items)]
-    values, counts = _score_edits(explainer, [(p.model_input, p.keep) for p in plans], settings.mode,
+    values, counts = _score_edits(explainer, [(p.model_input, p.keep, _contrast(p.result)) for p in plans], settings.mode,
                                   settings.baseline_id)
     seconds = time.perf_counter() - started
     reports = [_report(p, v, c, seconds, settings, explainer) for p, v, c in zip(plans, values, counts)]

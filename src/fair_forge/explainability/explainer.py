@@ -17,7 +17,7 @@ from .runtime.scorer import ScoreKind, TargetScorer
 from .runtime.scores import get_score
 from .text.items import batch_items, item_fields, item_options
 from .text.prompt import Messages
-from .text.segment import check_message_indices
+from .text.segment import SENTENCE_PATTERN, check_message_indices
 from .core.types import (
     AttributionBatchResult,
     AttributionMethod,
@@ -55,7 +55,9 @@ class AttributionExplainer:
     ``prefix_cache`` runs the unchanging start of the input (system prompt, chat header) once per explanation.
     ``max_memory`` (bytes) bounds the activation memory of a model call, which sizes calls of long inputs (None: a
     fraction of the free memory, see ``memory.py``); ``checkpoint=True`` recomputes layers in the backward pass so
-    that gradient calls keep a fraction of that memory, for one more forward per call.
+    that gradient calls keep a fraction of that memory, for one more forward per call; ``checkpoint=None`` (default)
+    does so where one row's backward pass is estimated over that budget, and a result whose gradient calls ran
+    checkpointed says so in its metadata (``checkpoint``, ``checkpoint_reason``); ``False`` never does.
     """
 
     def __init__(
@@ -72,7 +74,7 @@ class AttributionExplainer:
         include_template_tokens: bool = False,
         prefix_cache: bool = True,
         max_memory: Optional[int] = None,
-        checkpoint: bool = False,
+        checkpoint: Optional[bool] = None,
     ) -> None:
         check_model(model)
         self.model = model
@@ -120,6 +122,7 @@ class AttributionExplainer:
         contrast_target: Optional[str] = None,
         contrast: str = DEFAULT_CONTRAST,
         counterfactual: Optional[Union[Messages, str]] = None,
+        target_span: Optional[tuple[int, int]] = None,
         **method_params: Any,
     ) -> AttributionResult:
         """Attribute ``target`` to the features of ``messages`` (chat) or ``prompt`` (raw text).
@@ -131,6 +134,9 @@ class AttributionExplainer:
         carrying the ``counterfactual_text`` it replaces; Shapley-type methods (kernel_shap) sum to the difference
         exactly, integrated gradients follows the path from x''s embeddings where the segments' token counts match.
         ``metadata.target_score`` is the explained score at the input (and ``counterfactual_score`` at x').
+        ``target_span=(start, end)`` (character offsets into ``target``) explains the log-probability of the target
+        tokens that hold those characters only, the rest of the answer staying as context: which source supports
+        this sentence of the answer (see ``answer_sentences``).
 
         An explanation that takes longer than ``PROGRESS_DELAY`` seconds (many steps or samples, ``per_target``,
         a long document) shows a progress bar of its model requests unless ``show_progress=False``.
@@ -142,7 +148,7 @@ class AttributionExplainer:
         settings = self._settings(method, granularity, per_target, method_params, attribute_messages, contrast)
         if target is None:  # settings are checked before the model generates
             target = generate_target(self.model, self.tokenizer, messages=messages, prompt=prompt)
-        request = prepare(self, settings, messages, prompt, target, contrast_target, counterfactual)
+        request = prepare(self, settings, messages, prompt, target, contrast_target, counterfactual, target_span)
         from tqdm.auto import tqdm
 
         with tqdm(desc=f"explaining ({settings.spec.name})", unit="request", delay=PROGRESS_DELAY,
@@ -186,7 +192,8 @@ class AttributionExplainer:
                                       prefix_cache=self.prefix_cache, prefixes=prefixes,
                                       max_memory=self.max_memory, checkpoint=self.checkpoint,
                                       contrast=settings.contrast if contrasted else None,
-                                      contrast_length=request.model_input.n_contrast)
+                                      contrast_length=request.model_input.n_contrast,
+                                      target_span=request.model_input.target_span)
                 context = MethodContext(scorer, request.model_input, request.features, dict(settings.params),
                                         settings.per_target, request.counterfactual)
                 in_flight[index] = request
@@ -324,3 +331,29 @@ def compute_attributions(
     return explainer.explain(
         messages, target, prompt=prompt, method=method, granularity=granularity, **method_params
     )
+
+
+def answer_sentences(
+    explainer: AttributionExplainer,
+    messages: Optional[Messages] = None,
+    answer: Optional[str] = None,
+    *,
+    prompt: Optional[str] = None,
+    method: Optional[MethodLike] = None,
+    granularity: Optional[GranularityLike] = None,
+    show_progress: bool = False,
+    **method_params: Any,
+) -> AttributionBatchResult:
+    """Attribute every sentence of ``answer`` on its own, in one packed run: which source supports which claim.
+
+    Each result explains the log-probability of one sentence's tokens (``target_span``), the whole answer staying
+    as context, in reading order of the sentences (``result.target_span`` says which).
+    """
+    if not isinstance(answer, str) or not answer.strip():
+        raise InvalidInputError("answer must be the non-empty text whose sentences are attributed")
+    spans = [(match.start() + len(text) - len(text.lstrip()), match.end() - len(text) + len(text.rstrip()))
+             for match in SENTENCE_PATTERN.finditer(answer) if (text := match.group()).strip()]
+    source = {"messages": messages} if messages is not None else {"prompt": prompt}
+    items = [{**source, "target": answer, "target_span": span} for span in spans]
+    return explainer.explain_batch(items, method=method, granularity=granularity, show_progress=show_progress,
+                                   **method_params)

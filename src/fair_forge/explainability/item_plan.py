@@ -28,7 +28,7 @@ from .runtime.architectures import model_context_length
 from .runtime.requests import MaskedRows, TextRows
 from .runtime.scorer import TargetScorer
 from .text.counterfactual_input import CounterfactualInput, counterfactual_input
-from .text.prompt import Messages, ModelInput, build_model_input
+from .text.prompt import Messages, ModelInput, build_model_input, with_target_span
 from .text.segment import Feature, build_features, restrict_to_messages
 
 #: gradient methods that explain f(x) - f(x') of a counterfactual: those that integrate from a baseline (x')
@@ -54,16 +54,23 @@ class Prepared:
     model_input: ModelInput
     features: list[Feature]
     counterfactual: Optional[CounterfactualInput] = None
+    target_span: Optional[tuple[int, int]] = None  # the characters of the target explained (as the user gave them)
 
 
 def prepare(explainer: Any, settings: Settings, messages: Optional[Messages], prompt: Optional[str],
-            target: Optional[str], contrast_target: Optional[str] = None, counterfactual: Any = None) -> Prepared:
+            target: Optional[str], contrast_target: Optional[str] = None, counterfactual: Any = None,
+            target_span: Optional[tuple[int, int]] = None) -> Prepared:
     """Check and tokenize one item for ``explainer``; raises typed errors before any model call."""
     if target is None:
         raise InvalidInputError("target is required: the response text to explain")
     model_input = build_model_input(explainer.tokenizer, target=target, messages=messages, prompt=prompt,
                                     include_template_tokens=explainer.include_template_tokens,
                                     contrast_target=contrast_target)
+    if target_span is not None:
+        if counterfactual is not None:
+            raise InvalidInputError("target_span and counterfactual do not combine; explain the claim's sentence "
+                                    "as the target instead")
+        model_input = with_target_span(model_input, tuple(target_span))
     limit = model_context_length(explainer.model)
     longest = max(model_input.length, model_input.contrast.length if model_input.contrast is not None else 0)
     if limit is not None and longest > limit:
@@ -76,7 +83,8 @@ def prepare(explainer: Any, settings: Settings, messages: Optional[Messages], pr
             "answers of as many tokens")
     if counterfactual is None:
         model_input = restrict_to_messages(model_input, settings.attribute_messages)
-        return Prepared(model_input, build_features(model_input, settings.granularity))
+        return Prepared(model_input, build_features(model_input, settings.granularity),
+                        target_span=tuple(target_span) if target_span is not None else None)
     if settings.attribute_messages is not None:
         raise InvalidInputError("attribute_messages and counterfactual do not combine: a counterfactual's features "
                                 "are the segments where x and x' differ")
@@ -153,6 +161,7 @@ def build_result(explainer: Any, settings: Settings, item: Prepared, raw: RawAtt
         n_features=len(item.features),
         n_target_tokens=model_input.n_target,
         **raw.metadata,
+        **({"checkpoint": True, "checkpoint_reason": scorer.checkpoint_reason} if scorer.checkpoint_reason else {}),
     )
     if explainer.verbose:
         print(f"[fair_forge] {spec.name}: {len(scores)} features in {scorer.count.seconds:.2f}s")
@@ -161,6 +170,7 @@ def build_result(explainer: Any, settings: Settings, item: Prepared, raw: RawAtt
         prompt=model_input.prompt,
         target=model_input.target,
         contrast_target=model_input.contrast.target if model_input.contrast is not None else None,
+        target_span=item.target_span,
         counterfactual_prompt=counterfactual.counterfactual_input.prompt if counterfactual is not None else None,
         method=method_label(spec.name),
         granularity=settings.granularity,

@@ -95,6 +95,13 @@ def check_method(method: Optional[str]) -> None:
     get_method(method)
 
 
+def check_contrast(contrast: str) -> None:
+    """Reject an unknown contrastive score before the (slow) model load."""
+    from ..runtime.scores import get_score
+
+    get_score(contrast, contrastive=True)
+
+
 def load_model(path: Optional[str]) -> tuple[Any, Any, str]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:

@@ -18,7 +18,6 @@ from .common import COLUMN_KEYS, PROG, BadInput, Parser, non_negative_int, parse
 from ..core.types import Granularity
 
 
-
 def build_dataset_parser() -> argparse.ArgumentParser:
     parser = Parser(prog=f"{PROG} dataset",
                      description="Explain every item of a dataset into a JSONL or Parquet file.")
@@ -41,6 +40,8 @@ def build_dataset_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", metavar="N", type=non_negative_int, default=None, help="only the first N items")
     parser.add_argument("--column", metavar="KEY=NAME", action="append", default=[],
                         help=f"the column holding KEY, one of {', '.join(COLUMN_KEYS)} (e.g. --column question=q)")
+    parser.add_argument("--contrast", metavar="NAME", default="logprob_diff",
+                        help="the contrastive score of rows with a contrast_target: logprob_diff (default) or prob_diff")
     parser.add_argument("--param", metavar="KEY=VALUE", action="append", default=[],
                         help="a method parameter, e.g. --param n_steps=16 (VALUE read as JSON when it parses)")
     return parser
@@ -72,6 +73,7 @@ def run_dataset(args: argparse.Namespace) -> int:
     if args.workers < 1 or args.max_new_tokens < 1:
         raise BadInput("--workers and --max-new-tokens must be >= 1")
     common.check_method(args.method)
+    common.check_contrast(args.contrast)
 
     model, tokenizer, model_name = common.load_model(args.model)
     from ..runs.datasets import explain_dataset
@@ -84,7 +86,7 @@ def run_dataset(args: argparse.Namespace) -> int:
     run = explain_dataset(
         explainer, source, out, method=args.method, granularity=args.granularity, generate=args.generate,
         max_new_tokens=args.max_new_tokens, limit=args.limit, resume=args.resume, overwrite=args.overwrite,
-        **engine, **columns, **params,
+        contrast=args.contrast, **engine, **columns, **params,
     )
     print(f"{run.n_explained} explained, {run.n_failed} failed, {run.n_skipped} already done; "
           f"{run.seconds:.1f} s; written to {run.path}")

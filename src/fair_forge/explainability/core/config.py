@@ -31,7 +31,7 @@ class ExplainerConfig:
     include_template_tokens: bool = False
     prefix_cache: bool = True
     max_memory: Optional[int] = None
-    checkpoint: bool = False
+    checkpoint: Optional[bool] = None
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments that rebuild an equal explainer: ``AttributionExplainer(model, tokenizer, **options)``."""

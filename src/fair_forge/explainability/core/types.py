@@ -39,6 +39,8 @@ class AttributionMethod(str, Enum):
     KERNEL_SHAP = "kernel_shap"
     OCCLUSION = "occlusion"
     SOBOL = "sobol"
+    ATTENTION = "attention"
+    AT2 = "at2"
     INTEGRATED_JACOBIANS = "integrated_jacobians"
 
     def __str__(self) -> str:
@@ -178,6 +180,8 @@ class AttributionResult(BaseModel):
     prompt: str
     target: str
     contrast_target: Optional[str] = Field(None, description="the answer the target was contrasted with, if any")
+    target_span: Optional[tuple[int, int]] = Field(
+        None, description="the characters of the target whose log-probability was explained (None: all of it)")
     counterfactual_prompt: Optional[str] = Field(
         None, description="for a counterfactual explanation: x' (its messages' contents joined by newlines)")
     method: Union[AttributionMethod, str] = Field(description="a built-in method, or the name of a registered one")

@@ -5,7 +5,7 @@ package before its modules), so ``get_method`` always sees them, and the registr
 import it). The names users reach for are re-exported here.
 """
 
-from . import gradient, perturbation  # noqa: F401  (their @register_method decorators run)
+from . import attention, gradient, perturbation  # noqa: F401  (their @register_method decorators run)
 from .registry import (MethodContext, MethodParams, MethodSpec, RawAttribution, SampledParams, available_methods,
                        get_method, methods_reference, register_method)
 

@@ -24,6 +24,7 @@ from ..errors import InvalidInputError
 from ..explainer import AttributionExplainer, parse_granularity
 from ..runtime.generation import DEFAULT_GENERATION_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
 from ..methods.registry import get_method
+from ..runtime.scores import get_score
 from ..core.records import DatasetRecord, batch_from_records
 from .sinks import Sink, load_results, open_sink, output_format, remove_output, stored_settings
 from .pipeline import RunSettings, explain_records
@@ -69,6 +70,7 @@ def explain_dataset(
     id_column: Optional[str] = None,
     contrast_target: Optional[str] = None,
     counterfactual: Optional[str] = None,
+    contrast: str = "logprob_diff",
     generate: bool = False,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     generation_kwargs: Optional[Mapping[str, Any]] = None,
@@ -90,8 +92,9 @@ def explain_dataset(
     ``messages=``, ``prompt=``, ``question=``, ``system=`` (alias ``context=``, sent as a system message),
     ``target=``, ``id_column=``, ``contrast_target=`` and ``counterfactual=`` name source columns (defaults:
     ``messages``, ``prompt``, ``question``, ``system``/``context``, ``target``/``answer``/``response``,
-    ``contrast_target``, ``counterfactual``: an item's contrast and its x', see ``AttributionExplainer.explain``;
-    ids hash the item and the settings). An item
+    ``contrast_target``, ``counterfactual``; ids hash the item and the settings). A row with a contrast target is
+    explained as why its target rather than that (``contrast=``, see ``AttributionExplainer.explain``); a row with
+    a counterfactual (messages, the counterfactual's question, or a prompt) as f(x) - f(x'). An item
     without a target, or every item with ``generate=True``, gets the model's own greedy answer. An existing output
     written with the same settings is resumed (``resume=False`` makes that an error), one written with other
     settings is an error unless ``overwrite=True``. ``engine="ray"`` runs on Ray Data (see ``ray_engine.py``).
@@ -105,7 +108,8 @@ def explain_dataset(
     spec = get_method(method if method is not None else explainer.default_method)
     level = parse_granularity(granularity if granularity is not None else explainer.default_granularity)
     run = RunSettings(spec.name, dict(spec.resolve_params(method_params)), level.value, per_target, generate,
-                      max_new_tokens, dict(generation_kwargs or {}), generation_batch_size)
+                      max_new_tokens, dict(generation_kwargs or {}), generation_batch_size,
+                      get_score(contrast, contrastive=True).name)
     if max_new_tokens < 1 or generation_batch_size < 1:
         raise InvalidInputError("max_new_tokens and generation_batch_size must be >= 1")
     columns = ColumnMap(messages, prompt, question, system if system is not None else context, target, id_column,

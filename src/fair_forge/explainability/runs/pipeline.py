@@ -36,6 +36,7 @@ class RunSettings:
     max_new_tokens: int
     generation_kwargs: dict[str, Any]
     generation_batch_size: int
+    contrast: str = "logprob_diff"  # the contrastive score of items with a contrast target
 
     def fingerprint(self, explainer: AttributionExplainer, columns: ColumnMap) -> dict[str, Any]:
         """The JSON-able settings an output records (batch sizes excluded: they do not change results)."""
@@ -81,7 +82,8 @@ def _block_records(explainer: AttributionExplainer, block: list[DatasetItem], ru
         ready += _with_targets(explainer, block[start : start + run.generation_batch_size], run, failed)
     yield from failed
     stream = explainer.iter_explain([item.request(target) for item, target in ready], method=run.method,
-                                    granularity=run.granularity, per_target=run.per_target, **run.params)
+                                    granularity=run.granularity, per_target=run.per_target, contrast=run.contrast,
+                                    **run.params)
     for position, outcome in stream:
         item = ready[position][0]
         if isinstance(outcome, BatchFailure):

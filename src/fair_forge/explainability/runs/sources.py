@@ -46,13 +46,15 @@ class DatasetItem:
     metadata: dict[str, Any] = field(default_factory=dict)
     error: Optional[BatchFailure] = None
     contrast_target: Optional[str] = None
-    counterfactual: Any = None  # x': messages or a prompt
+    counterfactual: Any = None  # x': messages (for a chat item) or a prompt
 
     def request(self, target: str) -> dict[str, Any]:
         """The item as ``iter_explain`` takes it."""
-        source = {"messages": self.messages} if self.messages is not None else {"prompt": self.prompt}
-        options = {"contrast_target": self.contrast_target, "counterfactual": self.counterfactual}
-        return {**source, "target": target, **{key: value for key, value in options.items() if value is not None}}
+        extras = {name: value for name in ("contrast_target", "counterfactual")
+                  if (value := getattr(self, name)) is not None}
+        if self.messages is not None:
+            return {"messages": self.messages, "target": target, **extras}
+        return {"prompt": self.prompt, "target": target, **extras}
 
     def failed(self, error: BaseException) -> DatasetRecord:
         failure = BatchFailure(index=self.index, error_type=type(error).__name__, message=str(error))
@@ -147,13 +149,9 @@ def _map_row(row: Mapping[str, Any], columns: ColumnMap, generate: bool) -> dict
     target_column, target = _pick(row, columns, "target")
     contrast_column, contrast_target = _pick(row, columns, "contrast_target")
     counterfactual_column, counterfactual = _pick(row, columns, "counterfactual")
-    if isinstance(counterfactual, str) and messages is not None:  # x' of a chat, stored as JSON text
-        try:
-            counterfactual = json.loads(counterfactual)
-        except json.JSONDecodeError:
-            raise InvalidInputError(f"column {counterfactual_column!r} holds text that is not a JSON list of messages "
-                                    "(the item is a chat, so its counterfactual is one too)") from None
     used += [target_column, contrast_column, counterfactual_column]
+    if counterfactual is not None:
+        counterfactual = _counterfactual(counterfactual, counterfactual_column, messages, system)
     metadata = {key: value for key, value in row.items() if key not in used and _is_scalar(value)}
     if generate and target is not None:
         metadata["reference_target"] = target  # the dataset's own answer, kept beside the model's
@@ -161,6 +159,22 @@ def _map_row(row: Mapping[str, Any], columns: ColumnMap, generate: bool) -> dict
     metadata["target_generated"] = target is None
     return {"messages": messages, "prompt": prompt, "target": target, "metadata": metadata,
             "contrast_target": contrast_target, "counterfactual": counterfactual}
+
+
+def _counterfactual(value: Any, column: Optional[str], messages: Optional[list[Any]], system: Any) -> Any:
+    """x' of a row: a prompt for a prompt item; for a chat item a list of messages (or its JSON text), or a plain
+    string that stands for the user's message (as a ``question`` column does, after the row's system message)."""
+    if messages is None:
+        return value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return ([{"role": "system", "content": system}] if system is not None else []) + \
+                [{"role": "user", "content": value}]
+    if not isinstance(value, (list, tuple)):
+        raise InvalidInputError(f"column {column!r} must hold the counterfactual's messages or its question")
+    return [dict(message) if isinstance(message, Mapping) else message for message in value]
 
 
 def _is_scalar(value: Any) -> bool:
@@ -188,7 +202,7 @@ def iter_items(rows: Iterable[Any], columns: ColumnMap, generate: bool, settings
                 if item_id in seen_ids:
                     raise InvalidInputError(f"id {item_id!r} (column {columns.id!r}) was already used by another row")
                 seen_ids.add(item_id)
-            else:  # a contrast or a counterfactual is part of what is explained (absent ones keep old ids)
+            else:
                 content = {key: fields[key] for key in ("messages", "prompt", "target")}
                 content.update({key: fields[key] for key in ("contrast_target", "counterfactual")
                                 if fields[key] is not None})

@@ -14,7 +14,7 @@ import contextlib
 import copy
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
+from typing import Any, Callable, Hashable, Iterable, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -81,6 +81,7 @@ class _Rows:
     embeds: Optional[torch.Tensor] = None  # ... (n, A, H) embeddings
     outputs: tuple[int, ...] = ()  # the scalars every row differentiates
     alternative: Optional[int] = None  # a one-token contrast of a one-token target: scored from the same logits
+    checkpoint: bool = False  # gradient calls run checkpointed layers (and then have no prefix cache)
 
     @property
     def answer_width(self) -> int:
@@ -151,12 +152,13 @@ def _embedding_rows(scorer: RowScorer, model_input: ModelInput, request: Embeddi
     if embeds.ndim != 3 or embeds.shape[1] != len(positions):
         raise InvalidInputError(f"embeds must have shape (n, {len(positions)}, H), got {tuple(embeds.shape)}")
     # checkpointed layers recompute their forward in the backward pass, so they must not append to a cache
-    checkpointed = scorer.checkpoint and request.gradients
+    cached = int(positions[0]) if scorer.prefix_cache else 0
+    checkpointed = request.gradients and scorer.checkpoints(model_input.length - cached, cached, model_input.n_target)
     prefix = None if checkpointed else scorer.prefix(model_input.input_ids, int(positions[0]))
     start = prefix.length if prefix is not None else 0
     return _Rows(scorer, prefix, model_input.target_ids, base=scorer.embed(model_input.input_ids[start:]),
                  positions=(positions - start).to(scorer.device), embeds=embeds, outputs=tuple(request.outputs),
-                 alternative=alternative_of(model_input))
+                 alternative=alternative_of(model_input), checkpoint=checkpointed)
 
 
 def alternative_of(model_input: ModelInput) -> Optional[int]:
@@ -202,10 +204,11 @@ def _score(requests: Sequence[_Rows], batch_size: Optional[int], gradients: bool
            ) -> list[tuple[np.ndarray, Optional[torch.Tensor]]]:
     """(log-probs, gradients or None) per request, its rows cut into calls by prefix, then width."""
     results = [(np.empty((r.size, r.answer_width)), None) for r in requests]
-    grads = [torch.empty((r.size, len(r.outputs), *r.embeds.shape[1:]), device=r.base.device) if gradients else None
-             for r in requests]
+    grads = [torch.empty((r.size, len(r.outputs), *r.embeds.shape[1:]), dtype=r.base.dtype, device=r.base.device)
+             if gradients else None for r in requests]
     entries = [(index, row) for index, rows in enumerate(requests) for row in range(rows.size)]
-    for group in _by_prefix_then_width(entries, lambda entry: requests[entry[0]].prefix,
+    for group in _by_prefix_then_width(entries, lambda entry: (id(requests[entry[0]].prefix),
+                                                                requests[entry[0]].checkpoint),
                                        lambda entry: requests[entry[0]].width(entry[1])):
         for call in _calls(group, requests, batch_size, gradients):
             log_probs, call_grads = _call([(requests[index], row) for index, row in call], gradients)
@@ -242,7 +245,7 @@ def _calls(group: list[tuple[int, int]], requests: Sequence[_Rows], batch_size: 
         calls[-1].append(entry)
         n_target = max(n_target, tail)
     if over is not None:
-        rows_within_budget(over, budget)  # one MemoryBudgetWarning that suggests checkpoint=True
+        rows_within_budget(over, budget)  # one MemoryBudgetWarning (checkpoint=False or already checkpointed)
     return calls
 
 
@@ -251,19 +254,20 @@ def _estimate(rows: _Rows, row: int, n_target: int, gradients: bool) -> Optional
     no sizes (then only the token and logits budgets apply)."""
     try:
         return call_estimate(rows.scorer.model, length=rows.width(row), prefix=rows.cached_length(row),
-                             n_target=n_target, grad=gradients, checkpoint=gradients and rows.scorer.checkpoint)
+                             n_target=n_target, grad=gradients, checkpoint=gradients and rows.checkpoint)
     except InvalidInputError:
         return None
 
 
 def _by_prefix_then_width(
-    entries: Iterable[T], prefix: Callable[[T], Optional[Prefix]], width: Callable[[T], int]
+    entries: Iterable[T], key: Callable[[T], Hashable], width: Callable[[T], int]
 ) -> list[list[T]]:
-    """``entries`` grouped by the prefix object they continue (rows of one call share it), each group ordered by
-    width (stable), so that consecutive entries cut into calls need little padding."""
-    groups: dict[int, list[T]] = {}
+    """``entries`` grouped by ``key`` (the id of the prefix object they continue and whether their gradient calls
+    are checkpointed: rows of one call share both), each group ordered by width (stable), so that consecutive
+    entries cut into calls need little padding."""
+    groups: dict[Hashable, list[T]] = {}
     for entry in entries:
-        groups.setdefault(id(prefix(entry)), []).append(entry)
+        groups.setdefault(key(entry), []).append(entry)
     return [sorted(group, key=width) for group in groups.values()]
 
 
@@ -376,12 +380,13 @@ def _embedding_call(rows: Sequence[tuple[_Rows, int]], targets: torch.Tensor, ma
                     ) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
     """The forward (and backward) pass of a call of embedding rows, written into their inputs' full sequences."""
     first = rows[0][0]
-    embeds = torch.zeros((len(rows), width, first.base.shape[-1]), dtype=torch.float32, device=first.base.device)
+    embeds = torch.zeros((len(rows), width, first.base.shape[-1]), dtype=first.base.dtype, device=first.base.device)
     for position, (laid, row) in enumerate(rows):
         offset = width - laid.width(row)
         embeds[position, offset:] = laid.base
-        embeds[position, offset + laid.positions] = laid.embeds[row].to(embeds.device, torch.float32)
-    checkpointed = checkpointed_layers(first.scorer.model) if gradients and first.scorer.checkpoint else contextlib.nullcontext()
+        embeds[position, offset + laid.positions] = laid.embeds[row].to(embeds.device, embeds.dtype)
+    checkpointed = checkpointed_layers(first.scorer.model) if gradients and first.checkpoint \
+        else contextlib.nullcontext()
     with torch.set_grad_enabled(gradients), checkpointed:
         embeds.requires_grad_(gradients)
         log_probs = first.scorer.target_log_probs(targets, inputs_embeds=embeds, attention_mask=mask,

@@ -20,7 +20,7 @@ import torch
 from ..errors import InvalidInputError, UnsupportedModelError
 from ..text.prompt import ModelInput
 from .architectures import cache_argument, keeps_logits, output_layer
-from .memory import check_max_memory
+from .memory import call_estimate, check_max_memory, memory_budget
 from .answers import answer_requests
 from .requests import EvaluationCount, MaskedRows, Prefix
 from .scores import ScoreKind, get_score
@@ -60,19 +60,22 @@ class TargetScorer:
 
     With ``contrast`` (a contrastive score's name, ``scores.py``) the scorer explains why its input's target rather
     than its contrast target: the log-probs it is handed hold the target's ``n_target`` columns followed by the
-    contrast's ``contrast_length``, and ``reduce`` combines the two sums (``score`` is then not used).
+    contrast's ``contrast_length``, and ``reduce`` combines the two sums (``score`` is then not used). With
+    ``target_span=(a, b)`` the score is that of target tokens a..b-1 only (the others stay as context).
     """
 
     def __init__(
         self, model: Any, *, score: ScoreKind = "sum", batch_size: Optional[int] = None, prefix_cache: bool = True,
         prefixes: Optional[dict[tuple[int, ...], Optional[Prefix]]] = None, max_memory: Optional[int] = None,
-        checkpoint: bool = False, contrast: Optional[str] = None, contrast_length: int = 0,
+        checkpoint: Optional[bool] = None, contrast: Optional[str] = None, contrast_length: int = 0,
+        target_span: Optional[tuple[int, int]] = None,
     ) -> None:
         self.score_function = get_score(score)  # a typed error for an unknown score
         self.contrast_function = get_score(contrast, contrastive=True) if contrast is not None else None
         if self.contrast_function is not None and (isinstance(contrast_length, bool) or contrast_length < 1):
             raise InvalidInputError(f"a contrast needs its target's length (>= 1), got {contrast_length!r}")
         self.contrast_length = int(contrast_length) if self.contrast_function is not None else 0
+        self.target_span = target_span  # explain only these target tokens' log-probs (a claim of the answer)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise InvalidInputError(f"batch_size must be a positive integer or None, got {batch_size!r}")
         self.model = model
@@ -83,14 +86,43 @@ class TargetScorer:
         if parameter is None:
             raise UnsupportedModelError(f"{type(model).__name__} has no parameters: it is not a language model")
         self.device, self.dtype = parameter.device, parameter.dtype
+        # log-probs, input embeddings and gradients: float32, or the model's dtype where it is wider (float64), so
+        # that a float64 model is scored in float64 throughout
+        self.score_dtype = torch.promote_types(self.dtype, torch.float32)
         self._keeps_logits = keeps_logits(model)
         self._cache_argument = cache_argument(model)
         self.prefix_cache = prefix_cache
         self._prefixes = {} if prefixes is None else prefixes
         self.max_memory = check_max_memory(max_memory)
-        if not isinstance(checkpoint, bool):
-            raise InvalidInputError(f"checkpoint must be True or False, got {checkpoint!r}")
+        if checkpoint is not None and not isinstance(checkpoint, bool):
+            raise InvalidInputError(f"checkpoint must be True, False or None (automatic), got {checkpoint!r}")
         self.checkpoint = checkpoint
+        self.checkpoint_reason: Optional[str] = None  # why gradient calls ran checkpointed (None: they did not)
+
+    def checkpoints(self, length: int, prefix: int, n_target: int) -> bool:
+        """Whether a gradient call over rows of ``length`` tokens after a ``prefix``-token cache runs checkpointed
+        layers: as ``checkpoint`` says, or with ``checkpoint=None`` when one such row's backward pass is estimated
+        (``memory.call_estimate``) over the call budget (``max_memory``, or its default) and checkpointing would
+        keep less: instead of a ``MemoryBudgetWarning`` and a call over budget. Once on, it stays on for this
+        scorer's later calls (one explanation runs one way); the reason is kept in ``checkpoint_reason`` for the
+        result's metadata."""
+        if self.checkpoint is not None or self.checkpoint_reason is not None:
+            if self.checkpoint:
+                self.checkpoint_reason = "checkpoint=True"
+            return self.checkpoint is not False
+        try:
+            estimate = call_estimate(self.model, length=length, prefix=prefix, n_target=n_target, grad=True)
+        except InvalidInputError:  # no sizes in the config: no estimate, as for the call budgets
+            return False
+        budget = memory_budget(self.model, self.max_memory)
+        lighter = call_estimate(self.model, length=length, prefix=prefix, n_target=n_target, checkpoint=True)
+        if estimate.bytes_per_row <= budget or lighter.bytes_per_row >= estimate.bytes_per_row:
+            return False  # within budget, or a model too shallow for checkpointing to keep less
+        self.checkpoint_reason = (
+            f"automatic: one row of {length} tokens after a {prefix}-token prefix needs about "
+            f"{estimate.bytes_per_row / 2**30:.2f} GiB for a backward pass, over the call budget of "
+            f"{budget / 2**30:.2f} GiB (max_memory)")
+        return True
 
     @property
     def vocab_size(self) -> int:
@@ -110,7 +142,8 @@ class TargetScorer:
         """(..., n_target [+ contrast_length]) target log-probs -> (...) explained score: the registered ``score``
         function, or the contrast's ``combine`` of the target's and the contrast's summed log-probs."""
         if self.contrast_function is None:
-            return self.score_function(log_probs)
+            spanned = log_probs if self.target_span is None else log_probs[..., slice(*self.target_span)]
+            return self.score_function(spanned)
         split = log_probs.shape[-1] - self.contrast_length
         return self.contrast_function(log_probs[..., :split].sum(-1), log_probs[..., split:].sum(-1))
 
@@ -143,7 +176,7 @@ class TargetScorer:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings of ``input_ids`` (no gradient), on the model's device, in float32."""
         with torch.no_grad():
-            return self.embedding_layer()(input_ids.to(self.device)).float()
+            return self.embedding_layer()(input_ids.to(self.device)).to(self.score_dtype)
 
     def prefix(self, input_ids: torch.Tensor, length: int) -> Optional[Prefix]:
         """The cached first ``length`` tokens of ``input_ids`` (computed once, by the first scorer that needs it),
@@ -217,7 +250,7 @@ class TargetScorer:
         if count:
             self.count.forward_passes += 1
             self.count.tokens_processed += size * length
-        logits = logits[:, -(n_target + 1) : -1].float()  # positions that predict the target tokens
+        logits = logits[:, -(n_target + 1) : -1].to(self.score_dtype)  # positions that predict the target tokens
         targets = target_ids.to(self.device).reshape(-1, n_target, 1).expand(size, n_target, 1)
         normaliser = logits.logsumexp(-1)
         log_probs = logits.gather(-1, targets).squeeze(-1) - normaliser

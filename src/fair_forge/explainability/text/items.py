@@ -24,8 +24,9 @@ def item_options(item: Any) -> dict[str, Any]:
     """The optional fields of a dict item: ``contrast_target`` and ``counterfactual`` (missing, None or a
     DataFrame's NaN: not given)."""
     if not isinstance(item, Mapping):
-        return {"contrast_target": None, "counterfactual": None}
-    return {name: None if _missing(item.get(name)) else item.get(name) for name in ("contrast_target", "counterfactual")}
+        return {"contrast_target": None, "counterfactual": None, "target_span": None}
+    return {name: None if _missing(item.get(name)) else item.get(name)
+            for name in ("contrast_target", "counterfactual", "target_span")}
 
 
 def _missing(value: Any) -> bool:

@@ -60,6 +60,7 @@ class ModelInput:
     tokens: tuple[str, ...]  # the tokenizer's token strings, for labels
     messages: Optional[tuple[dict[str, str], ...]] = None  # the checked chat messages; None for a raw prompt
     contrast: Optional["ModelInput"] = None  # the same prompt followed by the contrast target (same prompt tokens)
+    target_span: Optional[tuple[int, int]] = None  # target tokens [a, b) whose log-probs are explained (None: all)
 
     @property
     def length(self) -> int:
@@ -231,6 +232,25 @@ def _baseline_token_id(tokenizer: Any) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
+
+
+def with_target_span(model_input: ModelInput, span: Any) -> ModelInput:
+    """``model_input`` explaining only the target tokens that hold the characters ``span = (start, end)`` of the
+    target (a claim of a longer answer; the rest of the answer stays as context), or a typed error."""
+    if not (isinstance(span, (tuple, list)) and len(span) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in span)):
+        raise InvalidInputError(f"target_span must be (start, end) character offsets into the target, got {span!r}")
+    start, end = span
+    target = model_input.target
+    if not 0 <= start < end <= len(target) or not target[start:end].strip():
+        raise InvalidInputError(f"target_span {span!r} must be a non-empty stretch of text inside the "
+                                f"{len(target)}-character target")
+    if model_input.contrast is not None:
+        raise InvalidInputError("target_span and contrast_target do not combine: a contrast compares whole answers")
+    base = len(model_input.text) - len(target)  # where the target's first character is in the model's text
+    tokens = [index for index, position in enumerate(range(model_input.target_start, model_input.length))
+              if (offset := model_input.offsets[position])[0] < base + end and base + start < offset[1]]
+    return dataclasses.replace(model_input, target_span=(tokens[0], tokens[-1] + 1))
 
 
 def validate_contrast(contrast_target: Any, target: str) -> str:

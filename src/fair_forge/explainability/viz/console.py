@@ -3,6 +3,8 @@ runs in a Jupyter kernel that can display HTML."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 from ..core.types import AttributionResult
 
 
@@ -14,6 +16,34 @@ def in_notebook() -> bool:
         return False
     shell = get_ipython()
     return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def explained_question(result: AttributionResult) -> str:
+    """What the scores answer, in words: which parts of the input drove the target, why it rather than the
+    contrast, and for a counterfactual how much each change from x' to x moved that."""
+    question = f"why {result.target!r}" + (f" rather than {result.contrast_target!r}" if result.contrast_target else "")
+    if result.counterfactual_prompt is not None:
+        return f"{question}: what each change from the counterfactual x' to x did (they sum to f(x) - f(x'))"
+    return question
+
+
+def scores_line(result: AttributionResult) -> str:
+    """The explained score at the input (and at x'), when the method reported it."""
+    meta = result.metadata
+    if meta.target_score is None:
+        return ""
+    line = f"explained score ({getattr(meta, 'score', 'score')}): f(x) = {meta.target_score:+.4f}"
+    if meta.counterfactual_score is not None:
+        line += f", f(x') = {meta.counterfactual_score:+.4f}, f(x) - f(x') = " \
+                f"{meta.target_score - meta.counterfactual_score:+.4f}"
+    elif meta.baseline_score is not None:
+        line += f", f(baseline) = {meta.baseline_score:+.4f}"
+    return line
+
+
+def feature_label(text: str, counterfactual_text: Optional[str]) -> str:
+    """A feature as shown in tables and tooltips: its text, and for a counterfactual what x' has instead."""
+    return text if counterfactual_text is None else f"{text} (x': {counterfactual_text!r})"
 
 
 def format_table(result: AttributionResult, top: int = 10) -> str:
@@ -30,8 +60,12 @@ def format_table(result: AttributionResult, top: int = 10) -> str:
         extra = f" ({relative:.2%} of f(x) - f(baseline))" if relative is not None else ""
         lines.append(f"convergence delta: {meta.convergence_delta:.4g}{extra}")
     lines.append(f"target: {result.target!r}")
-    rows = [
-        (str(rank), repr(a.text)[1:-1], f"{a.score:+.4f}", f"{a.normalized_score:+.3f}")  # repr: newlines stay visible
+    lines.append(f"question: {explained_question(result)}")
+    if scores_line(result):
+        lines.append(scores_line(result))
+    rows = [  # repr: newlines stay visible
+        (str(rank), repr(feature_label(a.text, a.counterfactual_text))[1:-1], f"{a.score:+.4f}",
+         f"{a.normalized_score:+.3f}")
         for rank, a in enumerate(result.get_top_k(top), 1)
     ]
     header = ("rank", "text", "score", "normalized")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import numpy as np
 
 from ..core.types import AttributionResult
-from .console import in_notebook
+from .console import explained_question, feature_label, in_notebook, scores_line
 
 if TYPE_CHECKING:
     pass
@@ -113,9 +113,10 @@ def _title(score: float, normalized: float) -> str:
     return f"score {score:+.4g} (normalized {normalized:+.2f})"
 
 
-def _span(css_class: str, text: str, score: float, normalized: float, show_score: bool = False) -> str:
+def _span(css_class: str, text: str, score: float, normalized: float, show_score: bool = False,
+          note: Optional[str] = None) -> str:
     style = f"background-color:{score_color(normalized)};color:{_text_color(normalized)}"
-    title = _esc(_title(score, normalized))
+    title = _esc(_title(score, normalized) + (f"; {note}" if note else ""))
     chip = f'<span class="{css_class}" style="{style}" title="{title}">{_esc(text)}</span>'
     return f"<ruby>{chip}<rt>{score:+.2g}</rt></ruby>" if show_score else chip
 
@@ -130,6 +131,7 @@ class _Item:
     message_index: Optional[int]
     score: float
     normalized: float
+    note: Optional[str] = None  # said in the tooltip (what a counterfactual has instead)
 
 
 _SPECIAL_LABEL = re.compile(r"\[[A-Z]+\]|<[^<>\s]+>")
@@ -147,12 +149,14 @@ def _place(text: str, items: Sequence[_Item], css_class: str, show_scores: bool)
     cursor = 0
     for item in items:
         if item.start is None or item.end is None:
-            pieces.append(_span(_chip_class(css_class, item), item.label, item.score, item.normalized, show_scores))
+            pieces.append(_span(_chip_class(css_class, item), item.label, item.score, item.normalized, show_scores,
+                                item.note))
             continue
         if not cursor <= item.start <= item.end <= len(text):
             return None
         pieces.append(_esc(text[cursor : item.start]))
-        pieces.append(_span(css_class, text[item.start : item.end], item.score, item.normalized, show_scores))
+        pieces.append(_span(css_class, text[item.start : item.end], item.score, item.normalized, show_scores,
+                            item.note))
         cursor = item.end
     pieces.append(_esc(text[cursor:]))
     return "".join(pieces)
@@ -173,7 +177,8 @@ def _joined(items: Sequence[_Item], css_class: str, token_level: bool, show_scor
             gap = "" if item.start == previous.end else " "
         else:
             gap = "" if token_level and item.start is None and previous.start is None else " "
-        pieces.append(gap + _span(_chip_class(css_class, item), label, item.score, item.normalized, show_scores))
+        pieces.append(gap + _span(_chip_class(css_class, item), label, item.score, item.normalized, show_scores,
+                                  item.note))
         previous = item
     return "".join(pieces)
 
@@ -207,7 +212,9 @@ def _blocks(result: AttributionResult, items: Sequence[_Item], text: str, css_cl
 
 
 def _attribution_items(result: AttributionResult) -> list[_Item]:
-    return [_Item(a.text, a.start, a.end, a.message_index, a.score, a.normalized_score) for a in result.attributions]
+    return [_Item(a.text, a.start, a.end, a.message_index, a.score, a.normalized_score,
+                  None if a.counterfactual_text is None else feature_label(a.text, a.counterfactual_text))
+            for a in result.attributions]
 
 
 def _attributed_text(result: AttributionResult, show_scores: bool = False) -> str:
@@ -303,6 +310,10 @@ def render_html(result: AttributionResult, *, standalone: bool = True, show_scor
         ("model", result.model_name),
         *([] if result.messages else [("prompt", result.prompt)]),  # chat messages are shown in their blocks
         ("target", result.target),
+        *([("contrast", result.contrast_target)] if result.contrast_target else []),
+        *([("counterfactual x'", result.counterfactual_prompt)] if result.counterfactual_prompt is not None else []),
+        ("question", explained_question(result)),
+        *([("scores", scores_line(result))] if scores_line(result) else []),
     ]
     header = "".join(f"<tr><th>{_esc(name)}</th><td>{_esc(value)}</td></tr>" for name, value in header_rows)
     meta = result.metadata
