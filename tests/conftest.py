@@ -151,6 +151,16 @@ def tiny_llama(llama_tokenizer):
     return make_tiny_llama(len(llama_tokenizer)), llama_tokenizer
 
 
+@pytest.fixture
+def saved_tiny_model(tiny_gpt2, tmp_path: Path) -> Path:
+    """The tiny GPT-2 (ChatML template) saved as a local folder, for the command line's --model."""
+    model, tokenizer = tiny_gpt2
+    folder = tmp_path / "tiny-gpt2"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(params=["gpt2", "llama"])
 def tiny_lm(request, gpt2_tokenizer, llama_tokenizer):
     """Both tiny architectures, for tests that must hold for any causal LM."""

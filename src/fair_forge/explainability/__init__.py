@@ -43,6 +43,8 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers, IDEs and 
         load_default_model,
     )
     from .runs.datasets import DatasetRun, explain_dataset
+    from .runs.audit import audit
+    from .core.audit import AuditReport
     from .evaluation import (
         FaithfulnessBatchReport,
         FaithfulnessReport,
@@ -86,6 +88,8 @@ _LAZY = {
     "DatasetRecord": "core.records",
     "DatasetRun": "runs.datasets",
     "explain_dataset": "runs.datasets",
+    "audit": "runs.audit",
+    "AuditReport": "core.audit",
     "generate_targets": "runtime.generation",
     "load_results": "runs.sinks",
     "plot_summary": "viz.plots",
@@ -109,6 +113,8 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "AuditReport",
+    "audit",
     "DatasetRecord",
     "DatasetRun",
     "explain_dataset",

@@ -2,16 +2,20 @@
 
 ``AttributionResult.show`` / ``save_html`` / ``_repr_html_`` and ``AttributionBatchResult.save`` / ``load`` /
 ``to_dataframe`` are plain data's methods, but their work is display (``viz/``) and storage (``runs/``), floors above
-``core``. They call these functions, which live on the top floor and may import any floor.
+``core``; so are ``AuditReport.plot`` and ``save_html``. They call these functions, which live on the top floor and may
+import any floor.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from .core.types import AttributionBatchResult, AttributionResult
+
+if TYPE_CHECKING:
+    from .core.audit import AuditReport
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -60,3 +64,17 @@ def load_batch(path: PathLike) -> AttributionBatchResult:
     from .runs.sinks import load_results
 
     return batch_from_records(load_results(path))
+
+
+def plot_audit(report: "AuditReport") -> Any:
+    from .viz.audit import plot_audit as plot
+
+    return plot(report)
+
+
+def save_audit_html(report: "AuditReport", path: PathLike, top: int) -> Path:
+    from .viz.audit import render_audit_html
+
+    target = Path(path)
+    target.write_text(render_audit_html(report, top), encoding="utf-8")
+    return target

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from . import common
-from .common import PROG, BadInput, Parser, non_negative_int, parse_params
+from .common import COLUMN_KEYS, PROG, BadInput, Parser, non_negative_int, parse_columns, parse_params
 from ..core.types import Granularity
-
-COLUMN_KEYS = ("messages", "prompt", "question", "system", "context", "target", "id", "contrast_target",
-               "counterfactual")
 
 
 def build_dataset_parser() -> argparse.ArgumentParser:
@@ -59,28 +56,13 @@ def build_summarize_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _columns(pairs: Sequence[str]) -> dict[str, str]:
-    columns: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, name = pair.partition("=")
-        if not sep or key not in COLUMN_KEYS or not name:
-            raise BadInput(f"--column expects KEY=NAME with KEY one of {COLUMN_KEYS}, got {pair!r}")
-        columns["id_column" if key == "id" else key] = name
-    if "system" in columns and "context" in columns:
-        raise BadInput("--column system=... and --column context=... name the same role; give one")
-    return columns
-
-
 def run_dataset(args: argparse.Namespace) -> int:
     """Check everything that can be checked without the model, then load it and stream the dataset."""
     from ..runs.sinks import output_format
-    from ..runs.sources import SOURCE_SUFFIXES
 
     params = parse_params(args.param)
-    columns = _columns(args.column)
-    source, out = Path(args.input), Path(args.out)
-    if source.suffix.lower() not in SOURCE_SUFFIXES or not source.is_file():
-        raise BadInput(f"INPUT {source} must be an existing {'/'.join(SOURCE_SUFFIXES)} file")
+    columns = parse_columns(args.column)
+    source, out = common.source_file(args.input, "INPUT"), Path(args.out)
     output_format(out)
     if out.exists() and not (args.resume or args.overwrite):
         raise BadInput(f"{out} exists: pass --resume to continue it or --overwrite to replace it")

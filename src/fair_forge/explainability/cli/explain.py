@@ -8,7 +8,7 @@ instead); ``--messages`` reads a JSON list of ``{"role": ..., "content": ...}`` 
 ``messages`` list and optionally a ``target``). The default model is the embedded SmolLM2-135M-Instruct; ``--model``
 takes a local transformers folder. Without ``--target`` the model's own greedy answer is explained. Bad input exits
 with code 2 and one line on stderr; other failures exit with 1. ``dataset`` and ``summarize`` subcommands: see
-``cli/dataset.py``.
+``cli/dataset.py``; ``audit``: ``cli/audit.py``.
 
 Building the parser imports neither torch nor transformers (``--help`` answers at once); the model and the methods
 are imported only when an explanation runs.

@@ -353,7 +353,8 @@ def _facade() -> Any:
     """The one deliberate upward import of ``core``: the result methods that render or store a result (``show``,
     ``save_html``, ``_repr_html_``, a batch's ``save``, ``load`` and ``to_dataframe``) hand the work to ``viz/`` and
     ``runs/`` through the package's facade (``_facade.py``), imported on first use, so that ``core`` itself imports
-    neither. tests/test_layers.py allows exactly this arrow."""
+    neither (``core/audit.py``'s report reaches it through this function too). tests/test_layers.py allows exactly
+    this arrow."""
     from .. import _facade
 
     return _facade

@@ -21,6 +21,7 @@ from typing import Any, Collection, Mapping, Optional, Sequence, Union
 
 from ..errors import InvalidInputError
 from .prompt import VALID_ROLES, Messages, validate_messages, validate_text
+from .protected import whole_words_pattern
 
 #: Gender words swapped both ways (a bijection: swapping twice gives the text back).
 GENDER_PAIRS: tuple[tuple[str, str], ...] = (
@@ -89,8 +90,9 @@ def _user_table(pairs: Any) -> dict[str, Replacement]:
     return table
 
 
-def _table(attribute: Optional[str], pairs: Any) -> dict[str, Replacement]:
-    """The swap table: the built-in one of ``attribute`` with ``pairs`` on top, or ``pairs`` alone."""
+def swap_table(attribute: Optional[str], pairs: Any) -> dict[str, Replacement]:
+    """The swap table: the built-in one of ``attribute`` with ``pairs`` on top, or ``pairs`` alone; typed errors for an
+    unknown attribute or a malformed pair (so a caller can check a swap before it has any text)."""
     if attribute is not None and not isinstance(attribute, str):
         raise InvalidInputError(f"attribute must be a name such as 'gender', got {attribute!r}")
     if attribute is None and pairs is None:
@@ -153,10 +155,9 @@ def swap(
     of those roles (e.g. "user"). Raises ``InvalidInputError`` for an unknown attribute or when no word of the table
     occurs (the counterfactual would equal x).
     """
-    table = _table(attribute, pairs)
+    table = swap_table(attribute, pairs)
     chosen = _selected_roles(roles)
-    words = sorted(table, key=len, reverse=True)  # longest first, so a phrase wins over a word inside it
-    pattern = re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, words)) + r")(?!\w)", re.IGNORECASE)
+    pattern = whole_words_pattern(table)
     if isinstance(x, str):
         if chosen is not None:
             raise InvalidInputError("roles= selects chat messages, but x is a prompt; leave roles out")
