@@ -5,6 +5,7 @@ resume, failures, JSON, escaped HTML, the plot, and the `audit` command."""
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from pathlib import Path
 from typing import Any
@@ -329,3 +330,16 @@ def test_cli_audit_writes_the_report_and_resumes(saved_tiny_model: Path, items_f
     html = out.with_suffix(".html")
     assert cli.main([*argv[:4], str(html), *argv[5:], "--resume"]) == 0  # report.records.jsonl is shared
     assert "Fairness audit" in html.read_text(encoding="utf-8")
+
+
+def test_the_audit_explains_the_contrast_it_is_given(gpt2_tokenizer) -> None:
+    """contrast="prob_diff": the decision score is p(yes) - p(no), from the planted logits (+3, -3, else 0)."""
+    report = audit(_planted(gpt2_tokenizer), PLANTED_ITEMS[:2], protected=["Paris"], group="place",
+                   contrast="prob_diff", method="occlusion", **QUIET)
+    others = len(gpt2_tokenizer) - 2
+    expected = (math.exp(3) - math.exp(-3)) / (math.exp(3) + math.exp(-3) + others)
+    assert [item.target_score for item in report.items] == [pytest.approx(expected, abs=1e-6),
+                                                            pytest.approx(0.0, abs=1e-9)]
+    assert report.settings.contrast == "prob_diff"
+    with pytest.raises(InvalidInputError, match="contrast must be one of"):
+        audit(_planted(gpt2_tokenizer), PLANTED_ITEMS[:1], protected=["Paris"], contrast="ratio", **QUIET)

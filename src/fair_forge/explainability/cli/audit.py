@@ -40,6 +40,8 @@ def build_audit_parser() -> argparse.ArgumentParser:
     swaps.add_argument("--swap", metavar="WORD=OTHER", action="append", default=[],
                        help="instead, build x' by swapping these word pairs (both ways); repeatable")
     parser.add_argument("--method", metavar="M", default=None, help="attribution method (default: occlusion)")
+    parser.add_argument("--contrast", metavar="NAME", default="logprob_diff",
+                        help="the contrastive score of rows with a contrast_target: logprob_diff (default), prob_diff")
     parser.add_argument("--granularity", metavar="G", default=Granularity.WORD.value,
                         choices=[g.value for g in Granularity], help="token, word or sentence (default: word)")
     parser.add_argument("--model", metavar="PATH", default=None,
@@ -99,12 +101,13 @@ def run_audit(args: argparse.Namespace) -> int:
     if options.records is not None and options.records.exists() and not (args.resume or args.overwrite):
         raise BadInput(f"{options.records} exists: pass --resume to continue it or --overwrite to replace it")
     common.check_method(args.method)
+    common.check_contrast(args.contrast)
 
     model, tokenizer, model_name = common.load_model(args.model)
     from ..explainer import AttributionExplainer
 
     explainer = AttributionExplainer(model, tokenizer, model_name=model_name, default_method="occlusion")
-    report = audit(explainer, source, protected=protected, group=args.group, method=args.method,
+    report = audit(explainer, source, protected=protected, group=args.group, method=args.method, contrast=args.contrast,
                    granularity=args.granularity, counterfactual=counterfactual, n_bootstrap=args.bootstrap,
                    confidence=args.confidence, seed=args.seed, out=options.report, overwrite=args.overwrite,
                    **columns, **params)

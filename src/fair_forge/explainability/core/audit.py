@@ -121,6 +121,7 @@ class AuditSettings(BaseModel):
     protected: Union[dict[str, list[str]], Literal["spans"]]
     group: Optional[str] = None
     counterfactual: Optional[str] = Field(default=None, description="how x' was made (None: the items' own, if any)")
+    contrast: str = Field(default="logprob_diff", description="the contrastive score of items with a contrast target")
     n_bootstrap: int = Field(ge=1)
     confidence: float = Field(gt=0.0, lt=1.0)
     seed: int = Field(ge=0)

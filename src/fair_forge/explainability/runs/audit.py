@@ -38,6 +38,7 @@ from ..text.protected import (
     word_spans,
 )
 from ..text.swap import swap, swap_table
+from ..runtime.scores import get_score
 from .datasets import explain_dataset
 from .sinks import load_results
 from .sources import ColumnMap, DatasetItem, _missing, iter_items, iter_source
@@ -68,6 +69,7 @@ def audit(
     granularity: Optional[str] = "word",
     target: Optional[str] = None,
     contrast_target: Optional[str] = None,
+    contrast: str = "logprob_diff",
     counterfactual: Union[None, str, Sequence[tuple[str, str]], Callable[[X], X]] = None,
     n_bootstrap: int = 1000,
     confidence: float = 0.95,
@@ -97,7 +99,8 @@ def audit(
     ``contrast_target=`` (default columns ``target``/``answer``/``response`` and ``contrast_target``); an audit needs
     every item's target. With ``out`` (a .json or .html report) the explanations stream to ``<out stem>.records.jsonl``
     beside it, a rerun resumes them (``resume``/``overwrite`` as in ``explain_dataset``), and the report is written
-    to ``out``. Method parameters are keywords, as for ``explain``.
+    to ``out``. ``contrast=`` picks the contrastive score of items with a contrast target ("logprob_diff" or
+    "prob_diff", as in ``explain``). Method parameters are keywords, as for ``explain``.
     """
     options = check_options(protected, counterfactual, group, n_bootstrap, confidence, seed, out)
     if context is not None and system is not None:
@@ -109,7 +112,8 @@ def audit(
     settings = AuditSettings(
         model_name=explainer.model_name, method=method_spec.name, granularity=level.value, method_params=params,
         protected=spec if isinstance(spec, str) else {name: list(words) for name, words in spec.items()},
-        group=group, counterfactual=options.described, n_bootstrap=n_bootstrap, confidence=confidence, seed=seed)
+        group=group, counterfactual=options.described, contrast=get_score(contrast, contrastive=True).name,
+        n_bootstrap=n_bootstrap, confidence=confidence, seed=seed)
     report_path, records_path = options.report, options.records
     columns = ColumnMap(messages, prompt, question, system if system is not None else context, target, id_column,
                         contrast_target)
@@ -120,7 +124,7 @@ def audit(
     requests = _requests(iter_source(items, columns), columns, spec, group, options.build, pending, rows, failures)
     outcome = explain_dataset(explainer, requests, records_path, method=method_spec.name, granularity=level.value,
                               id_column=_ID, resume=resume, overwrite=overwrite, show_progress=show_progress,
-                              **method_params)
+                              contrast=settings.contrast, **method_params)
     order = list(pending)  # the run's item indices are positions in the stream of requests
     records: Iterable[DatasetRecord] = (load_results(records_path) if records_path is not None
                                         else (DatasetRecord(r.index, order[r.index], r.outcome)
