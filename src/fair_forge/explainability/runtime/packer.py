@@ -205,8 +205,8 @@ def _score(requests: Sequence[_Rows], batch_size: Optional[int], gradients: bool
     grads = [torch.empty((r.size, len(r.outputs), *r.embeds.shape[1:]), device=r.base.device) if gradients else None
              for r in requests]
     entries = [(index, row) for index, rows in enumerate(requests) for row in range(rows.size)]
-    for group in _by_prefix_then_width(entries, lambda entry: requests[entry[0]].prefix,
-                                       lambda entry: requests[entry[0]].width(entry[1])):
+    owner = lambda entry: (requests[entry[0]].prefix, requests[entry[0]].scorer.model)  # noqa: E731
+    for group in _by_prefix_then_width(entries, owner, lambda entry: requests[entry[0]].width(entry[1])):
         for call in _calls(group, requests, batch_size, gradients):
             log_probs, call_grads = _call([(requests[index], row) for index, row in call], gradients)
             for position, (index, row) in enumerate(call):
@@ -257,13 +257,15 @@ def _estimate(rows: _Rows, row: int, n_target: int, gradients: bool) -> Optional
 
 
 def _by_prefix_then_width(
-    entries: Iterable[T], prefix: Callable[[T], Optional[Prefix]], width: Callable[[T], int]
+    entries: Iterable[T], owner: Callable[[T], tuple[Optional[Prefix], Any]], width: Callable[[T], int]
 ) -> list[list[T]]:
-    """``entries`` grouped by the prefix object they continue (rows of one call share it), each group ordered by
-    width (stable), so that consecutive entries cut into calls need little padding."""
-    groups: dict[int, list[T]] = {}
+    """``entries`` grouped by the prefix object they continue and the model that runs them (rows of one call share
+    both: without a cache, rows of two models would otherwise meet), each group ordered by width (stable), so that
+    consecutive entries cut into calls need little padding."""
+    groups: dict[tuple[int, int], list[T]] = {}
     for entry in entries:
-        groups.setdefault(id(prefix(entry)), []).append(entry)
+        cache, model = owner(entry)
+        groups.setdefault((id(cache), id(model)), []).append(entry)
     return [sorted(group, key=width) for group in groups.values()]
 
 
