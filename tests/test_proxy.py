@@ -53,12 +53,13 @@ def direct_scores(model, tokenizer, rows: np.ndarray) -> np.ndarray:
     return TargetScorer(model).score_token_masks(model_input, ~(~rows @ member))
 
 
-def test_agreement_with_another_model_is_spearman_on_the_checked_rows(tiny_gpt2):
+@pytest.mark.parametrize("prefix_cache", [True, False])  # without caches, rows of the two models never share a call
+def test_agreement_with_another_model_is_spearman_on_the_checked_rows(tiny_gpt2, prefix_cache):
     """Occlusion over two sentences asks for three rows, all checked: the LDS equals spearmanr of the two models'
     direct scores of those rows, and the scores are the proxy's own occlusion."""
     model, tokenizer = tiny_gpt2
     proxy = make_tiny_llama(len(tokenizer))
-    result = AttributionExplainer(model, tokenizer, proxy_model=proxy).explain(
+    result = AttributionExplainer(model, tokenizer, proxy_model=proxy, prefix_cache=prefix_cache).explain(
         MESSAGES, TARGET, method="occlusion", granularity="sentence", **QUIET)
     rows = np.array([[True, True], [False, True], [True, False]])
     main, small = direct_scores(model, tokenizer, rows), direct_scores(proxy, tokenizer, rows)
@@ -99,3 +100,23 @@ def test_a_config_with_a_proxy_is_rebuilt_only_with_it(tiny_gpt2):
         AttributionExplainer.from_config(model, tokenizer, explainer.config)
     rebuilt = AttributionExplainer.from_config(model, tokenizer, explainer.config, proxy_model=model)
     assert rebuilt.config == explainer.config
+
+
+def test_rows_of_two_models_in_one_round_run_on_their_own_models(tiny_gpt2):
+    """Without prefix caches nothing else tells the rows of a proxy and of the explained model apart: in one round
+    (one item's check next to another's ablations) each request is still answered by its own model."""
+    from fair_forge.explainability.runtime.answers import answer_requests
+    from fair_forge.explainability.runtime.requests import ByScorer, MaskedRows
+
+    model, tokenizer = tiny_gpt2
+    proxy = make_tiny_llama(len(tokenizer))
+    model_input = build_model_input(tokenizer, target=TARGET, messages=MESSAGES)
+    rows = MaskedRows(np.ones((2, model_input.length), dtype=bool), model_input.baseline_token_id)
+    rows.keep[1, 3] = False
+    own, other = TargetScorer(model, prefix_cache=False), TargetScorer(proxy, prefix_cache=False)
+    mine, theirs = answer_requests([(own, model_input, rows), (own, model_input, ByScorer(other, rows))])
+    np.testing.assert_allclose(mine, TargetScorer(model).score_token_masks(model_input, rows.keep, per_target=True),
+                               atol=1e-5)
+    np.testing.assert_allclose(theirs, TargetScorer(proxy).score_token_masks(model_input, rows.keep, per_target=True),
+                               atol=1e-5)
+    assert own.count.forward_passes == other.count.forward_passes == 1
