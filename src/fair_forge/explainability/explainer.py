@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -10,9 +11,9 @@ from .runtime import engine
 from .core.config import ExplainerConfig
 from .errors import InvalidInputError
 from .runtime.generation import generate_target
-from .item_plan import Prepared, Settings, build_result, prepare, scored_plan
+from .item_plan import Prepared, Settings, build_result, prepare, proxied_plan, scored_plan
 from .methods.registry import MethodContext, get_method
-from .runtime.models import borrowed, check_model, display_name
+from .runtime.models import borrowed, check_model, check_proxy, display_name
 from .runtime.scorer import ScoreKind, TargetScorer
 from .runtime.scores import get_score
 from .text.items import batch_items, item_fields, item_options
@@ -58,6 +59,11 @@ class AttributionExplainer:
     that gradient calls keep a fraction of that memory, for one more forward per call; ``checkpoint=None`` (default)
     does so where one row's backward pass is estimated over that budget, and a result whose gradient calls ran
     checkpointed says so in its metadata (``checkpoint``, ``checkpoint_reason``); ``False`` never does.
+
+    ``proxy_model`` (a smaller model of the same tokenizer and vocabulary; ``proxy_tokenizer``, if given, is checked
+    against ``tokenizer``) scores the ablations of the perturbation methods instead of ``model``; then
+    ``proxy_check_rows`` of them, drawn with the method's seed, are scored by ``model`` too, and
+    ``metadata.proxy["lds"]`` is the two models' Spearman rank agreement on them.
     """
 
     def __init__(
@@ -75,24 +81,38 @@ class AttributionExplainer:
         prefix_cache: bool = True,
         max_memory: Optional[int] = None,
         checkpoint: Optional[bool] = None,
+        proxy_model: Any = None,
+        proxy_tokenizer: Any = None,
+        proxy_check_rows: int = 16,
     ) -> None:
         check_model(model)
         self.model = model
         self.tokenizer = tokenizer
-        config = getattr(model, "config", None)
         TargetScorer(model, score=score, batch_size=batch_size, max_memory=max_memory, checkpoint=checkpoint)  # checks
+        if proxy_model is not None:
+            check_proxy(model, tokenizer, proxy_model, proxy_tokenizer)
+        if isinstance(proxy_check_rows, bool) or not isinstance(proxy_check_rows, int) or proxy_check_rows < 2:
+            raise InvalidInputError(f"proxy_check_rows must be an integer >= 2 (a rank correlation needs two rows), "
+                                    f"got {proxy_check_rows!r}")
+        self.proxy_model = proxy_model
         self.config = ExplainerConfig(
             default_method=get_method(default_method).name,
             default_granularity=parse_granularity(default_granularity),
-            model_name=model_name or display_name(getattr(config, "name_or_path", None), type(model).__name__),
-            verbose=verbose, score=score, batch_size=batch_size, include_template_tokens=include_template_tokens,
-            prefix_cache=prefix_cache, max_memory=max_memory, checkpoint=checkpoint,
+            model_name=model_name or _name_of(model), verbose=verbose, score=score, batch_size=batch_size,
+            include_template_tokens=include_template_tokens, prefix_cache=prefix_cache, max_memory=max_memory,
+            checkpoint=checkpoint, proxy_model_name=_name_of(proxy_model) if proxy_model is not None else None,
+            proxy_check_rows=proxy_check_rows,
         )
 
     @classmethod
-    def from_config(cls, model: Any, tokenizer: Any, config: ExplainerConfig) -> "AttributionExplainer":
-        """An explainer of ``model`` with every option of ``config`` (how a Ray actor rebuilds the driver's)."""
-        return cls(model, tokenizer, **config.options())
+    def from_config(cls, model: Any, tokenizer: Any, config: ExplainerConfig,
+                    proxy_model: Any = None) -> "AttributionExplainer":
+        """An explainer of ``model`` with every option of ``config`` (how a Ray actor rebuilds the driver's); a
+        config made with a proxy model needs that model again."""
+        if (config.proxy_model_name is None) != (proxy_model is None):
+            raise InvalidInputError(f"the explainer was built with proxy_model={config.proxy_model_name!r}: pass "
+                                    "the same proxy_model to rebuild it")
+        return cls(model, tokenizer, proxy_model=proxy_model, **config.options())
 
     # the options, read from the config (an explainer's options do not change after it is built)
     default_method = property(lambda self: self.config.default_method)
@@ -105,6 +125,7 @@ class AttributionExplainer:
     prefix_cache = property(lambda self: self.config.prefix_cache)
     max_memory = property(lambda self: self.config.max_memory)
     checkpoint = property(lambda self: self.config.checkpoint)
+    proxy_check_rows = property(lambda self: self.config.proxy_check_rows)
 
     # ---- one explanation ----------------------------------------------------------------------------------------
 
@@ -168,6 +189,9 @@ class AttributionExplainer:
         level = parse_granularity(granularity if granularity is not None else self.default_granularity)
         if spec.kind == "gradient":
             scorer.embedding_layer()  # typed error for models without input embeddings
+            if self.proxy_model is not None:
+                raise InvalidInputError(f"{spec.name} is a gradient method, and proxy_model scores ablations only: "
+                                        "use a perturbation method, or an explainer without proxy_model")
         contrast = get_score(contrast, contrastive=True).name  # a typed error for an unknown contrast
         return Settings(spec, params, level, bool(per_target), check_message_indices(attribute_messages), contrast)
 
@@ -175,11 +199,12 @@ class AttributionExplainer:
                   on_round: Callable[[], Any] = lambda: None) -> Iterator[tuple[int, Union[AttributionResult, Exception]]]:
         """Run prepared items through the batch engine (``engine.run``); (index, result or error) as items finish.
 
-        The model is borrowed for the whole run; the items share one prefix cache (a dataset's system prompt runs
+        The model (and the proxy) is borrowed for the whole run; the items share one prefix cache per model (a dataset's system prompt runs
         once) and the rows-per-call cap (the method's ``batch_size``, else the explainer's).
         """
         batch_size = settings.params.get("batch_size") or self.batch_size
-        prefixes: dict = {}
+        prefixes: dict = {}  # the key/value caches of the model that answers the plans (the proxy, if any) ...
+        explained_prefixes: dict = {}  # ... and of the explained model, which checks the proxy (caches differ per model)
         in_flight: dict[int, Prepared] = {}
 
         def jobs() -> Iterator[Union[engine.Job, engine.Rejected]]:
@@ -187,19 +212,20 @@ class AttributionExplainer:
                 if isinstance(request, Exception):
                     yield engine.Rejected(index, request)
                     continue
-                contrasted = request.model_input.contrast is not None
-                scorer = TargetScorer(self.model, score=self.score, batch_size=batch_size,
-                                      prefix_cache=self.prefix_cache, prefixes=prefixes,
-                                      max_memory=self.max_memory, checkpoint=self.checkpoint,
-                                      contrast=settings.contrast if contrasted else None,
-                                      contrast_length=request.model_input.n_contrast,
-                                      target_span=request.model_input.target_span)
+                model_input = request.model_input
+                answering = self.proxy_model if self.proxy_model is not None else self.model
+                scorer = self._scorer(answering, prefixes, settings, model_input, batch_size)
                 context = MethodContext(scorer, request.model_input, request.features, dict(settings.params),
                                         settings.per_target, request.counterfactual)
+                plan = scored_plan(settings.spec, context)
+                if self.proxy_model is not None:
+                    explained = self._scorer(self.model, explained_prefixes, settings, model_input, batch_size)
+                    plan = proxied_plan(plan, context, explained, self.proxy_check_rows, self.config.proxy_model_name)
                 in_flight[index] = request
-                yield engine.Job(index, request.model_input, scorer, scored_plan(settings.spec, context))
+                yield engine.Job(index, model_input, scorer, plan)
 
-        with borrowed(self.model):
+        proxy = borrowed(self.proxy_model) if self.proxy_model is not None else contextlib.nullcontext()
+        with borrowed(self.model), proxy:
             for finished in engine.run(jobs(), batch_size=batch_size, on_round=on_round):
                 request = in_flight.pop(finished.index, None)
                 if finished.error is not None:
@@ -211,6 +237,15 @@ class AttributionExplainer:
                 except Exception as error:  # noqa: BLE001 - a malformed backend answer fails its item only
                     result = error
                 yield finished.index, result
+
+    def _scorer(self, model: Any, prefixes: dict, settings: Settings, model_input: Any,
+                batch_size: Optional[int]) -> TargetScorer:
+        """One item's scorer on ``model`` (the explained one or its proxy), with the explainer's options."""
+        contrasted = model_input.contrast is not None
+        return TargetScorer(model, score=self.score, batch_size=batch_size, prefix_cache=self.prefix_cache,
+                            prefixes=prefixes, max_memory=self.max_memory, checkpoint=self.checkpoint,
+                            contrast=settings.contrast if contrasted else None, contrast_length=model_input.n_contrast,
+                            target_span=model_input.target_span)
 
     # ---- many explanations ------------------------------------------------------------------------------------
 
@@ -306,6 +341,11 @@ class AttributionExplainer:
         if return_html:
             return render_html(result)
         return display_html(result)  # None in a notebook (displayed), else the HTML
+
+
+def _name_of(model: Any) -> str:
+    """A model's name for results (``display_name`` of its config's name or path, else its class name)."""
+    return display_name(getattr(getattr(model, "config", None), "name_or_path", None), type(model).__name__)
 
 
 def _progress(total: int, show: bool) -> Any:

@@ -8,24 +8,26 @@ every item of ``explain``, ``explain_batch``, ``iter_explain`` and ``explain_dat
   (``text/counterfactual_input.py``). Typed errors before any model call.
 - ``scored_plan``: the method's plan, followed where it did not score them by one request for the explained score at
   the input (``target_score``) and, for a counterfactual, at x' (``counterfactual_score``).
+- ``proxied_plan``: with a proxy model, a plan whose rows the proxy scored, followed by a sample of those rows scored
+  by the explained model: how well the proxy's ranking of the ablations agrees (``metadata.proxy``).
 - ``build_result``: the plan's ``RawAttribution`` as the result (scores, matrix, metadata).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Generator, Iterator, Optional, Union
 
 import numpy as np
 import torch
 
-from .core.plans import Plan
+from .core.plans import Plan, relay
 from .core.types import (AttributionMatrix, AttributionMetadata, AttributionMethod, AttributionResult, Granularity,
                          TokenAttribution, normalize_scores)
 from .errors import ContextLengthError, ExplainabilityError, InvalidInputError
 from .methods.registry import MethodContext, MethodSpec, RawAttribution
 from .runtime.architectures import model_context_length
-from .runtime.requests import MaskedRows, TextRows
+from .runtime.requests import ByScorer, MaskedRows, TextRows
 from .runtime.scorer import TargetScorer
 from .text.counterfactual_input import CounterfactualInput, counterfactual_input
 from .text.prompt import Messages, ModelInput, build_model_input, with_target_span
@@ -120,6 +122,69 @@ def scored_plan(spec: MethodSpec, context: MethodContext) -> Plan:
     return raw
 
 
+def proxied_plan(plan: Plan, context: MethodContext, explained: TargetScorer, check_rows: int, proxy_name: str
+                 ) -> Plan:
+    """``plan`` as it runs on the proxy (the item's scorer, ``context.scorer``), then ``check_rows`` of the distinct
+    rows it asked for (masked or text rows), drawn with the method's seed (0 without one), scored again by the
+    ``explained`` model: ``metadata.proxy`` holds the Spearman rank correlation of the two models' explained scores
+    on them (the LDS; None for fewer than two rows or constant scores) and what the explained model's calls cost."""
+    asked: dict[Any, tuple[tuple[Any, ...], Any, np.ndarray]] = {}  # distinct row -> (its kind, it, proxy log-probs)
+
+    def record(request: Any) -> Generator[Any, Any, Any]:
+        answer = yield request
+        for key, kind, row, log_probs in _single_rows(request, answer):
+            asked.setdefault(key, (kind, row, log_probs))
+        return answer
+
+    raw = yield from relay(plan, record)
+    if not isinstance(raw, RawAttribution):
+        return raw
+    rows = list(asked.values())
+    drawn = np.random.default_rng(context.params.get("seed", 0)).choice(len(rows), min(check_rows, len(rows)),
+                                                                        replace=False)
+    kinds: dict[tuple[Any, ...], list[tuple[Any, np.ndarray]]] = {}
+    for index in sorted(drawn.tolist()):
+        kind, row, log_probs = rows[index]
+        kinds.setdefault(kind, []).append((row, log_probs))
+    proxy_scores, explained_scores = [], []
+    for kind, members in kinds.items():
+        picked = [row for row, _ in members]
+        request = TextRows(tuple(picked)) if kind[0] == "text" else MaskedRows(np.stack(picked), *kind[1:])
+        explained_scores.append(_explained(context, (yield ByScorer(explained, request))))
+        proxy_scores.append(_explained(context, np.stack([log_probs for _, log_probs in members])))
+    proxy_values, explained_values = np.concatenate([[], *proxy_scores]), np.concatenate([[], *explained_scores])
+    count = explained.count
+    raw.metadata["proxy"] = {
+        "model": proxy_name, "check_rows": len(drawn), "lds": rank_agreement(proxy_values, explained_values),
+        "explained_model": {"n_forward_passes": count.forward_passes, "n_tokens_processed": count.tokens_processed,
+                            "compute_time_seconds": count.seconds}}
+    return raw
+
+
+def _single_rows(request: Any, answer: Any) -> Iterator[tuple[Any, tuple[Any, ...], Any, np.ndarray]]:
+    """(key, kind, row, log-probs) of each row of a masked or text request: what a check can ask for again."""
+    if isinstance(request, MaskedRows):
+        kind = ("masked", int(request.baseline_id), bool(request.remove))
+        for row, log_probs in zip(np.asarray(request.keep, dtype=bool), answer):
+            yield (*kind, row.tobytes()), kind, row, log_probs
+    elif isinstance(request, TextRows):
+        for each, log_probs in zip(request.inputs, answer):
+            yield ("text", tuple(each.input_ids.tolist())), ("text",), each, log_probs
+
+
+def _explained(context: MethodContext, log_probs: np.ndarray) -> np.ndarray:
+    return context.scorer.reduce(torch.from_numpy(np.asarray(log_probs))).numpy()
+
+
+def rank_agreement(first: np.ndarray, second: np.ndarray) -> Optional[float]:
+    """Spearman's rank correlation of two score vectors, None where it is undefined (fewer than two, or constant)."""
+    from scipy.stats import spearmanr
+
+    if len(first) < 2 or np.ptp(first) == 0 or np.ptp(second) == 0:
+        return None
+    return float(spearmanr(first, second).statistic)
+
+
 def method_label(name: str) -> Union[AttributionMethod, str]:
     """The enum member for a built-in method, the plain name for a user-registered one."""
     try:
@@ -151,11 +216,13 @@ def build_result(explainer: Any, settings: Settings, item: Prepared, raw: RawAtt
     if raw.matrix is not None:
         matrix = AttributionMatrix(row_labels=model_input.target_labels, column_labels=[f.text for f in item.features],
                                    values=np.asarray(raw.matrix, dtype=float).tolist())
+    count = scorer.count
+    extra = raw.metadata.get("proxy", {}).get("explained_model", {})  # a proxy's check: the explained model's calls
     metadata = AttributionMetadata(
-        compute_time_seconds=scorer.count.seconds,
-        n_forward_passes=scorer.count.forward_passes,
-        n_backward_passes=scorer.count.backward_passes,
-        n_tokens_processed=scorer.count.tokens_processed,
+        compute_time_seconds=count.seconds + extra.get("compute_time_seconds", 0.0),
+        n_forward_passes=count.forward_passes + extra.get("n_forward_passes", 0),
+        n_backward_passes=count.backward_passes,
+        n_tokens_processed=count.tokens_processed + extra.get("n_tokens_processed", 0),
         method_params=dict(settings.params),
         score=scorer.explained,
         n_features=len(item.features),

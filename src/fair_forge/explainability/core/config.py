@@ -32,11 +32,16 @@ class ExplainerConfig:
     prefix_cache: bool = True
     max_memory: Optional[int] = None
     checkpoint: Optional[bool] = None
+    proxy_model_name: Optional[str] = None  # the proxy that scores ablations (a model, so not an option to rebuild)
+    proxy_check_rows: int = 16
 
     def options(self) -> dict[str, Any]:
-        """Keyword arguments that rebuild an equal explainer: ``AttributionExplainer(model, tokenizer, **options)``."""
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        """Keyword arguments that rebuild an equal explainer: ``AttributionExplainer(model, tokenizer, **options)``
+        (with the proxy model too, if ``proxy_model_name`` names one)."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+                if field.name != "proxy_model_name"}
 
     def fingerprint(self) -> dict[str, Any]:
         """The options that decide an item's result (JSON-able), which a dataset output records."""
-        return {name: value for name, value in self.options().items() if name not in RESULT_NEUTRAL}
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+                if field.name not in RESULT_NEUTRAL}

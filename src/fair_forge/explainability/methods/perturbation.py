@@ -30,7 +30,7 @@ from ..core.types import AttributionMethod
 from .registry import (Count, FiniteFloat, Flag, MethodContext, MethodParams, Plan, RawAttribution, SampledParams, TokenId,
                _integer, register_method)
 from . import coalitions as core
-from . import sparse
+from . import hierarchy, sparse
 
 SampleCount = Annotated[int, BeforeValidator(_integer), Field(ge=2, strict=True)]  # a fit or a variance needs two
 
@@ -43,7 +43,15 @@ class MaskingParams(MethodParams):
     remove: Flag = Field(False, description="delete dropped tokens from attention instead of replacing them")
 
 
-class OcclusionParams(MaskingParams):
+class HierarchicalParams(MethodParams):
+    """The hierarchical search (``hierarchy``): groups of consecutive features first, then the kept groups' features."""
+
+    hierarchical: Flag = Field(
+        False, description="attribute to paragraphs (groups of ~sqrt(n) features) first, then only to the features of "
+                           "the groups that matter; pruned features score 0 (metadata.hierarchical says which)")
+
+
+class OcclusionParams(HierarchicalParams, MaskingParams):
     window: Count = Field(1, description="consecutive features masked together (1: leave-one-out)")
     stride: Count = Field(1, description="step between windows; at most window, so that every feature is masked")
 
@@ -51,6 +59,9 @@ class OcclusionParams(MaskingParams):
     def _every_feature_masked(self) -> "OcclusionParams":
         if self.stride > self.window:
             raise ValueError(f"stride={self.stride} > window={self.window} would leave features never masked")
+        if self.hierarchical and self.window > 1:
+            raise ValueError("hierarchical occlusion is leave-one-out at both levels (the groups are its windows); "
+                             "use window=1")
         return self
 
 
@@ -63,14 +74,16 @@ class KernelShapParams(CoalitionParams):
     exact: Flag = Field(False, description="enumerate all 2^d coalitions (exact Shapley values)")
 
 
-class LimeParams(CoalitionParams):
-    n_samples: Optional[SampleCount] = Field(None, description="neighbourhood size; None: max(100, 4 x features)")
+class LimeParams(HierarchicalParams, CoalitionParams):
+    n_samples: Optional[SampleCount] = Field(
+        None, description="neighbourhood size (per stage with hierarchical); None: max(100, 4 x features)")
     kernel_width: FiniteFloat = Field(25.0, gt=0, description="width of LIME's exponential kernel on distances")
 
 
-class ContextCiteParams(MaskingParams, SampledParams):
+class ContextCiteParams(HierarchicalParams, MaskingParams, SampledParams):
     n_samples: Optional[SampleCount] = Field(
-        None, description="random half-ablations scored; None: one per feature, between 32 and 64")
+        None, description="random half-ablations scored (per stage with hierarchical); None: one per feature, "
+                          "between 32 and 64")
     alpha: FiniteFloat = Field(sparse.DEFAULT_ALPHA, gt=0, description="Lasso penalty, relative to the standard deviation of the scores over the ablations")
 
 
@@ -133,6 +146,8 @@ class _Masks:
         scores, matrix = (values[0], values[1:]) if self.context.per_target else (values, None)
         totals = self.anchor_values.reshape(len(self.anchors), -1)[:, 0]
         scored = {"target_score": float(totals[0])}
+        if "hierarchical" in estimate.extras:
+            scored["hierarchical"] = estimate.extras["hierarchical"]
         if self.context.counterfactual is not None:
             scored["counterfactual_score"] = float(totals[1])
         return RawAttribution(feature_scores=scores, matrix=matrix, metadata={
@@ -143,12 +158,23 @@ def _sampling(params: dict[str, Any]) -> dict[str, Any]:
     return {"seed": params["seed"], "max_evaluations": params["max_evaluations"]}
 
 
+def _estimator(context: MethodContext, build: hierarchy.EstimatorFactory) -> core.EstimatorPlan:
+    """The method's estimator over the context's features: ``build(n_features, max_evaluations)`` itself, or with
+    ``hierarchical`` the hierarchical search composing it (``hierarchy``)."""
+    n_features, budget = len(context.features), context.params.get("max_evaluations")
+    if not context.params["hierarchical"]:
+        return build(n_features, budget)
+    groups = hierarchy.feature_groups(context.features, context.model_input)
+    return hierarchy.hierarchical_plan(n_features, groups, build, max_evaluations=budget)
+
+
 @register_method(AttributionMethod.OCCLUSION, kind="perturbation", additive=True, params=OcclusionParams,
                  description="drop in score when a window of consecutive features is masked (leave-one-out by default)")
 def occlusion(context: MethodContext) -> Plan:
     masks = _Masks(context)
-    estimate = yield from masks.run(core.occlusion_plan(masks.n_features, window=context.params["window"],
-                                                        stride=context.params["stride"]))
+    window, stride = context.params["window"], context.params["stride"]
+    estimate = yield from masks.run(_estimator(context, lambda n_features, _: core.occlusion_plan(
+        n_features, window=window, stride=stride)))
     return masks.attribution(estimate, n_windows=estimate.extras["n_windows"])
 
 
@@ -174,8 +200,9 @@ def kernel_shap(context: MethodContext) -> Plan:
 def lime(context: MethodContext) -> Plan:
     masks = _Masks(context)
     params = context.params
-    estimate = yield from masks.run(core.lime_plan(masks.n_features, n_samples=params["n_samples"],
-                                                   kernel_width=params["kernel_width"], **_sampling(params)))
+    estimate = yield from masks.run(_estimator(context, lambda n_features, budget: core.lime_plan(
+        n_features, n_samples=params["n_samples"], kernel_width=params["kernel_width"], seed=params["seed"],
+        max_evaluations=budget)))
     return masks.attribution(estimate, r2=estimate.extras["r2"], intercept=estimate.extras["intercept"])
 
 
@@ -184,8 +211,9 @@ def lime(context: MethodContext) -> Plan:
 def context_cite(context: MethodContext) -> Plan:
     masks = _Masks(context)
     params = context.params
-    estimate = yield from masks.run(sparse.sparse_plan(masks.n_features, n_samples=params["n_samples"],
-                                                        alpha=params["alpha"], **_sampling(params)))
+    estimate = yield from masks.run(_estimator(context, lambda n_features, budget: sparse.sparse_plan(
+        n_features, n_samples=params["n_samples"], alpha=params["alpha"], seed=params["seed"],
+        max_evaluations=budget)))
     return masks.attribution(estimate, **estimate.extras)
 
 

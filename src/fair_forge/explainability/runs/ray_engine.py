@@ -115,6 +115,9 @@ def ray_write(
     and shuts down only a Ray it started."""
     if num_workers < 1 or num_gpus_per_worker < 0:
         raise InvalidInputError("num_workers must be >= 1 and num_gpus_per_worker >= 0")
+    if explainer.config.proxy_model_name is not None:
+        raise InvalidInputError("engine='ray' loads one model per actor and cannot carry proxy_model; run the "
+                                "dataset with engine='local', or without a proxy")
     loader = model_loader if model_loader is not None else _default_loader(explainer)
     import ray
 

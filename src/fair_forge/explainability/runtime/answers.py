@@ -19,8 +19,8 @@ import torch
 from ..errors import InvalidInputError
 from ..text.prompt import ModelInput
 from .packer import alternative_of, score_embedding_requests, score_row_requests
-from .requests import (EXPLAINED_SCORE, LOG_PROB_SUM, EmbeddingAnswer, EmbeddingRows, MaskedRows, Request, RowScorer,
-                       TextRows)
+from .requests import (EXPLAINED_SCORE, LOG_PROB_SUM, ByScorer, EmbeddingAnswer, EmbeddingRows, MaskedRows, Request,
+                       RowScorer, TextRows)
 
 Part = tuple[RowScorer, ModelInput, Any]  # a request the packer answers: MaskedRows or EmbeddingRows
 Assemble = Callable[[list[Any]], Any]  # the parts' answers -> the request's answer
@@ -44,6 +44,8 @@ def answer_requests(requests: Sequence[tuple[RowScorer, ModelInput, Request]],
 
 def _split(scorer: RowScorer, model_input: ModelInput, request: Any, parts: list[Part]) -> Assemble:
     """Append the parts of ``request`` to ``parts``; return how to assemble its answer from theirs."""
+    if isinstance(request, ByScorer):
+        return _split(request.scorer, model_input, request.request, parts)
     if isinstance(request, TextRows):
         pieces = [_split(scorer, each, MaskedRows(np.ones((1, each.length), dtype=bool), each.baseline_token_id),
                          parts) for each in request.inputs]
@@ -52,7 +54,7 @@ def _split(scorer: RowScorer, model_input: ModelInput, request: Any, parts: list
         return lambda answers: np.concatenate([piece(answers) for piece in pieces])
     if not isinstance(request, (MaskedRows, EmbeddingRows)):
         raise InvalidInputError(f"a method asked for {type(request).__name__}; requests are MaskedRows, "
-                                "EmbeddingRows or TextRows")
+                                "EmbeddingRows, TextRows or ByScorer")
     first = len(parts)
     if model_input.contrast is None or alternative_of(model_input) is not None:
         parts.append((scorer, model_input, request))

@@ -208,7 +208,8 @@ def _score(requests: Sequence[_Rows], batch_size: Optional[int], gradients: bool
              if gradients else None for r in requests]
     entries = [(index, row) for index, rows in enumerate(requests) for row in range(rows.size)]
     for group in _by_prefix_then_width(entries, lambda entry: (id(requests[entry[0]].prefix),
-                                                                requests[entry[0]].checkpoint),
+                                                                requests[entry[0]].checkpoint,
+                                                                id(requests[entry[0]].scorer.model)),
                                        lambda entry: requests[entry[0]].width(entry[1])):
         for call in _calls(group, requests, batch_size, gradients):
             log_probs, call_grads = _call([(requests[index], row) for index, row in call], gradients)
@@ -262,8 +263,9 @@ def _estimate(rows: _Rows, row: int, n_target: int, gradients: bool) -> Optional
 def _by_prefix_then_width(
     entries: Iterable[T], key: Callable[[T], Hashable], width: Callable[[T], int]
 ) -> list[list[T]]:
-    """``entries`` grouped by ``key`` (the id of the prefix object they continue and whether their gradient calls
-    are checkpointed: rows of one call share both), each group ordered by width (stable), so that consecutive
+    """``entries`` grouped by ``key`` (the id of the prefix object they continue, whether their gradient calls are
+    checkpointed, and the model that runs them: rows of one call share all three; without a cache, rows of two models
+    would otherwise meet), each group ordered by width (stable), so that consecutive
     entries cut into calls need little padding."""
     groups: dict[Hashable, list[T]] = {}
     for entry in entries:

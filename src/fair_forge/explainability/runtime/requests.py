@@ -3,7 +3,8 @@
 
 A method asks with ``MaskedRows`` (token keep-masks over one input, answered with target log-probs),
 ``EmbeddingRows`` (attributable-token embeddings, answered with target log-probs and, if wanted, gradients) or
-``TextRows`` (other token sequences with the same target). An input with a contrast target is answered with the
+``TextRows`` (other token sequences with the same target), and with ``ByScorer`` has one of them answered by
+another model. An input with a contrast target is answered with the
 target's log-probs followed by the contrast's (n_target + n_contrast columns).
 ``RowScorer`` is what the packer needs of the scorer that owns a request's rows (``scorer.TargetScorer`` is one).
 """
@@ -78,7 +79,16 @@ class TextRows:
     inputs: tuple[Any, ...]  # ModelInput each (text/prompt.py)
 
 
-Request = MaskedRows | EmbeddingRows | TextRows
+@dataclass(frozen=True)
+class ByScorer:
+    """``request`` answered by ``scorer`` instead of the item's own: another model that reads the same token ids (a
+    proxy model and the explained one, ``explainer.py``). Answer: ``request``'s."""
+
+    scorer: "RowScorer"
+    request: "MaskedRows | EmbeddingRows | TextRows"
+
+
+Request = MaskedRows | EmbeddingRows | TextRows | ByScorer
 
 
 class RowScorer(Protocol):
