@@ -10,8 +10,20 @@ Columns: wall time, forward/backward passes, rows scored, tokens processed, peak
 sentence ranking: comprehensiveness (score drop when the top 5/10/20% sentences are masked: higher is better) and
 sufficiency (score drop when only they are kept: lower is better), in log-prob units, averaged over the fractions.
 ``occlusion (no row reuse)`` is occlusion with per-row prefix reuse turned off, the baseline its speed-up is
-measured against in the same run; ``integrated_gradients (checkpoint)`` runs with ``checkpoint=True`` (layers
+measured against in the same run. ``integrated_gradients`` runs at its defaults (adaptive steps, ``checkpoint=None``:
+checkpointed by itself where one row's backward pass is over the call budget; the ``checkpoint`` column says whether
+it was); ``integrated_gradients (16 steps)`` runs 16 steps with ``checkpoint=False`` (every layer's activations kept
+for the backward pass), ``integrated_gradients (checkpoint)`` the same 16 steps with ``checkpoint=True`` (layers
 recompute their activations in the backward pass instead of keeping them).
+``(hierarchical)`` rows run the method with
+``hierarchical=True`` (paragraphs first, then the sentences of the kept ones; ``pruned``: sentences never searched).
+
+``context-cite (MadryLab)`` is the reference implementation (PyPI ``context-cite``, its defaults: 64 ablations, one
+row per call, every row computed whole) on the same model, prompt (the same chat messages) and sentences (a
+partitioner of this library's sentence features), its ablated contexts re-rendered without the ablated sentences.
+It is not a dependency: install it with ``pip install --no-deps --target DIR context-cite==0.0.4 nltk`` and pass
+``--context-cite DIR``. Its modules import spaCy, which only splits responses into words (not called here), so a
+stub stands in for it; nltk cannot fetch its sentence model offline and is not needed with this partitioner.
 
 Run: ``python benchmarks/bench_long_context.py [--documents 1300 4000] [--methods occlusion lime ...]``.
 """
@@ -38,11 +50,19 @@ DOCUMENT_TOKENS = (1300, 4000)
 METHODS: dict[str, dict[str, Any]] = {
     "occlusion": {},
     "occlusion (no row reuse)": {},
+    "occlusion (hierarchical)": {"hierarchical": True},
     "lime": {},
+    "lime (hierarchical)": {"hierarchical": True},
     "context_cite": {},
-    "integrated_gradients": {"n_steps": 16},
+    "context_cite (hierarchical)": {"hierarchical": True},
+    "context-cite (MadryLab)": {},
+    "integrated_gradients": {},
+    "integrated_gradients (16 steps)": {"n_steps": 16},
     "integrated_gradients (checkpoint)": {"n_steps": 16},
 }
+# AttributionExplainer(checkpoint=...) per method; the others leave it at its default (None: automatic)
+CHECKPOINT = {"integrated_gradients (16 steps)": False, "integrated_gradients (checkpoint)": True}
+MADRYLAB = "context-cite (MadryLab)"
 
 
 def gpl_paragraphs() -> list[str]:
@@ -87,11 +107,81 @@ def faithfulness(explainer: Any, result: Any) -> dict[str, float]:
     return {"comprehensiveness": report.comprehensiveness, "sufficiency": report.sufficiency}
 
 
-def worker(tokens: int, method: str, answer: str, threads: int) -> dict[str, Any]:
+def madrylab(model: Any, tokenizer: Any, messages: list[dict[str, str]], features: list[Any], package: str
+             ) -> tuple[list[float], dict[str, Any]]:
+    """MadryLab's ContextCiter on ``messages`` (the document is message 0, split into ``features``): its scores per
+    sentence and what its attribution cost (forward passes and tokens counted by a hook on the model)."""
+    import types
+
+    import numpy as np
+
+    sys.path.insert(0, package)
+    spacy, english = types.ModuleType("spacy"), types.ModuleType("spacy.lang.en")
+    english.English = None  # used to split a response into words only
+    spacy.Language = type("Language", (), {})  # what `datasets` looks for in a loaded spaCy
+    sys.modules.update({"spacy": spacy, "spacy.lang": types.ModuleType("spacy.lang"), "spacy.lang.en": english})
+    from context_cite import ContextCiter
+    from context_cite.context_partitioner import BaseContextPartitioner
+
+    context = messages[0]["content"]
+
+    class Sentences(BaseContextPartitioner):
+        """The document's sentences as this library segments them, each with the text before it."""
+
+        def __init__(self) -> None:
+            super().__init__(context)
+            self.parts = [context[f.start : f.end] for f in features]
+            self.separators = [context[before.end if before else 0 : f.start]
+                               for before, f in zip([None, *features[:-1]], features)]
+
+        num_sources = property(lambda self: len(self.parts))
+
+        def split_context(self) -> None:
+            """Split in ``__init__``."""
+
+        def get_source(self, index: int) -> str:
+            return self.parts[index]
+
+        def get_context(self, mask: Any = None) -> str:
+            kept = np.ones(len(self.parts), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+            chosen = [(sep, part) for sep, part, keep in zip(self.separators, self.parts, kept) if keep]
+            return "".join((sep if index else "") + part for index, (sep, part) in enumerate(chosen))
+
+    class SameChat(ContextCiter):
+        """ContextCiter with this benchmark's chat messages (the document as the system message) as its prompt."""
+
+        def _get_prompt_ids(self, mask: Any = None, return_prompt: bool = False) -> Any:
+            chat = [{"role": "system", "content": self.partitioner.get_context(mask)}, *messages[1:]]
+            prompt = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+            return (ids, prompt) if return_prompt else ids
+
+    citer = SameChat(model, tokenizer, context, messages[1]["content"], partitioner=Sentences(),
+                     generate_kwargs={"max_new_tokens": ANSWER_TOKENS, "do_sample": False})
+    response = citer.response  # generated first, not timed
+    counted = {"forward": 0, "tokens": 0}
+
+    def count(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        counted["forward"] += 1
+        counted["tokens"] += int(kwargs["input_ids"].numel())
+
+    hook = model.register_forward_pre_hook(count, with_kwargs=True)
+    started = time.perf_counter()
+    try:
+        scores = citer.get_attributions(verbose=False)
+    finally:
+        hook.remove()
+    cost = {"time s": round(time.perf_counter() - started, 1), "forward": counted["forward"], "backward": 0,
+            "rows": citer.num_ablations, "tokens": counted["tokens"], "response": response[:40]}
+    return [float(score) for score in scores], cost
+
+
+def worker(tokens: int, method: str, answer: str, threads: int, package: Optional[str] = None) -> dict[str, Any]:
     """One method on one document, in this process (the parent starts one process per method)."""
     import torch
 
-    from fair_forge.explainability import AttributionExplainer, load_default_model, scoring
+    from fair_forge.explainability import AttributionExplainer, load_default_model
+    from fair_forge.explainability.runtime import packer
     from run_all import peak_rss_bytes
 
     torch.set_num_threads(threads)
@@ -99,13 +189,29 @@ def worker(tokens: int, method: str, answer: str, threads: int) -> dict[str, Any
     messages = [{"role": "system", "content": document(tokenizer, tokens)}, {"role": "user", "content": QUESTION}]
     name = method.split(" ")[0]
     if method == "occlusion (no row reuse)":
-        scoring.ROW_REUSE_MIN_WIDTH = sys.maxsize
-    explainer = AttributionExplainer(model, tokenizer, checkpoint=method.endswith("(checkpoint)"))
+        packer.ROW_REUSE_MIN_WIDTH = sys.maxsize
+    options = {"checkpoint": CHECKPOINT[method]} if method in CHECKPOINT else {}
+    explainer = AttributionExplainer(model, tokenizer, **options)
+    kwargs = {"granularity": "sentence", "attribute_messages": [0], "show_progress": False}
+    extra: dict[str, Any] = {}
+    if method == MADRYLAB:  # its scores, given to this library's result for the faithfulness columns
+        import numpy as np
+
+        from fair_forge.explainability import Granularity, RawAttribution, register_method
+        from fair_forge.explainability.text.prompt import build_model_input
+        from fair_forge.explainability.text.segment import build_features, restrict_to_messages
+
+        model_input = restrict_to_messages(build_model_input(tokenizer, target=answer, messages=messages), (0,))
+        features = build_features(model_input, Granularity.SENTENCE)
+        scores, extra = madrylab(model, tokenizer, messages, features, package)
+        register_method("given_scores", kind="perturbation", additive=False)(
+            lambda context: RawAttribution(np.asarray(scores)))
+        name = "given_scores"
     started = time.perf_counter()
-    result = explainer.explain(messages, answer, method=name, granularity="sentence", attribute_messages=[0],
-                               **METHODS[method])
+    result = explainer.explain(messages, answer, method=name, **kwargs, **METHODS[method])
     seconds = time.perf_counter() - started
     metadata = result.metadata
+    searched = getattr(metadata, "hierarchical", None)
     return {
         "document tokens": int(len(tokenizer(messages[0]["content"])["input_ids"])),
         "sentences": len(result.attributions),
@@ -115,7 +221,10 @@ def worker(tokens: int, method: str, answer: str, threads: int) -> dict[str, Any
         "backward": metadata.n_backward_passes,
         "rows": getattr(metadata, "n_evaluations", None) or metadata.method_params.get("n_steps"),
         "tokens": metadata.n_tokens_processed,
+        "pruned": len(searched["pruned_features"]) if searched else None,
+        **extra,
         "peak RSS GB": round(peak_rss_bytes() / 2**30, 2),
+        "checkpoint": bool(getattr(metadata, "checkpoint", False)),
         **{key: round(value, 3) for key, value in faithfulness(explainer, result).items()},
         "top sentence": max(result.attributions, key=lambda a: a.score).text[:60],
     }
@@ -132,21 +241,26 @@ def answers(document_tokens: Sequence[int]) -> dict[int, str]:
 
 
 def main(document_tokens: Sequence[int] = DOCUMENT_TOKENS, methods: Optional[Sequence[str]] = None,
-         threads: int = THREADS) -> dict[str, Any]:
-    rows = []
+         threads: int = THREADS, package: Optional[str] = None) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
     for tokens, answer in answers(document_tokens).items():
         for method in methods or METHODS:
             command = [sys.executable, __file__, "--worker", str(tokens), method, answer, "--threads", str(threads)]
+            if method == MADRYLAB and package is None:
+                rows.append({"method": method, "skipped": "not installed: pass --context-cite DIR"})
+                continue
+            command += ["--context-cite", package] if method == MADRYLAB else []
             done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
             if done.returncode != 0:
                 raise RuntimeError(f"{method} on {tokens} tokens failed:\n{done.stderr[-3000:]}")
             rows.append({"answer": answer[:40], **json.loads(done.stdout.strip().splitlines()[-1])})
-    by_key = {(row["document tokens"], row["method"]): row for row in rows}
-    for (doc, method), row in by_key.items():
-        baseline = by_key.get((doc, "occlusion (no row reuse)"))
-        if method == "occlusion" and baseline:
-            row["speed-up vs no reuse"] = round(baseline["time s"] / row["time s"], 2)
-            row["tokens vs no reuse"] = round(row["tokens"] / baseline["tokens"], 2)
+    by_key = {(row["document tokens"], row["method"]): row for row in rows if "skipped" not in row}
+    for (doc, method), row in by_key.items():  # speed-ups against the baseline measured in the same run
+        baseline = by_key.get((doc, "occlusion (no row reuse)" if method == "occlusion" else method.split(" ")[0]))
+        if baseline is not None and (method == "occlusion" or method.endswith("(hierarchical)")):
+            row["speed-up"] = round(baseline["time s"] / row["time s"], 2)
+            row["rows vs baseline"] = round(row["rows"] / baseline["rows"], 2)
+            row["tokens vs baseline"] = round(row["tokens"] / baseline["tokens"], 2)
     return {"rows": rows}
 
 
@@ -156,11 +270,13 @@ if __name__ == "__main__":
     parser.add_argument("--documents", nargs="+", type=int, default=list(DOCUMENT_TOKENS))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS))
     parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument("--context-cite", metavar="DIR", help="folder holding the context-cite package (see above)")
     arguments = parser.parse_args()
     if arguments.worker:
         tokens, method, answer = arguments.worker
-        print(json.dumps(worker(int(tokens), method, answer, arguments.threads)))
+        print(json.dumps(worker(int(tokens), method, answer, arguments.threads, arguments.context_cite)))
     else:
         from run_all import format_rows
 
-        print(format_rows(main(arguments.documents, arguments.methods, arguments.threads)["rows"]))
+        rows = main(arguments.documents, arguments.methods, arguments.threads, arguments.context_cite)["rows"]
+        print(format_rows(rows))

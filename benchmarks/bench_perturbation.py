@@ -26,11 +26,8 @@ import torch  # noqa: E402
 from fair_forge.explainability.explainer import AttributionExplainer  # noqa: E402
 from fair_forge.explainability.runtime.models import load_default_model  # noqa: E402
 from fair_forge.explainability.text.prompt import build_model_input  # noqa: E402
-from fair_forge.explainability.runtime.scorer import (  # noqa: E402
-    TargetScorer,
-    contiguous_head_input,
-    rows_per_call,
-)
+from fair_forge.explainability.runtime.packer import rows_per_call  # noqa: E402
+from fair_forge.explainability.runtime.scorer import TargetScorer, contiguous_head_input  # noqa: E402
 
 THREADS = 2  # like bench_gradient; on a busy machine, 1 thread avoids oversubscription stalls
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]

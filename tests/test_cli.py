@@ -33,16 +33,6 @@ def _no_model(*_args: Any) -> Any:
     raise AssertionError("bad input must be rejected before the model is loaded")
 
 
-@pytest.fixture
-def saved_tiny_model(tiny_gpt2, tmp_path: Path) -> Path:
-    """The tiny GPT-2 of conftest (ChatML template) saved as a local folder, for --model."""
-    model, tokenizer = tiny_gpt2
-    folder = tmp_path / "tiny-gpt2"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 # --- bad input: exit 2, one line, no model load ---------------------------------------------------------------------
 
 

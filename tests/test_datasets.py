@@ -22,7 +22,7 @@ from fair_forge.explainability import (
     plot_summary,
     summarize,
 )
-from fair_forge.explainability.runs import datasets
+from fair_forge.explainability.runs import pipeline as datasets
 from fair_forge.explainability.cli import common as cli_common
 from fair_forge.explainability.errors import InvalidInputError
 from fair_forge.explainability.runtime.generation import generate_targets

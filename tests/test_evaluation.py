@@ -5,14 +5,16 @@ computation on the edited text."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Optional
 
 import numpy as np
 import pytest
 import torch
-from additive import OFFSET, additive_explainer
+from tolerances import log_prob_magnitude, model_bound, unit_roundoff
 
 from fair_forge.explainability import (
+    At2Weights,
     AttributionExplainer,
     AttributionResult,
     FaithfulnessBatchReport,
@@ -31,13 +33,60 @@ from fair_forge.explainability.core.types import Granularity
 QUESTION = "What is the capital of France?"
 MESSAGES = [{"role": "user", "content": QUESTION}]
 TARGET = "Paris"
+OFFSET = 6.0  # keeps every row's log-prob below -1, far from where log1p(-exp(z)) loses digits
+WEIGHTS = [0.5, 0.125, 0.25, 2.0, 0.0625, 1.5, 0.375]  # dyadic: every z below is exact
+
+
+def _exact_to(n_target: int) -> float:
+    """How far AdditiveLM's metrics may be from the hand computation: float64 rounding only. A row's log-prob is z -
+    logsumexp(z, log1p(-e^z)), z exact (dyadic weights) and |z| <= M = OFFSET + sum(WEIGHTS); the log-sum-exp of two
+    terms adding up to 1 is exactly 0 up to 8 roundings of values <= 1, and the subtraction rounds once at |z|: <= (8 +
+    M) u per token; a score sums n_target of them (Higham 4.4: + n_target * M u each), and a metric (differences and
+    means of scores, weights adding up to <= 2) doubles that."""
+    m = OFFSET + sum(WEIGHTS)
+    return 2 * n_target * (8 + (n_target + 2) * m) * unit_roundoff(torch.float64)
+
+
+class AdditiveLM(torch.nn.Module):
+    """A 'causal LM' whose log p(next token) is exactly z = sum of ``weights[id]`` over the attended tokens - OFFSET.
+
+    Every position puts logit z on the next token and log(1 - e^z) on a sink token (-inf elsewhere), so the softmax
+    gives the next token probability e^z. Removed tokens (out of attention) and baseline tokens (weight 0) both drop
+    their weight: the explained score of a row is n_target x (sum of the weights of the features present + const).
+    """
+
+    def __init__(self, weights: torch.Tensor, sink_id: int) -> None:
+        super().__init__()
+        self.weights = torch.nn.Parameter(weights.double(), requires_grad=False)
+        self.sink_id = sink_id
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **_: Any) -> Any:
+        size, length = input_ids.shape
+        attended = torch.ones_like(input_ids) if attention_mask is None else attention_mask[:, -length:]
+        z = (self.weights[input_ids] * attended).sum(-1) - OFFSET
+        logits = torch.full((size, length, len(self.weights)), -math.inf, dtype=self.weights.dtype)
+        following = torch.roll(input_ids, -1, dims=1)
+        logits.scatter_(-1, following[..., None], z[:, None, None].expand(size, length, 1))
+        logits[..., self.sink_id] = torch.log1p(-torch.exp(z))[:, None]
+        return SimpleNamespace(logits=logits)
 
 
 @pytest.fixture
 def additive(gpt2_tokenizer) -> tuple[AttributionExplainer, list[float], Any]:
     """(explainer on AdditiveLM, weight of each word feature of QUESTION, its model input)."""
-    chosen = [0.5, 0.125, 0.25, 2.0, 0.0625, 1.5, 0.375]  # dyadic: exact in float32
-    explainer, model_input = additive_explainer(gpt2_tokenizer, MESSAGES, TARGET, chosen)
+    model_input = build_model_input(gpt2_tokenizer, target=TARGET, messages=MESSAGES)
+    features = build_features(model_input, Granularity.WORD)
+    ids = model_input.input_ids
+    feature_ids = [int(ids[p]) for f in features for p in f.token_positions]
+    assert len(set(feature_ids)) == len(feature_ids)  # so a weight per id is a weight per feature
+    assert not set(feature_ids) & set(model_input.target_ids.tolist())
+    weights = torch.zeros(len(gpt2_tokenizer))
+    chosen = WEIGHTS
+    assert len(chosen) == len(features)
+    for feature, weight in zip(features, chosen):
+        weights[int(ids[feature.token_positions[-1]])] = weight  # one token per feature carries it
+    sink = gpt2_tokenizer.convert_tokens_to_ids("<unk>")
+    explainer = AttributionExplainer(AdditiveLM(weights, sink), gpt2_tokenizer, prefix_cache=False)
     return explainer, chosen, model_input
 
 
@@ -62,6 +111,17 @@ def _hand_metrics(order: list[int], weights: list[float], n_target: int, fractio
     }
 
 
+def _score_bound(model: Any, tokenizer: Any, result: AttributionResult) -> float:
+    """``tolerances.model_bound`` of ``result``'s explained score (its target log-probs over its input)."""
+    if result.messages is not None:
+        messages = [message.model_dump() for message in result.messages]
+        model_input = build_model_input(tokenizer, target=result.target, messages=messages)
+    else:
+        model_input = build_model_input(tokenizer, target=result.target, prompt=result.prompt)
+    return model_bound(model, log_prob_magnitude(model, model_input.input_ids), length=model_input.length,
+                       terms=model_input.n_target)
+
+
 def _with_scores(result: Any, scores: list[float]) -> Any:
     return result.model_copy(update={"attributions": [
         a.model_copy(update={"score": s}) for a, s in zip(result.attributions, scores)]})
@@ -71,25 +131,29 @@ def _with_scores(result: Any, scores: list[float]) -> Any:
 def test_metrics_equal_a_hand_computation_on_an_additive_model(additive, mode: str) -> None:
     explainer, weights, model_input = additive
     result = explainer.explain(MESSAGES, TARGET, method="occlusion")
-    np.testing.assert_allclose(result.scores, np.array(weights) * model_input.n_target, atol=1e-5)  # leave-one-out
+    exact = _exact_to(model_input.n_target)
+    np.testing.assert_allclose(result.scores, np.array(weights) * model_input.n_target, rtol=0, atol=exact)  # leave-one-out
     fractions, curve = [0.1, 0.3, 0.5], np.linspace(0, 1, 8).tolist()
     report = faithfulness(explainer, result, MESSAGES, fractions=fractions, curve_points=8, mode=mode,
                           n_random=4, seed=3)
     true_order = sorted(range(len(weights)), key=lambda i: -weights[i])
     assert report.ranking == true_order
     assert report.features_removed == [1, 3, 4] and report.n_features == 7
-    assert report.full_score == pytest.approx(model_input.n_target * (sum(weights) - OFFSET), abs=1e-6)
-    assert report.empty_score == pytest.approx(-model_input.n_target * OFFSET, abs=1e-6)
+    assert report.full_score == pytest.approx(model_input.n_target * (sum(weights) - OFFSET), abs=exact)
+    assert report.empty_score == pytest.approx(-model_input.n_target * OFFSET, abs=exact)
     expected = _hand_metrics(true_order, weights, model_input.n_target, fractions, curve)
     for name, value in expected.items():
-        np.testing.assert_allclose(getattr(report.explanation, name), value, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(getattr(report.explanation, name), value, rtol=0, atol=exact, err_msg=name)
     rng = np.random.default_rng(3)  # the documented random orders: default_rng(seed) per item
     randoms = [_hand_metrics(rng.permutation(7).tolist(), weights, model_input.n_target, fractions, curve)
                for _ in range(4)]
     for name in ("comprehensiveness", "sufficiency", "deletion_auc", "insertion_auc"):
         values = [r[name] for r in randoms]
-        np.testing.assert_allclose(getattr(report.random_mean, name), np.mean(values), atol=1e-6, err_msg=name)
-        np.testing.assert_allclose(getattr(report.random_std, name), np.std(values), atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(getattr(report.random_mean, name), np.mean(values), rtol=0, atol=exact,
+                                   err_msg=name)
+        # a standard deviation moves by at most as much as the values it is taken of
+        np.testing.assert_allclose(getattr(report.random_std, name), np.std(values), rtol=0, atol=exact,
+                                   err_msg=name)
 
 
 def test_true_ranking_beats_random_which_beats_the_reversed_ranking(additive) -> None:
@@ -117,8 +181,10 @@ def test_ties_are_ranked_by_position_and_fractions_round_up(additive) -> None:
 @pytest.mark.parametrize("method", available_methods())
 def test_every_method_result_can_be_evaluated(tiny_gpt2, method: str) -> None:
     model, tokenizer = tiny_gpt2
+    model.double()  # the report's full score is the direct score of the input: an identity
     explainer = AttributionExplainer(model, tokenizer)
-    result = explainer.explain(MESSAGES, "The capital of France is Paris.", method=method)
+    params = {"weights": At2Weights.uniform(model)} if method == "at2" else {}  # head weights belong to one model
+    result = explainer.explain(MESSAGES, "The capital of France is Paris.", method=method, **params)
     report = faithfulness(explainer, result, MESSAGES, n_random=2)
     assert report.method == result.method and report.n_features == len(result.attributions)
     assert len(report.explanation.deletion_curve) == 11
@@ -126,7 +192,9 @@ def test_every_method_result_can_be_evaluated(tiny_gpt2, method: str) -> None:
     with torch.no_grad():
         logits = model(model_input.input_ids[None]).logits[0, model_input.target_start - 1 : -1].log_softmax(-1)
     direct = logits.gather(-1, model_input.target_ids[:, None]).sum().item()
-    assert report.full_score == pytest.approx(direct, abs=1e-4)
+    bound = model_bound(model, log_prob_magnitude(model, model_input.input_ids), length=model_input.length,
+                        terms=model_input.n_target)
+    assert report.full_score == pytest.approx(direct, abs=bound)
     assert report.explanation.deletion_curve[0] == report.full_score == report.explanation.insertion_curve[-1]
 
 
@@ -143,6 +211,7 @@ def test_every_granularity_and_raw_prompts(tiny_lm, granularity: str) -> None:
 
 def test_batch_equals_one_by_one_and_same_seed_same_random_orders(tiny_gpt2) -> None:
     model, tokenizer = tiny_gpt2
+    model.double()  # packed reports equal reports made one by one: an identity
     explainer = AttributionExplainer(model, tokenizer)
     items = [
         {"question": "What is the capital of France?", "answer": "Paris."},
@@ -158,14 +227,16 @@ def test_batch_equals_one_by_one_and_same_seed_same_random_orders(tiny_gpt2) -> 
         assert isinstance(packed, FaithfulnessBatchReport) and packed.indices == [0, 1, 3]
         for report, result, index in zip(packed.reports, batch, batch.indices):
             alone = faithfulness(explainer, result, items[index], mode=mode, n_random=3, seed=7)
+            # metrics are differences, means and standard deviations of scores: within twice a score's bound
+            bound = 2 * _score_bound(model, tokenizer, result)
             for name in ("explanation", "random_mean", "random_std"):
                 mine, theirs = getattr(report, name).model_dump(), getattr(alone, name).model_dump()
                 for key in mine:
-                    np.testing.assert_allclose(mine[key], theirs[key], atol=1e-5, err_msg=f"{mode} {name}.{key}")
+                    np.testing.assert_allclose(mine[key], theirs[key], rtol=0, atol=bound,
+                                               err_msg=f"{mode} {name}.{key}")
         again = faithfulness(explainer, batch, items, mode=mode, n_random=3, seed=7)
         assert again.random_mean == packed.random_mean and again.mean == packed.mean
-        np.testing.assert_allclose(packed.mean.comprehensiveness,
-                                   np.mean([r.comprehensiveness for r in packed.reports]), atol=1e-12)
+        assert packed.mean.comprehensiveness == np.mean([r.comprehensiveness for r in packed.reports])
     other = faithfulness(explainer, batch, items, n_random=3, seed=8)
     assert other.random_mean != faithfulness(explainer, batch, items, n_random=3, seed=7).random_mean
 
@@ -218,8 +289,9 @@ def test_compare_methods_table_and_plots(tiny_gpt2) -> None:
     report = faithfulness(explainer, batch, items, n_random=3)
     lime = frame[frame.method == "lime"].iloc[0]
     random = frame[frame.method == "random"].iloc[0]
-    assert lime.comprehensiveness == pytest.approx(report.mean.comprehensiveness, abs=1e-5)
-    assert random.insertion_auc == pytest.approx(report.random_mean.insertion_auc, abs=1e-5)
+    # the table runs the same batch and the same reports: the same bits
+    assert lime.comprehensiveness == report.mean.comprehensiveness
+    assert random.insertion_auc == report.random_mean.insertion_auc
     assert np.isnan(random.seconds_per_item) and lime.n_items == 2
     for target in (frame, report, report.reports[0]):
         figure = plot_faithfulness(target)
@@ -259,10 +331,14 @@ def _edited_content(content: str, features: list[Any], removed: set[int]) -> str
 
 
 @pytest.mark.integration
-def test_remove_mode_equals_scoring_the_edited_text_on_smollm2(smollm2) -> None:
+def test_remove_mode_equals_scoring_the_edited_text_on_smollm2(smollm2_float64) -> None:
     """Deleting words from the message, applying the chat template and scoring the target with the model directly
-    gives the report's curve values wherever the edited text tokenizes into exactly the kept tokens."""
-    model, tokenizer = smollm2
+    gives the report's curve values wherever the edited text tokenizes into exactly the kept tokens.
+
+    An identity, so in float64: in float32 the reference itself was the inaccurate side (torch's float32
+    log_softmax over SmolLM2's 49,152-token vocabulary is off by up to 2e-5 per token, 1e-4 over this target; the
+    scorer's gather - logsumexp by 1e-6)."""
+    model, tokenizer = smollm2_float64
     question = "What is the capital city of France and Germany?"
     messages = [{"role": "user", "content": question}]
     target = "The capital of France is Paris."
@@ -272,6 +348,7 @@ def test_remove_mode_equals_scoring_the_edited_text_on_smollm2(smollm2) -> None:
     report = faithfulness(explainer, result, messages, curve_points=n + 1, n_random=0)
     model_input = build_model_input(tokenizer, target=target, messages=messages)
     features = build_features(model_input, Granularity.WORD)
+    magnitude = log_prob_magnitude(model, model_input.input_ids)
     checked = 0
     for curve, removed_sets in (("deletion_curve", [set(report.ranking[:k]) for k in report.curve_features]),
                                 ("insertion_curve", [set(report.ranking[k:]) for k in report.curve_features])):
@@ -285,9 +362,10 @@ def test_remove_mode_equals_scoring_the_edited_text_on_smollm2(smollm2) -> None:
             if ids[0].tolist() != kept or not content.strip():
                 continue  # the edited text tokenizes differently (e.g. a first word loses its leading space)
             with torch.no_grad():
-                log_probs = model(ids).logits[0, -model_input.n_target - 1 : -1].float().log_softmax(-1)
+                log_probs = model(ids).logits[0, -model_input.n_target - 1 : -1].log_softmax(-1)
             direct = log_probs.gather(-1, model_input.target_ids[:, None]).sum().item()
-            assert value == pytest.approx(direct, abs=1e-4), (curve, content)
+            bound = model_bound(model, magnitude, length=len(kept), terms=model_input.n_target)
+            assert value == pytest.approx(direct, abs=bound), (curve, content)
             checked += 1
     assert checked >= 6
 

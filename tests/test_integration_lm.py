@@ -7,7 +7,8 @@ import pytest
 
 from fair_forge.explainability import AttributionExplainer, AttributionMethod, Granularity
 from fair_forge.explainability.text.prompt import build_model_input
-from fair_forge.explainability.runtime.scorer import TargetScorer, rows_per_call
+from fair_forge.explainability.runtime.packer import rows_per_call
+from fair_forge.explainability.runtime.scorer import TargetScorer
 
 pytestmark = pytest.mark.integration
 

@@ -103,7 +103,7 @@ def occlusion_and_random_keeps(model_input, n_random: int = 12) -> np.ndarray:
 @pytest.mark.parametrize("remove", [False, True])
 @pytest.mark.parametrize("batch_size", [1, 5, None])
 def test_rows_continuing_the_input_cache_equal_full_rows(tiny_lm, monkeypatch, remove, batch_size):
-    from fair_forge.explainability.runtime import scorer as scoring
+    from fair_forge.explainability.runtime import packer as scoring
 
     model, tokenizer = tiny_lm
     messages = MESSAGES if tokenizer.chat_template else None

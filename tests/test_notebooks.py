@@ -15,7 +15,8 @@ import nbformat
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
-EXPECTED = {"token_attribution.ipynb", "similarity_attribution.ipynb", "dataset_attribution.ipynb"}
+EXPECTED = {"token_attribution.ipynb", "similarity_attribution.ipynb", "dataset_attribution.ipynb",
+            "fairness_audit.ipynb"}
 CELL_TIMEOUT_SECONDS = 900
 
 

@@ -185,3 +185,26 @@ def test_ray_missing_is_an_error_naming_the_extra(tiny_llama, monkeypatch) -> No
     with pytest.raises(ImportError, match=r"fair-forge-explainability\[ray\]"):
         explain_dataset(AttributionExplainer(model, tokenizer), ROWS, engine="ray", **SETTINGS)
     assert ray_engine.RAY_EXTRA_HINT
+
+
+@pytest.mark.filterwarnings("ignore::fair_forge.explainability.runtime.memory.MemoryBudgetWarning")
+def test_every_explainer_option_reaches_the_actors(local_ray, saved_model: Path) -> None:
+    """Actors rebuild the driver's explainer from its whole config: with a 1-byte max_memory every gradient call holds
+    one row, and checkpoint=True runs them without the prefix cache, so the pass counts (independent of packing at one
+    row per call) are the local run's and not those of default options."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(saved_model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(saved_model)
+    rows = [row for row in ROWS if row.get("target") or row.get("answer")]
+    settings = {**SETTINGS, "method": "integrated_gradients", "n_steps": 4}
+    options = AttributionExplainer(model, tokenizer, max_memory=1, checkpoint=True)
+    local = explain_dataset(options, rows, **settings)
+    remote = explain_dataset(options, rows, engine="ray", num_workers=2, model_loader=str(saved_model), **settings)
+    default = explain_dataset(AttributionExplainer(model, tokenizer), rows, **settings)
+    assert len(local) == len(remote) == len(default) == len(rows) and not remote.failures
+    counts = [[(r.metadata.n_forward_passes, r.metadata.n_tokens_processed) for r in run]
+              for run in (local, remote, default)]
+    assert counts[1] == counts[0] != counts[2]
+    for got, want in zip(remote, local):
+        assert got.scores == pytest.approx(want.scores, abs=1e-5)

@@ -25,8 +25,10 @@ from fair_forge.explainability import (
 )
 from fair_forge.explainability.errors import ProbabilityUnderflowWarning
 from fair_forge.explainability.methods.registry import _REGISTRY
-from fair_forge.explainability.core.types import AttributionMatrix, TokenAttribution, format_table, normalize_scores
-from fair_forge.explainability.viz.html import plot_attributions, render_html
+from fair_forge.explainability.core.types import AttributionMatrix, TokenAttribution, normalize_scores
+from fair_forge.explainability.viz.console import format_table
+from fair_forge.explainability.viz.html import render_html
+from fair_forge.explainability.viz.plots import plot_attributions
 
 MESSAGES = [
     {"role": "system", "content": "Answer  briefly."},

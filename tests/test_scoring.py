@@ -149,7 +149,7 @@ def test_the_output_layer_hook_is_gone_after_every_call(setup):
 
 def test_default_calls_are_sized_by_tokens_and_by_logits(setup, monkeypatch):
     """batch_size=None: as many rows per call as fit the token budget and the logits budget, whichever is smaller."""
-    from fair_forge.explainability.runtime import scorer as scoring
+    from fair_forge.explainability.runtime import packer as scoring
 
     model, model_input = setup
     keep = random_keeps(model_input, 11)
@@ -178,7 +178,7 @@ def test_the_prefix_cache_uses_the_current_cache_argument_without_warnings(setup
 
 
 def test_the_cache_argument_follows_the_forward_signature():
-    from fair_forge.explainability.runtime.scorer import cache_argument
+    from fair_forge.explainability.runtime.architectures import cache_argument
 
     class Old(torch.nn.Module):
         def forward(self, input_ids=None, past_key_values=None):

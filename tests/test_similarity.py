@@ -21,7 +21,7 @@ from fair_forge.explainability.errors import (
     InvalidInputError,
     UnsupportedModelError,
 )
-from fair_forge.explainability.similarity.explainer.jacobian import quadrature
+from fair_forge.explainability.similarity.jacobian import quadrature
 from fair_forge.explainability.similarity.explainer import IntJacobianExplainableTransformer, SimilarityExplainer
 from fair_forge.explainability.core.types import AttributionMethod, AttributionResult, Granularity
 

@@ -35,12 +35,10 @@ from fair_forge.explainability.viz.html import (
     POSITIVE_COLOR,
     display_html,
     json_for_script,
-    plot_attributions,
-    plot_connections,
-    plot_matrix,
     render_html,
     score_color,
 )
+from fair_forge.explainability.viz.plots import plot_attributions, plot_connections, plot_matrix
 
 IMG = "<img src=x onerror=alert(1)>"
 SCRIPT = "</script><script>alert(1)</script>"

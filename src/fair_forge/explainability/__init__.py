@@ -31,8 +31,10 @@ from .core.types import (
 )
 
 if TYPE_CHECKING:  # what the lazy names below are, for type checkers, IDEs and the API reference
-    from .explainer import AttributionExplainer, compute_attributions
+    from .explainer import AttributionExplainer, answer_sentences, compute_attributions
     from .methods.registry import MethodContext, RawAttribution, available_methods, register_method
+    from .methods.at2 import At2Weights
+    from .methods.at2_training import train_at2
     from .runtime.models import (
         DEFAULT_ENCODER_NAME,
         DEFAULT_MODEL_NAME,
@@ -41,6 +43,8 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers, IDEs and 
         load_default_model,
     )
     from .runs.datasets import DatasetRun, explain_dataset
+    from .runs.audit import audit
+    from .core.audit import AuditReport
     from .evaluation import (
         FaithfulnessBatchReport,
         FaithfulnessReport,
@@ -53,18 +57,23 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers, IDEs and 
     from .core.records import DatasetRecord
     from .similarity.explainer import IntJacobianExplainableTransformer, SimilarityExplainer
     from .runs.sinks import load_results
-    from .runs.summary import plot_summary, summarize
-    from .viz.html import plot_attributions, plot_connections, plot_matrix, render_html
+    from .runs.summary import summarize
+    from .text.swap import swap
+    from .viz.html import render_html
+    from .viz.plots import plot_attributions, plot_connections, plot_matrix, plot_summary
 
 # Imported on first use: torch, transformers, sentence-transformers and matplotlib take seconds to import, and
 # `fair-forge-explain --help` or loading a saved result needs none of them.
 _LAZY = {
     "AttributionExplainer": "explainer",
     "compute_attributions": "explainer",
+    "answer_sentences": "explainer",
     "MethodContext": "methods.registry",
     "RawAttribution": "methods.registry",
     "available_methods": "methods.registry",
     "register_method": "methods.registry",
+    "At2Weights": "methods.at2",
+    "train_at2": "methods.at2_training",
     "DEFAULT_ENCODER_NAME": "runtime.models",
     "DEFAULT_MODEL_NAME": "runtime.models",
     "default_model_path": "runtime.models",
@@ -73,15 +82,18 @@ _LAZY = {
     "SimilarityExplainer": "similarity.explainer",
     "IntJacobianExplainableTransformer": "similarity.explainer",
     "render_html": "viz.html",
-    "plot_attributions": "viz.html",
-    "plot_matrix": "viz.html",
-    "plot_connections": "viz.html",
+    "plot_attributions": "viz.plots",
+    "plot_matrix": "viz.plots",
+    "plot_connections": "viz.plots",
     "DatasetRecord": "core.records",
     "DatasetRun": "runs.datasets",
     "explain_dataset": "runs.datasets",
+    "audit": "runs.audit",
+    "AuditReport": "core.audit",
     "generate_targets": "runtime.generation",
     "load_results": "runs.sinks",
-    "plot_summary": "runs.summary",
+    "plot_summary": "viz.plots",
+    "swap": "text.swap",
     "summarize": "runs.summary",
     "FaithfulnessBatchReport": "evaluation",
     "FaithfulnessReport": "evaluation",
@@ -101,6 +113,8 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "AuditReport",
+    "audit",
     "DatasetRecord",
     "DatasetRun",
     "explain_dataset",
@@ -108,6 +122,8 @@ __all__ = [
     "load_results",
     "plot_summary",
     "summarize",
+    "swap",
+    "train_at2",
     "DEFAULT_ENCODER_NAME",
     "DEFAULT_MODEL_NAME",
     "IntJacobianExplainableTransformer",
@@ -117,6 +133,7 @@ __all__ = [
     "plot_connections",
     "plot_matrix",
     "render_html",
+    "At2Weights",
     "AttributionBatchResult",
     "AttributionExplainer",
     "AttributionMatrix",
@@ -143,6 +160,7 @@ __all__ = [
     "TokenAttribution",
     "UnknownMethodError",
     "UnsupportedModelError",
+    "answer_sentences",
     "available_methods",
     "compare_methods",
     "compute_attributions",

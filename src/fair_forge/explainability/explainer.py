@@ -2,34 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
-import numpy as np
 
 from .runtime import engine
-from .errors import ContextLengthError, ExplainabilityError, InvalidInputError
+from .core.config import ExplainerConfig
+from .errors import InvalidInputError
 from .runtime.generation import generate_target
-from .text.items import batch_items, item_fields
-from .methods.registry import MethodContext, MethodSpec, RawAttribution, get_method
-from .runtime.models import borrowed, check_model, display_name
-from .text.prompt import Messages, ModelInput, build_model_input
-from .runtime.scorer import ScoreKind, TargetScorer, model_context_length
-from .text.segment import Feature, build_features, check_message_indices, restrict_to_messages
+from .item_plan import Prepared, Settings, build_result, prepare, proxied_plan, scored_plan
+from .methods.registry import MethodContext, get_method
+from .runtime.models import borrowed, check_model, check_proxy, display_name
+from .runtime.scorer import ScoreKind, TargetScorer
+from .runtime.scores import get_score
+from .text.items import batch_items, item_fields, item_options
+from .text.prompt import Messages
+from .text.segment import SENTENCE_PATTERN, check_message_indices
 from .core.types import (
     AttributionBatchResult,
-    AttributionMatrix,
-    AttributionMetadata,
     AttributionMethod,
     AttributionResult,
     BatchFailure,
     Granularity,
-    TokenAttribution,
-    normalize_scores,
 )
 
 MethodLike = Union[str, AttributionMethod]
+DEFAULT_CONTRAST = "logprob_diff"
 # seconds an explain() call runs before its progress bar appears: quick explanations print nothing
 PROGRESS_DELAY = 10.0
 GranularityLike = Union[str, Granularity]
@@ -47,44 +46,24 @@ def parse_granularity(granularity: GranularityLike) -> Granularity:
     raise InvalidInputError(f"unknown granularity {granularity!r}; use one of {[g.value for g in Granularity]}")
 
 
-def _method_label(name: str) -> Union[AttributionMethod, str]:
-    """The enum member for a built-in method, the plain name for a user-registered one."""
-    try:
-        return AttributionMethod(name)
-    except ValueError:
-        return name
-
-
-@dataclass(frozen=True)
-class _Settings:
-    """What every item of a call shares, validated once: the method, its parameters, granularity, per_target."""
-
-    spec: MethodSpec
-    params: dict[str, Any]
-    granularity: Granularity
-    per_target: bool
-    attribute_messages: Optional[tuple[int, ...]] = None  # None: every message's text is attributable
-
-
-@dataclass(frozen=True)
-class _Request:
-    """One tokenized item: everything checked, nothing computed yet."""
-
-    model_input: ModelInput
-    features: list[Feature]
-
-
 class AttributionExplainer:
     """Explains which parts of the input drove a causal LM to a target response.
 
     ``score`` picks the explained quantity (sum of target log-probs by default, or "mean", or "prob");
     ``include_template_tokens`` makes chat-template tokens attributable too; ``batch_size`` caps the rows per
-    model call (None: sized by a token and a logits budget, see ``scoring.rows_per_call``; a method's own
+    model call (None: sized by a token and a logits budget, see ``packer.rows_per_call``; a method's own
     ``batch_size`` parameter overrides it);
     ``prefix_cache`` runs the unchanging start of the input (system prompt, chat header) once per explanation.
     ``max_memory`` (bytes) bounds the activation memory of a model call, which sizes calls of long inputs (None: a
     fraction of the free memory, see ``memory.py``); ``checkpoint=True`` recomputes layers in the backward pass so
-    that gradient calls keep a fraction of that memory, for one more forward per call.
+    that gradient calls keep a fraction of that memory, for one more forward per call; ``checkpoint=None`` (default)
+    does so where one row's backward pass is estimated over that budget, and a result whose gradient calls ran
+    checkpointed says so in its metadata (``checkpoint``, ``checkpoint_reason``); ``False`` never does.
+
+    ``proxy_model`` (a smaller model of the same tokenizer and vocabulary; ``proxy_tokenizer``, if given, is checked
+    against ``tokenizer``) scores the ablations of the perturbation methods instead of ``model``; then
+    ``proxy_check_rows`` of them, drawn with the method's seed, are scored by ``model`` too, and
+    ``metadata.proxy["lds"]`` is the two models' Spearman rank agreement on them.
     """
 
     def __init__(
@@ -101,23 +80,52 @@ class AttributionExplainer:
         include_template_tokens: bool = False,
         prefix_cache: bool = True,
         max_memory: Optional[int] = None,
-        checkpoint: bool = False,
+        checkpoint: Optional[bool] = None,
+        proxy_model: Any = None,
+        proxy_tokenizer: Any = None,
+        proxy_check_rows: int = 16,
     ) -> None:
         check_model(model)
         self.model = model
         self.tokenizer = tokenizer
-        self.default_method = get_method(default_method).name
-        self.default_granularity = parse_granularity(default_granularity)
-        self.verbose = verbose
-        config = getattr(model, "config", None)
-        self.model_name = model_name or display_name(getattr(config, "name_or_path", None), type(model).__name__)
         TargetScorer(model, score=score, batch_size=batch_size, max_memory=max_memory, checkpoint=checkpoint)  # checks
-        self.score = score
-        self.batch_size = batch_size
-        self.include_template_tokens = include_template_tokens
-        self.prefix_cache = prefix_cache
-        self.max_memory = max_memory
-        self.checkpoint = checkpoint
+        if proxy_model is not None:
+            check_proxy(model, tokenizer, proxy_model, proxy_tokenizer)
+        if isinstance(proxy_check_rows, bool) or not isinstance(proxy_check_rows, int) or proxy_check_rows < 2:
+            raise InvalidInputError(f"proxy_check_rows must be an integer >= 2 (a rank correlation needs two rows), "
+                                    f"got {proxy_check_rows!r}")
+        self.proxy_model = proxy_model
+        self.config = ExplainerConfig(
+            default_method=get_method(default_method).name,
+            default_granularity=parse_granularity(default_granularity),
+            model_name=model_name or _name_of(model), verbose=verbose, score=score, batch_size=batch_size,
+            include_template_tokens=include_template_tokens, prefix_cache=prefix_cache, max_memory=max_memory,
+            checkpoint=checkpoint, proxy_model_name=_name_of(proxy_model) if proxy_model is not None else None,
+            proxy_check_rows=proxy_check_rows,
+        )
+
+    @classmethod
+    def from_config(cls, model: Any, tokenizer: Any, config: ExplainerConfig,
+                    proxy_model: Any = None) -> "AttributionExplainer":
+        """An explainer of ``model`` with every option of ``config`` (how a Ray actor rebuilds the driver's); a
+        config made with a proxy model needs that model again."""
+        if (config.proxy_model_name is None) != (proxy_model is None):
+            raise InvalidInputError(f"the explainer was built with proxy_model={config.proxy_model_name!r}: pass "
+                                    "the same proxy_model to rebuild it")
+        return cls(model, tokenizer, proxy_model=proxy_model, **config.options())
+
+    # the options, read from the config (an explainer's options do not change after it is built)
+    default_method = property(lambda self: self.config.default_method)
+    default_granularity = property(lambda self: self.config.default_granularity)
+    verbose = property(lambda self: self.config.verbose)
+    model_name = property(lambda self: self.config.model_name)
+    score = property(lambda self: self.config.score)
+    batch_size = property(lambda self: self.config.batch_size)
+    include_template_tokens = property(lambda self: self.config.include_template_tokens)
+    prefix_cache = property(lambda self: self.config.prefix_cache)
+    max_memory = property(lambda self: self.config.max_memory)
+    checkpoint = property(lambda self: self.config.checkpoint)
+    proxy_check_rows = property(lambda self: self.config.proxy_check_rows)
 
     # ---- one explanation ----------------------------------------------------------------------------------------
 
@@ -132,9 +140,24 @@ class AttributionExplainer:
         per_target: bool = False,
         attribute_messages: Optional[Sequence[int]] = None,
         show_progress: bool = True,
+        contrast_target: Optional[str] = None,
+        contrast: str = DEFAULT_CONTRAST,
+        counterfactual: Optional[Union[Messages, str]] = None,
+        target_span: Optional[tuple[int, int]] = None,
         **method_params: Any,
     ) -> AttributionResult:
         """Attribute ``target`` to the features of ``messages`` (chat) or ``prompt`` (raw text).
+
+        ``contrast_target="No"`` explains why ``target`` rather than it: the explained score becomes
+        log p(target) - log p(contrast) (``contrast="logprob_diff"``) or p(target) - p(contrast) (``"prob_diff"``,
+        or a contrastive score registered in ``runtime/scores.py``). ``counterfactual=x_prime`` (messages with the
+        same roles, or a prompt) explains f(x) - f(x'): the features are the segments where x and x' differ, each
+        carrying the ``counterfactual_text`` it replaces; Shapley-type methods (kernel_shap) sum to the difference
+        exactly, integrated gradients follows the path from x''s embeddings where the segments' token counts match.
+        ``metadata.target_score`` is the explained score at the input (and ``counterfactual_score`` at x').
+        ``target_span=(start, end)`` (character offsets into ``target``) explains the log-probability of the target
+        tokens that hold those characters only, the rest of the answer staying as context: which source supports
+        this sentence of the answer (see ``answer_sentences``).
 
         An explanation that takes longer than ``PROGRESS_DELAY`` seconds (many steps or samples, ``per_target``,
         a long document) shows a progress bar of its model requests unless ``show_progress=False``.
@@ -143,10 +166,10 @@ class AttributionExplainer:
         ``n_samples``, ``baseline``, ``noise_std``, ``seed``, ``batch_size``, ...) are passed as keywords.
         Without a ``target`` the model's own greedy answer is explained (``generation.generate_target``).
         """
-        settings = self._settings(method, granularity, per_target, method_params, attribute_messages)
+        settings = self._settings(method, granularity, per_target, method_params, attribute_messages, contrast)
         if target is None:  # settings are checked before the model generates
             target = generate_target(self.model, self.tokenizer, messages=messages, prompt=prompt)
-        request = self._prepare(messages, prompt, target, settings)
+        request = prepare(self, settings, messages, prompt, target, contrast_target, counterfactual, target_span)
         from tqdm.auto import tqdm
 
         with tqdm(desc=f"explaining ({settings.spec.name})", unit="request", delay=PROGRESS_DELAY,
@@ -157,7 +180,8 @@ class AttributionExplainer:
         return outcome
 
     def _settings(self, method: Optional[MethodLike], granularity: Optional[GranularityLike], per_target: bool,
-                  method_params: Mapping[str, Any], attribute_messages: Optional[Sequence[int]] = None) -> _Settings:
+                  method_params: Mapping[str, Any], attribute_messages: Optional[Sequence[int]] = None,
+                  contrast: str = DEFAULT_CONTRAST) -> Settings:
         """The method and its validated parameters: every settings error is raised here, once, before any item."""
         spec = get_method(method if method is not None else self.default_method)
         scorer = TargetScorer(self.model)  # a typed error for a model without parameters
@@ -165,121 +189,63 @@ class AttributionExplainer:
         level = parse_granularity(granularity if granularity is not None else self.default_granularity)
         if spec.kind == "gradient":
             scorer.embedding_layer()  # typed error for models without input embeddings
-        return _Settings(spec, params, level, bool(per_target), check_message_indices(attribute_messages))
+            if self.proxy_model is not None:
+                raise InvalidInputError(f"{spec.name} is a gradient method, and proxy_model scores ablations only: "
+                                        "use a perturbation method, or an explainer without proxy_model")
+        contrast = get_score(contrast, contrastive=True).name  # a typed error for an unknown contrast
+        return Settings(spec, params, level, bool(per_target), check_message_indices(attribute_messages), contrast)
 
-    def _prepare(self, messages: Optional[Messages], prompt: Optional[str], target: Optional[str],
-                 settings: _Settings) -> _Request:
-        """Check and tokenize one item; raises typed errors before any model call."""
-        if target is None:
-            raise InvalidInputError("target is required: the response text to explain")
-        model_input = build_model_input(
-            self.tokenizer,
-            target=target,
-            messages=messages,
-            prompt=prompt,
-            include_template_tokens=self.include_template_tokens,
-        )
-        limit = model_context_length(self.model)
-        if limit is not None and model_input.length > limit:
-            raise ContextLengthError(
-                f"prompt + target are {model_input.length} tokens but the model takes at most {limit}; "
-                "shorten the prompt or the target"
-            )
-        model_input = restrict_to_messages(model_input, settings.attribute_messages)
-        return _Request(model_input, build_features(model_input, settings.granularity))
-
-    def _outcomes(self, requests: Iterable[Union[_Request, Exception]], settings: _Settings,
+    def _outcomes(self, requests: Iterable[Union[Prepared, Exception]], settings: Settings,
                   on_round: Callable[[], Any] = lambda: None) -> Iterator[tuple[int, Union[AttributionResult, Exception]]]:
         """Run prepared items through the batch engine (``engine.run``); (index, result or error) as items finish.
 
-        The model is borrowed for the whole run; the items share one prefix cache (a dataset's system prompt runs
+        The model (and the proxy) is borrowed for the whole run; the items share one prefix cache per model (a dataset's system prompt runs
         once) and the rows-per-call cap (the method's ``batch_size``, else the explainer's).
         """
         batch_size = settings.params.get("batch_size") or self.batch_size
-        prefixes: dict = {}
-        in_flight: dict[int, _Request] = {}
+        prefixes: dict = {}  # the key/value caches of the model that answers the plans (the proxy, if any) ...
+        explained_prefixes: dict = {}  # ... and of the explained model, which checks the proxy (caches differ per model)
+        in_flight: dict[int, Prepared] = {}
 
         def jobs() -> Iterator[Union[engine.Job, engine.Rejected]]:
             for index, request in enumerate(requests):
                 if isinstance(request, Exception):
                     yield engine.Rejected(index, request)
                     continue
-                scorer = TargetScorer(self.model, score=self.score, batch_size=batch_size,
-                                      prefix_cache=self.prefix_cache, prefixes=prefixes,
-                                      max_memory=self.max_memory, checkpoint=self.checkpoint)
+                model_input = request.model_input
+                answering = self.proxy_model if self.proxy_model is not None else self.model
+                scorer = self._scorer(answering, prefixes, settings, model_input, batch_size)
                 context = MethodContext(scorer, request.model_input, request.features, dict(settings.params),
-                                        settings.per_target)
+                                        settings.per_target, request.counterfactual)
+                plan = scored_plan(settings.spec, context)
+                if self.proxy_model is not None:
+                    explained = self._scorer(self.model, explained_prefixes, settings, model_input, batch_size)
+                    plan = proxied_plan(plan, context, explained, self.proxy_check_rows, self.config.proxy_model_name)
                 in_flight[index] = request
-                yield engine.Job(index, request.model_input, scorer, settings.spec.plan(context))
+                yield engine.Job(index, model_input, scorer, plan)
 
-        with borrowed(self.model):
+        proxy = borrowed(self.proxy_model) if self.proxy_model is not None else contextlib.nullcontext()
+        with borrowed(self.model), proxy:
             for finished in engine.run(jobs(), batch_size=batch_size, on_round=on_round):
                 request = in_flight.pop(finished.index, None)
                 if finished.error is not None:
                     yield finished.index, finished.error
                     continue
                 try:
-                    result: Union[AttributionResult, Exception] = self._result(
-                        settings, request, finished.value, finished.job.scorer)
+                    result: Union[AttributionResult, Exception] = build_result(
+                        self, settings, request, finished.value, finished.job.scorer)
                 except Exception as error:  # noqa: BLE001 - a malformed backend answer fails its item only
                     result = error
                 yield finished.index, result
 
-    def _result(self, settings: _Settings, request: _Request, raw: RawAttribution,
-                scorer: TargetScorer) -> AttributionResult:
-        spec = settings.spec
-        if not isinstance(raw, RawAttribution):
-            raise ExplainabilityError(f"method {spec.name} returned {type(raw).__name__}, not a RawAttribution")
-        scores = np.asarray(raw.feature_scores, dtype=float).reshape(-1)
-        if scores.shape[0] != len(request.features):
-            raise ExplainabilityError(
-                f"method {spec.name} returned {scores.shape[0]} scores for {len(request.features)} features"
-            )
-        normalized = normalize_scores(scores.tolist())
-        attributions = [
-            TokenAttribution(
-                text=feature.text,
-                score=float(score),
-                position=index,
-                normalized_score=norm,
-                start=feature.start,
-                end=feature.end,
-                message_index=feature.message_index,
-                token_positions=list(feature.token_positions),
-            )
-            for index, (feature, score, norm) in enumerate(zip(request.features, scores, normalized))
-        ]
-        matrix = None
-        if raw.matrix is not None:
-            matrix = AttributionMatrix(
-                row_labels=request.model_input.target_labels,
-                column_labels=[f.text for f in request.features],
-                values=np.asarray(raw.matrix, dtype=float).tolist(),
-            )
-        metadata = AttributionMetadata(
-            compute_time_seconds=scorer.count.seconds,
-            n_forward_passes=scorer.count.forward_passes,
-            n_backward_passes=scorer.count.backward_passes,
-            n_tokens_processed=scorer.count.tokens_processed,
-            method_params=dict(settings.params),
-            score=self.score,
-            n_features=len(request.features),
-            n_target_tokens=request.model_input.n_target,
-            **raw.metadata,
-        )
-        if self.verbose:
-            print(f"[fair_forge] {spec.name}: {len(scores)} features in {scorer.count.seconds:.2f}s")
-        return AttributionResult(
-            prompt=request.model_input.prompt,
-            target=request.model_input.target,
-            method=_method_label(spec.name),
-            granularity=settings.granularity,
-            attributions=attributions,
-            matrix=matrix,
-            model_name=self.model_name,
-            metadata=metadata,
-            messages=request.model_input.messages,
-        )
+    def _scorer(self, model: Any, prefixes: dict, settings: Settings, model_input: Any,
+                batch_size: Optional[int]) -> TargetScorer:
+        """One item's scorer on ``model`` (the explained one or its proxy), with the explainer's options."""
+        contrasted = model_input.contrast is not None
+        return TargetScorer(model, score=self.score, batch_size=batch_size, prefix_cache=self.prefix_cache,
+                            prefixes=prefixes, max_memory=self.max_memory, checkpoint=self.checkpoint,
+                            contrast=settings.contrast if contrasted else None, contrast_length=model_input.n_contrast,
+                            target_span=model_input.target_span)
 
     # ---- many explanations ------------------------------------------------------------------------------------
 
@@ -292,12 +258,14 @@ class AttributionExplainer:
         per_target: bool = False,
         show_progress: bool = True,
         attribute_messages: Optional[Sequence[int]] = None,
+        contrast: str = DEFAULT_CONTRAST,
         **method_params: Any,
     ) -> AttributionBatchResult:
         """Explain every item; an item that fails is recorded in ``failures`` and the others still return.
 
         Items are ``(messages_or_prompt, target)`` pairs, dicts with ``messages`` or ``prompt`` (or ``question``,
-        sent as one user message) and ``target`` (or ``answer``), or a pandas DataFrame with those columns.
+        sent as one user message) and ``target`` (or ``answer``), or a pandas DataFrame with those columns; a dict
+        (a row) may also give a ``contrast_target`` and a ``counterfactual`` (see ``explain``).
         This is a pure map over items: an item's result depends only on the settings and the item. It collects
         ``iter_explain``: the batch engine runs a window of items together and packs their model calls (rows of
         similar length together; a system prompt shared by the items computed once), which gives the same scores
@@ -312,7 +280,7 @@ class AttributionExplainer:
         try:
             for index, outcome in self.iter_explain(records, method=method, granularity=granularity,
                                                     per_target=per_target, attribute_messages=attribute_messages,
-                                                    **method_params):
+                                                    contrast=contrast, **method_params):
                 outcomes[index] = outcome
                 progress.update(1)
         finally:
@@ -334,6 +302,7 @@ class AttributionExplainer:
         granularity: Optional[GranularityLike] = None,
         per_target: bool = False,
         attribute_messages: Optional[Sequence[int]] = None,
+        contrast: str = DEFAULT_CONTRAST,
         **method_params: Any,
     ) -> Iterator[tuple[int, Union[AttributionResult, BatchFailure]]]:
         """Stream ``(index, result or failure)`` over ``items`` (any iterable, read lazily), as items finish.
@@ -342,18 +311,18 @@ class AttributionExplainer:
         the first item is read; an item that fails yields a ``BatchFailure`` and the stream goes on. At most
         ``engine.ITEMS_IN_FLIGHT`` items are in flight at once, so items may finish out of input order.
         """
-        settings = self._settings(method, granularity, per_target, method_params, attribute_messages)
+        settings = self._settings(method, granularity, per_target, method_params, attribute_messages, contrast)
         if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
             raise InvalidInputError("items must be an iterable of (messages_or_prompt, target) pairs or dicts")
         return self._stream(items, settings)
 
-    def _stream(self, items: Iterable[Any], settings: _Settings
+    def _stream(self, items: Iterable[Any], settings: Settings
                 ) -> Iterator[tuple[int, Union[AttributionResult, BatchFailure]]]:
-        def prepared() -> Iterator[Union[_Request, Exception]]:
+        def prepared() -> Iterator[Union[Prepared, Exception]]:
             for record in items:
                 try:
                     messages, prompt, target = item_fields(record)
-                    yield self._prepare(messages, prompt, target, settings)
+                    yield prepare(self, settings, messages, prompt, target, **item_options(record))
                 except Exception as error:  # noqa: BLE001 - recorded per item; nothing the user gave is lost
                     yield error
 
@@ -372,6 +341,11 @@ class AttributionExplainer:
         if return_html:
             return render_html(result)
         return display_html(result)  # None in a notebook (displayed), else the HTML
+
+
+def _name_of(model: Any) -> str:
+    """A model's name for results (``display_name`` of its config's name or path, else its class name)."""
+    return display_name(getattr(getattr(model, "config", None), "name_or_path", None), type(model).__name__)
 
 
 def _progress(total: int, show: bool) -> Any:
@@ -397,3 +371,29 @@ def compute_attributions(
     return explainer.explain(
         messages, target, prompt=prompt, method=method, granularity=granularity, **method_params
     )
+
+
+def answer_sentences(
+    explainer: AttributionExplainer,
+    messages: Optional[Messages] = None,
+    answer: Optional[str] = None,
+    *,
+    prompt: Optional[str] = None,
+    method: Optional[MethodLike] = None,
+    granularity: Optional[GranularityLike] = None,
+    show_progress: bool = False,
+    **method_params: Any,
+) -> AttributionBatchResult:
+    """Attribute every sentence of ``answer`` on its own, in one packed run: which source supports which claim.
+
+    Each result explains the log-probability of one sentence's tokens (``target_span``), the whole answer staying
+    as context, in reading order of the sentences (``result.target_span`` says which).
+    """
+    if not isinstance(answer, str) or not answer.strip():
+        raise InvalidInputError("answer must be the non-empty text whose sentences are attributed")
+    spans = [(match.start() + len(text) - len(text.lstrip()), match.end() - len(text) + len(text.rstrip()))
+             for match in SENTENCE_PATTERN.finditer(answer) if (text := match.group()).strip()]
+    source = {"messages": messages} if messages is not None else {"prompt": prompt}
+    items = [{**source, "target": answer, "target_span": span} for span in spans]
+    return explainer.explain_batch(items, method=method, granularity=granularity, show_progress=show_progress,
+                                   **method_params)

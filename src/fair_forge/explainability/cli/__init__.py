@@ -4,6 +4,7 @@ wires them (``main`` dispatches on the first argument) and turns typed errors in
     fair-forge-explain --prompt "..." --target "..."          explain one response (``explain.py``)
     fair-forge-explain dataset items.jsonl --out out.parquet   explain a dataset (``dataset.py``)
     fair-forge-explain summarize out.parquet                   per-feature summary of an output (``dataset.py``)
+    fair-forge-explain audit --input items.jsonl --protected she,he --out report.html   fairness audit (``audit.py``)
 
 Building a parser imports neither torch nor transformers (``--help`` answers at once).
 """
@@ -15,10 +16,13 @@ from typing import Optional, Sequence
 
 from ..errors import ExplainabilityError, InvalidInputError
 from .common import EXIT_BAD_INPUT, EXIT_FAILURE, PROG, BadInput, one_line
-from .dataset import SUBCOMMANDS
+from . import audit, dataset
 from .explain import build_parser, run
 
 __all__ = ["build_parser", "main"]
+
+# name -> (parser, runner); ``main`` dispatches on the first argument
+SUBCOMMANDS = {**dataset.SUBCOMMANDS, **audit.SUBCOMMANDS}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -15,6 +15,9 @@ from typing import Any, Optional, Sequence
 PROG = "fair-forge-explain"
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
+#: The item fields ``--column KEY=NAME`` maps to source columns (``id`` is the id column).
+COLUMN_KEYS = ("messages", "prompt", "question", "system", "context", "target", "id", "contrast_target",
+               "counterfactual")
 
 
 class BadInput(Exception):
@@ -51,6 +54,29 @@ def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
     return params
 
 
+def parse_columns(pairs: Sequence[str], keys: Sequence[str] = COLUMN_KEYS) -> dict[str, str]:
+    """``--column KEY=NAME`` options as the column keywords of ``explain_dataset`` (``id`` becomes ``id_column``)."""
+    columns: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, name = pair.partition("=")
+        if not sep or key not in keys or not name:
+            raise BadInput(f"--column expects KEY=NAME with KEY one of {tuple(keys)}, got {pair!r}")
+        columns["id_column" if key == "id" else key] = name
+    if "system" in columns and "context" in columns:
+        raise BadInput("--column system=... and --column context=... name the same role; give one")
+    return columns
+
+
+def source_file(path: str, name: str) -> Path:
+    """An existing dataset file of a suffix ``explain_dataset`` reads, else ``BadInput`` naming the option."""
+    from ..runs.sources import SOURCE_SUFFIXES
+
+    source = Path(path)
+    if source.suffix.lower() not in SOURCE_SUFFIXES or not source.is_file():
+        raise BadInput(f"{name} {source} must be an existing {'/'.join(SOURCE_SUFFIXES)} file")
+    return source
+
+
 def check_text(text: Optional[str], name: str) -> None:
     """Reject text Python cannot encode (a lone surrogate, e.g. from undecodable bytes in argv) before any load."""
     if text is None:
@@ -67,6 +93,13 @@ def check_method(method: Optional[str]) -> None:
     from ..methods.registry import get_method
 
     get_method(method)
+
+
+def check_contrast(contrast: str) -> None:
+    """Reject an unknown contrastive score before the (slow) model load."""
+    from ..runtime.scores import get_score
+
+    get_score(contrast, contrastive=True)
 
 
 def load_model(path: Optional[str]) -> tuple[Any, Any, str]:

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from . import common
-from .common import PROG, BadInput, Parser, non_negative_int, parse_params
+from .common import COLUMN_KEYS, PROG, BadInput, Parser, non_negative_int, parse_columns, parse_params
 from ..core.types import Granularity
-
-COLUMN_KEYS = ("messages", "prompt", "question", "system", "context", "target", "id")
 
 
 def build_dataset_parser() -> argparse.ArgumentParser:
@@ -42,6 +40,8 @@ def build_dataset_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", metavar="N", type=non_negative_int, default=None, help="only the first N items")
     parser.add_argument("--column", metavar="KEY=NAME", action="append", default=[],
                         help=f"the column holding KEY, one of {', '.join(COLUMN_KEYS)} (e.g. --column question=q)")
+    parser.add_argument("--contrast", metavar="NAME", default="logprob_diff",
+                        help="the contrastive score of rows with a contrast_target: logprob_diff (default) or prob_diff")
     parser.add_argument("--param", metavar="KEY=VALUE", action="append", default=[],
                         help="a method parameter, e.g. --param n_steps=16 (VALUE read as JSON when it parses)")
     return parser
@@ -56,28 +56,13 @@ def build_summarize_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _columns(pairs: Sequence[str]) -> dict[str, str]:
-    columns: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, name = pair.partition("=")
-        if not sep or key not in COLUMN_KEYS or not name:
-            raise BadInput(f"--column expects KEY=NAME with KEY one of {COLUMN_KEYS}, got {pair!r}")
-        columns["id_column" if key == "id" else key] = name
-    if "system" in columns and "context" in columns:
-        raise BadInput("--column system=... and --column context=... name the same role; give one")
-    return columns
-
-
 def run_dataset(args: argparse.Namespace) -> int:
     """Check everything that can be checked without the model, then load it and stream the dataset."""
     from ..runs.sinks import output_format
-    from ..runs.sources import SOURCE_SUFFIXES
 
     params = parse_params(args.param)
-    columns = _columns(args.column)
-    source, out = Path(args.input), Path(args.out)
-    if source.suffix.lower() not in SOURCE_SUFFIXES or not source.is_file():
-        raise BadInput(f"INPUT {source} must be an existing {'/'.join(SOURCE_SUFFIXES)} file")
+    columns = parse_columns(args.column)
+    source, out = common.source_file(args.input, "INPUT"), Path(args.out)
     output_format(out)
     if out.exists() and not (args.resume or args.overwrite):
         raise BadInput(f"{out} exists: pass --resume to continue it or --overwrite to replace it")
@@ -88,6 +73,7 @@ def run_dataset(args: argparse.Namespace) -> int:
     if args.workers < 1 or args.max_new_tokens < 1:
         raise BadInput("--workers and --max-new-tokens must be >= 1")
     common.check_method(args.method)
+    common.check_contrast(args.contrast)
 
     model, tokenizer, model_name = common.load_model(args.model)
     from ..runs.datasets import explain_dataset
@@ -100,7 +86,7 @@ def run_dataset(args: argparse.Namespace) -> int:
     run = explain_dataset(
         explainer, source, out, method=args.method, granularity=args.granularity, generate=args.generate,
         max_new_tokens=args.max_new_tokens, limit=args.limit, resume=args.resume, overwrite=args.overwrite,
-        **engine, **columns, **params,
+        contrast=args.contrast, **engine, **columns, **params,
     )
     print(f"{run.n_explained} explained, {run.n_failed} failed, {run.n_skipped} already done; "
           f"{run.seconds:.1f} s; written to {run.path}")

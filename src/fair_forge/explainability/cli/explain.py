@@ -8,7 +8,7 @@ instead); ``--messages`` reads a JSON list of ``{"role": ..., "content": ...}`` 
 ``messages`` list and optionally a ``target``). The default model is the embedded SmolLM2-135M-Instruct; ``--model``
 takes a local transformers folder. Without ``--target`` the model's own greedy answer is explained. Bad input exits
 with code 2 and one line on stderr; other failures exit with 1. ``dataset`` and ``summarize`` subcommands: see
-``cli/dataset.py``.
+``cli/dataset.py``; ``audit``: ``cli/audit.py``.
 
 Building the parser imports neither torch nor transformers (``--help`` answers at once); the model and the methods
 are imported only when an explanation runs.
@@ -21,14 +21,15 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 from . import common
 from .common import EXIT_FAILURE, PROG, BadInput, Parser, non_negative_int, parse_params
 
 if TYPE_CHECKING:  # annotations only: importing types at run time would slow --help
     from ..core.types import AttributionResult
-from ..core.types import AttributionMethod, Granularity, format_table
+from ..core.types import AttributionMethod, Granularity
+from ..viz.console import format_table
 
 #: Built-in methods for causal LMs, listed by --help from the enum (importing the methods would import torch).
 LM_METHODS = tuple(m.value for m in AttributionMethod if m is not AttributionMethod.INTEGRATED_JACOBIANS)
@@ -73,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--top", metavar="K", type=non_negative_int, default=10, help="how many features to print (default: 10)"
     )
     parser.add_argument("--raw", action="store_true", help="explain --prompt as raw text, without the chat template")
+    parser.add_argument("--contrast-target", metavar="TEXT", default=None,
+                        help="explain why TARGET rather than this answer (e.g. --target Yes --contrast-target No)")
+    parser.add_argument("--contrast", metavar="NAME", default="logprob_diff",
+                        help="the contrastive score: logprob_diff (default) or prob_diff")
+    parser.add_argument("--counterfactual", metavar="TEXT|FILE.json", default=None,
+                        help="explain f(x) - f(x') for this x': the counterfactual --prompt, or with --messages a "
+                             "JSON file of its messages (same roles); the features are the segments that differ")
     parser.add_argument(
         "--evaluate", action="store_true",
         help="also print how faithful the ranking is (comprehensiveness, sufficiency, deletion/insertion AUC vs random)",
@@ -156,22 +164,35 @@ def run(args: argparse.Namespace) -> int:
     common.check_text(target, "--target")
     for index, message in enumerate(messages or []):
         common.check_text(message["content"], f"message {index} of {args.messages}")
+    common.check_text(args.contrast_target, "--contrast-target")
+    counterfactual: Any = args.counterfactual
+    if counterfactual is not None:
+        if messages is not None:
+            counterfactual, _ = _read_messages(counterfactual)
+        elif not counterfactual.strip():
+            raise BadInput("--counterfactual is empty; give x', the input with the words changed")
+        common.check_text(args.counterfactual, "--counterfactual")
     _check_output_path(args.json)
     common.check_method(args.method)
+    common.check_contrast(args.contrast)
 
     model, tokenizer, model_name = common.load_model(args.model)
     from ..explainer import AttributionExplainer
 
     explainer = AttributionExplainer(model, tokenizer, model_name=model_name)
-    request: dict[str, Any] = {"target": target, "granularity": args.granularity, **params}
+    request: dict[str, Any] = {"target": target, "granularity": args.granularity, "contrast_target": args.contrast_target,
+                               "contrast": args.contrast, **params}
     if args.method is not None:
         request["method"] = args.method
     if messages is not None:
         request["messages"] = messages
+        request["counterfactual"] = counterfactual
     elif args.raw or not getattr(tokenizer, "chat_template", None):
-        request["prompt"] = args.prompt
+        request.update(prompt=args.prompt, counterfactual=counterfactual)
     else:
         request["messages"] = [{"role": "user", "content": args.prompt}]
+        if counterfactual is not None:
+            request["counterfactual"] = [{"role": "user", "content": counterfactual}]
     result = explainer.explain(**request)
 
     if args.json == "-":

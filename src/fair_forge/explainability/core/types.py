@@ -39,6 +39,8 @@ class AttributionMethod(str, Enum):
     KERNEL_SHAP = "kernel_shap"
     OCCLUSION = "occlusion"
     SOBOL = "sobol"
+    ATTENTION = "attention"
+    AT2 = "at2"
     INTEGRATED_JACOBIANS = "integrated_jacobians"
 
     def __str__(self) -> str:
@@ -74,6 +76,8 @@ class TokenAttribution(BaseModel):
     end: Optional[int] = None
     message_index: Optional[int] = None
     token_positions: list[int] = Field(default_factory=list, description="positions in the model's input_ids")
+    counterfactual_text: Optional[str] = Field(
+        None, description="for a counterfactual explanation: the text of x' this feature replaces ('' where x' has none)")
 
     @model_validator(mode="after")
     def _finite(self) -> "TokenAttribution":
@@ -143,6 +147,11 @@ class AttributionMetadata(BaseModel):
     method_params: dict[str, Any] = Field(default_factory=dict)
     convergence_delta: Optional[float] = None
     relative_convergence_delta: Optional[float] = None
+    target_score: Optional[float] = Field(
+        None, description="the explained score at the input (log p(target), or the contrastive margin)")
+    baseline_score: Optional[float] = Field(
+        None, description="the explained score at the method's baseline (IG's, or the fully masked input), if it has one")
+    counterfactual_score: Optional[float] = Field(None, description="for a counterfactual explanation: f(x')")
 
 
 def check_finite_scores(scores: Sequence[float], labels: Optional[Sequence[str]] = None) -> None:
@@ -170,6 +179,11 @@ class AttributionResult(BaseModel):
 
     prompt: str
     target: str
+    contrast_target: Optional[str] = Field(None, description="the answer the target was contrasted with, if any")
+    target_span: Optional[tuple[int, int]] = Field(
+        None, description="the characters of the target whose log-probability was explained (None: all of it)")
+    counterfactual_prompt: Optional[str] = Field(
+        None, description="for a counterfactual explanation: x' (its messages' contents joined by newlines)")
     method: Union[AttributionMethod, str] = Field(description="a built-in method, or the name of a registered one")
     granularity: Granularity
     attributions: list[TokenAttribution]
@@ -245,26 +259,15 @@ class AttributionResult(BaseModel):
     def save_html(self, path: str | os.PathLike[str], show_scores: bool = False) -> Path:
         """Write the self-contained, escaped HTML view of this result (no CDN, no network); returns the path.
         ``show_scores`` prints each score under its word, for static exports."""
-        from ..viz.html import render_html
-
-        target = Path(path)
-        target.write_text(render_html(self, standalone=True, show_scores=show_scores), encoding="utf-8")
-        return target
+        return _facade().save_html(self, path, show_scores)
 
     def _repr_html_(self) -> str:
         """Notebook rendering: the coloured-text view as an HTML fragment."""
-        from ..viz.html import render_html
-
-        return render_html(self, standalone=False)
+        return _facade().render_html(self, standalone=False)
 
     def show(self, top: int = 10) -> None:
         """Render the HTML view in a notebook; in a console print the ranked table (as ``fair-forge-explain``)."""
-        if in_notebook():
-            from IPython.display import HTML, display
-
-            display(HTML(self._repr_html_()))
-        else:
-            print(format_table(self, top))
+        _facade().show(self, top)
 
     def __repr__(self) -> str:
         top = ", ".join(f"{a.text.strip() or repr(a.text)}={a.score:+.3g}" for a in self.get_top_k(3))
@@ -304,27 +307,20 @@ class AttributionBatchResult(BaseModel):
     def __getitem__(self, index: int) -> AttributionResult:
         return self.results[index]
 
-    # ---- files and tables (the dataset layout of ``sinks.py``) ------------------------------------------------
+    # ---- files and tables (the dataset layout of ``runs/sinks.py``) -------------------------------------------
 
     def to_dataframe(self) -> Any:
         """The tidy long table of ``explain_dataset`` outputs: one row per feature, one per failure (needs pandas)."""
-        from .records import batch_records, records_dataframe
-
-        return records_dataframe(batch_records(self))
+        return _facade().batch_dataframe(self)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write to ``path``: JSONL (one result per line) or Parquet (the tidy table), by suffix."""
-        from ..runs.sinks import save_batch
-
-        return save_batch(self, path)
+        return _facade().save_batch(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "AttributionBatchResult":
         """Read a file written by ``save`` or ``explain_dataset``, ordered by item index."""
-        from .records import batch_from_records
-        from ..runs.sinks import load_results
-
-        return batch_from_records(load_results(path))
+        return _facade().load_batch(path)
 
     def __repr__(self) -> str:
         methods = sorted({r.method_name for r in self.results})
@@ -353,39 +349,12 @@ def _short(text: str, limit: int = 40) -> str:
     return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
-def in_notebook() -> bool:
-    """True inside a Jupyter kernel (which can display HTML), False in a console or plain IPython."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    return shell is not None and getattr(shell, "kernel", None) is not None
+def _facade() -> Any:
+    """The one deliberate upward import of ``core``: the result methods that render or store a result (``show``,
+    ``save_html``, ``_repr_html_``, a batch's ``save``, ``load`` and ``to_dataframe``) hand the work to ``viz/`` and
+    ``runs/`` through the package's facade (``_facade.py``), imported on first use, so that ``core`` itself imports
+    neither (``core/audit.py``'s report reaches it through this function too). tests/test_layers.py allows exactly
+    this arrow."""
+    from .. import _facade
 
-
-def format_table(result: AttributionResult, top: int = 10) -> str:
-    """The ranked summary shared by ``show()`` and the CLI: header, then rank / text / score / normalized score."""
-    meta = result.metadata
-    lines = [
-        f"model: {result.model_name}",
-        f"method: {result.method_name}   granularity: {result.granularity}   "
-        f"time: {meta.compute_time_seconds:.2f} s   passes: {meta.n_forward_passes} forward, "
-        f"{meta.n_backward_passes} backward",
-    ]
-    if meta.convergence_delta is not None:
-        relative = meta.relative_convergence_delta
-        extra = f" ({relative:.2%} of f(x) - f(baseline))" if relative is not None else ""
-        lines.append(f"convergence delta: {meta.convergence_delta:.4g}{extra}")
-    lines.append(f"target: {result.target!r}")
-    rows = [
-        (str(rank), repr(a.text)[1:-1], f"{a.score:+.4f}", f"{a.normalized_score:+.3f}")  # repr: newlines stay visible
-        for rank, a in enumerate(result.get_top_k(top), 1)
-    ]
-    header = ("rank", "text", "score", "normalized")
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
-    lines.append("")
-    lines.append(f"top {len(rows)} of {len(result.attributions)} {result.granularity}s by |score|:")
-    for row in (header, *rows):  # text left-aligned, numbers right-aligned
-        cells = [cell.ljust(w) if i == 1 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))]
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
+    return _facade

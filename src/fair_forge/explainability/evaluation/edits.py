@@ -14,10 +14,12 @@ from ..core.types import AttributionResult
 from ..errors import InvalidInputError
 from ..explainer import AttributionExplainer
 from ..runtime.models import borrowed
-from ..runtime.scorer import EvaluationCount, MaskedRows, TargetScorer, score_row_requests
+from ..runtime.answers import answer_requests
+from ..runtime.requests import EvaluationCount, MaskedRows
+from ..runtime.scorer import TargetScorer
 from ..text.items import item_fields
 from ..text.prompt import ModelInput, build_model_input
-from ..text.segment import build_features, restrict_to_messages
+from ..text.segment import build_features, kept_tokens, membership, restrict_to_messages
 from .context import CONTEXT_METRICS, clipped_top_k, draw_ablations
 from .reports import METRICS, EditMode
 
@@ -129,8 +131,12 @@ def plan_edits(explainer: AttributionExplainer, result: AttributionResult, item:
     in blocks (``ends``: f(x), f(nothing); ``curves``: [order, deletion/insertion, step]; ``top_k``: [order, k];
     ``lds``: the ablations) made unique together, so an edit two metrics share is scored once."""
     messages, prompt = _source(item, result)
+    if result.counterfactual_prompt is not None:
+        raise InvalidInputError("faithfulness removes features from the input; a counterfactual result's features are "
+                                "changes towards x': compare its counterfactual_score with the attributions instead")
     model_input = build_model_input(explainer.tokenizer, target=result.target, messages=messages, prompt=prompt,
-                                    include_template_tokens=explainer.include_template_tokens)
+                                    include_template_tokens=explainer.include_template_tokens,
+                                    contrast_target=result.contrast_target)
     explained = {a.message_index for a in result.attributions if a.message_index is not None}
     if messages is not None and explained < {s.message_index for s in model_input.sources}:  # attribute_messages
         model_input = restrict_to_messages(model_input, tuple(sorted(explained)))
@@ -160,10 +166,7 @@ def plan_edits(explainer: AttributionExplainer, result: AttributionResult, item:
     bounds = np.cumsum([0] + [int(np.prod(b.shape[:-1])) for b in blocks.values()])
     rows = {name: inverse[start:end].reshape(block.shape[:-1])
             for (name, block), start, end in zip(blocks.items(), bounds, bounds[1:])}
-    membership = np.zeros((n, model_input.length), dtype=bool)
-    for row, feature in enumerate(features):
-        membership[row, list(feature.token_positions)] = True
-    keep = ~(~unique @ membership)
+    keep = kept_tokens(unique, membership(features, range(model_input.length)))
     return ItemPlan(result, model_input, ranking, steps, keep, rows, ablations)
 
 
@@ -176,19 +179,25 @@ def _without_first(orders: np.ndarray, counts: Sequence[int]) -> np.ndarray:
     return masks
 
 
-def score_edits(explainer: AttributionExplainer, edits: Sequence[tuple[ModelInput, np.ndarray]], mode: EditMode,
-                 baseline_id: Optional[int]) -> tuple[list[np.ndarray], list[EvaluationCount]]:
-    """Explained scores of every edit (token keep-masks (m_i, L_i) per input) in shared no-grad model calls, and each
-    input's cost; the one place this module touches the scorer. The masking is the perturbation methods' own
-    (``scoring.MaskedRows``); a chat header common to the inputs runs once for all of them."""
+def explained_contrast(result: AttributionResult) -> Optional[str]:
+    """The contrastive score a result explains (its metadata's score), None for a plain result."""
+    return getattr(result.metadata, "score", None) if result.contrast_target is not None else None
+
+
+def score_edits(explainer: AttributionExplainer, edits: Sequence[tuple[ModelInput, np.ndarray, Optional[str]]],
+                mode: EditMode, baseline_id: Optional[int]) -> tuple[list[np.ndarray], list[EvaluationCount]]:
+    """Explained scores of every edit (token keep-masks (m_i, L_i) per input, and the contrast the input's result
+    explains) in shared no-grad model calls, and each input's cost; the one place this module touches the scorer.
+    The masking is the perturbation methods' own (``requests.MaskedRows``); a chat header common to the inputs runs
+    once for all of them."""
     prefixes: dict = {}
     requests = []
-    for model_input, keep in edits:
+    for model_input, keep, contrast in edits:
         scorer = TargetScorer(explainer.model, score=explainer.score, prefix_cache=explainer.prefix_cache,
-                              prefixes=prefixes)
+                              prefixes=prefixes, contrast=contrast, contrast_length=model_input.n_contrast)
         baseline = model_input.baseline_token_id if baseline_id is None else baseline_id
         requests.append((scorer, model_input, MaskedRows(keep, int(baseline), remove=mode == "remove")))
     with borrowed(explainer.model):
-        log_probs = score_row_requests(requests, explainer.batch_size)
+        log_probs = answer_requests(requests, explainer.batch_size)
     scores = [scorer.reduce(torch.from_numpy(values)).double().numpy() for (scorer, _, _), values in zip(requests, log_probs)]
     return scores, [scorer.count for scorer, _, _ in requests]

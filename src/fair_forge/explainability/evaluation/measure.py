@@ -11,10 +11,11 @@ import numpy as np
 from ..core.types import AttributionBatchResult, AttributionResult
 from ..errors import InvalidInputError
 from ..explainer import AttributionExplainer
-from ..runtime.scorer import EvaluationCount
+from ..runtime.requests import EvaluationCount
 from ..text.items import batch_items
 from .context import DEFAULT_N_ABLATIONS, DEFAULT_TOP_K, clipped_top_k, linear_datamodeling_score
-from .edits import DEFAULT_FRACTIONS, ItemPlan, Settings, check_settings, plan_edits, removed_count, score_edits
+from .edits import (DEFAULT_FRACTIONS, ItemPlan, Settings, check_settings, explained_contrast, plan_edits,
+                    removed_count, score_edits)
 from .reports import METRICS, EditMode, FaithfulnessBatchReport, FaithfulnessReport, FaithfulnessScores
 
 
@@ -71,7 +72,8 @@ def _report(plan: ItemPlan, values: np.ndarray, count: EvaluationCount, seconds:
         lds, note = linear_datamodeling_score(plan.result.scores, plan.ablations, values[plan.rows["lds"]])
         fields.update(n_ablations=settings.n_ablations, lds=lds, lds_note=note)
     return FaithfulnessReport(
-        method=plan.result.method, granularity=plan.result.granularity, mode=settings.mode, score=explainer.score,
+        method=plan.result.method, granularity=plan.result.granularity, mode=settings.mode,
+        score=explained_contrast(plan.result) or explainer.score,
         n_features=n, fractions=list(settings.fractions), curve_fractions=list(settings.curve_fractions),
         features_removed=[removed_count(f, n) for f in settings.fractions],
         curve_features=[removed_count(f, n) for f in settings.curve_fractions],
@@ -137,8 +139,8 @@ def faithfulness(
     started = time.perf_counter()
     if isinstance(result, AttributionResult):
         plan = plan_edits(explainer, result, inputs, settings)
-        (values,), (count,) = score_edits(explainer, [(plan.model_input, plan.keep)], settings.mode,
-                                          settings.baseline_id)
+        edit = (plan.model_input, plan.keep, explained_contrast(plan.result))
+        (values,), (count,) = score_edits(explainer, [edit], settings.mode, settings.baseline_id)
         return _report(plan, values, count, time.perf_counter() - started, settings, explainer)
     if not isinstance(result, AttributionBatchResult):
         raise InvalidInputError(f"result must be an AttributionResult or AttributionBatchResult, got {type(result).__name__}")
@@ -151,8 +153,8 @@ def faithfulness(
             raise InvalidInputError(f"inputs has {len(records)} items; the batch's results need items {indices}")
         items = [records[index] for index in indices]
     plans = [plan_edits(explainer, item_result, item, settings) for item_result, item in zip(result, items)]
-    values, counts = score_edits(explainer, [(p.model_input, p.keep) for p in plans], settings.mode,
-                                 settings.baseline_id)
+    edits = [(p.model_input, p.keep, explained_contrast(p.result)) for p in plans]
+    values, counts = score_edits(explainer, edits, settings.mode, settings.baseline_id)
     seconds = time.perf_counter() - started
     reports = [_report(p, v, c, seconds, settings, explainer) for p, v, c in zip(plans, values, counts)]
     return _batch_report(reports, indices, seconds)

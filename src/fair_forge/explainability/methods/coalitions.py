@@ -30,6 +30,7 @@ from typing import Any, Callable, Generator, Optional
 
 import numpy as np
 
+from ..core.plans import drive
 from ..errors import BudgetError, InvalidInputError, NoAttributableFeaturesError
 
 ValueFunction = Callable[[np.ndarray], np.ndarray]
@@ -98,12 +99,12 @@ class MaskEvaluator:
         return scores
 
 
-def _per_column(values: np.ndarray) -> np.ndarray:
+def per_column(values: np.ndarray) -> np.ndarray:
     """(d,) stays (d,); (d, K) becomes (K, d): estimates are reported one row per output column."""
     return values if values.ndim == 1 else np.ascontiguousarray(values.T)
 
 
-def _check_features(n_features: int) -> None:
+def check_features(n_features: int) -> None:
     if n_features < 1:
         raise NoAttributableFeaturesError("there are no features to attribute to (the input has no attributable text)")
 
@@ -115,7 +116,7 @@ def check_count(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
-def _check_budget(method: str, planned: int, max_evaluations: int, hint: str) -> None:
+def check_budget(method: str, planned: int, max_evaluations: int, hint: str) -> None:
     if planned > max_evaluations:
         raise BudgetError(
             f"{method} would need {planned} model evaluations, more than max_evaluations={max_evaluations}; {hint}"
@@ -130,16 +131,10 @@ EstimatorPlan = Generator[np.ndarray, np.ndarray, Estimate]
 def run_with(plan: EstimatorPlan, value_fn: ValueFunction, n_features: int,
              batch_size: Optional[int] = None) -> Estimate:
     """Drive an estimator plan with a value function (each distinct mask once, ``batch_size`` masks per call)."""
-    evaluator = MaskEvaluator(value_fn, n_features, batch_size)
-    masks = next(plan)
-    while True:
-        try:
-            masks = plan.send(evaluator(masks))
-        except StopIteration as stop:
-            return stop.value
+    return drive(plan, MaskEvaluator(value_fn, n_features, batch_size))
 
 
-def _distinct_values(masks: np.ndarray) -> Generator[np.ndarray, np.ndarray, tuple[np.ndarray, int]]:
+def distinct_values(masks: np.ndarray) -> Generator[np.ndarray, np.ndarray, tuple[np.ndarray, int]]:
     """Yield each distinct mask of ``masks`` once, receive their values; return the values of every mask (in the
     order of ``masks``) and how many distinct masks were scored."""
     unique, inverse = np.unique(masks, axis=0, return_inverse=True)
@@ -153,7 +148,7 @@ def occlusion_plan(n_features: int, *, window: int = 1, stride: int = 1) -> Esti
     ``window=1, stride=1`` is leave-one-out. A window longer than the feature list is shortened to it, and a last
     window is added when the stride would leave the final features uncovered.
     """
-    _check_features(n_features)
+    check_features(n_features)
     window = min(check_count("window", window, 1), n_features)
     stride = check_count("stride", stride, 1)
     starts = list(range(0, n_features - window + 1, stride))
@@ -162,7 +157,7 @@ def occlusion_plan(n_features: int, *, window: int = 1, stride: int = 1) -> Esti
     masks = np.ones((len(starts) + 1, n_features), dtype=bool)
     for row, start in enumerate(starts, start=1):
         masks[row, start : start + window] = False
-    scores, n_evaluations = yield from _distinct_values(masks)
+    scores, n_evaluations = yield from distinct_values(masks)
     drops = (scores[:1] - scores[1:]).reshape(len(starts), -1)  # (windows, K)
     covered = ~masks[1:]  # (windows, d): which features each window hides
     if not covered.any(0).all():
@@ -194,16 +189,16 @@ def kernel_shap_plan(
     """
     import shap
 
-    _check_features(n_features)
+    check_features(n_features)
     n_coalitions = 2**n_features - 2
     if exact:
-        _check_budget("exact KernelSHAP", n_coalitions + 2, max_evaluations,
+        check_budget("exact KernelSHAP", n_coalitions + 2, max_evaluations,
                       "use exact=False with n_samples, or a coarser granularity (fewer features)")
         n_samples = n_coalitions
     else:
         n_samples = default_n_samples(n_features) if n_samples is None else check_count("n_samples", n_samples, 1)
         n_samples = min(n_samples, n_coalitions)
-        _check_budget("KernelSHAP", n_samples + 2, max_evaluations, "lower n_samples")
+        check_budget("KernelSHAP", n_samples + 2, max_evaluations, "lower n_samples")
     everything, nothing = np.ones((1, n_features), dtype=bool), np.zeros((1, n_features), dtype=bool)
     run_seed = int(np.random.default_rng().integers(2**32)) if seed is None else seed  # both passes draw alike
 
@@ -225,7 +220,7 @@ def kernel_shap_plan(
 
     shap_values(record)
     masks = np.concatenate(asked)
-    values, n_evaluations = yield from _distinct_values(masks)
+    values, n_evaluations = yield from distinct_values(masks)
     table = {row.tobytes(): value for row, value in zip(np.packbits(masks, axis=1), values)}
 
     def lookup(coalitions: np.ndarray) -> np.ndarray:
@@ -238,7 +233,7 @@ def kernel_shap_plan(
         "value_all": float(values[0].reshape(-1)[0]),  # first output column
         "value_none": float(values[1].reshape(-1)[0]),
     }
-    return Estimate(_per_column(np.asarray(phi, dtype=np.float64)), n_evaluations, extras)
+    return Estimate(per_column(np.asarray(phi, dtype=np.float64)), n_evaluations, extras)
 
 
 def lime_samples(n_features: int, n_samples: int, rng: np.random.Generator) -> np.ndarray:
@@ -274,13 +269,13 @@ def lime_plan(
     from lime.lime_base import LimeBase
     from sklearn.linear_model import Ridge
 
-    _check_features(n_features)
+    check_features(n_features)
     n_samples = default_n_samples(n_features) if n_samples is None else check_count("n_samples", n_samples, 2)
     if isinstance(kernel_width, bool) or not isinstance(kernel_width, (int, float)) or not 0 < kernel_width < np.inf:
         raise InvalidInputError(f"kernel_width must be a finite number > 0, got {kernel_width!r}")
-    _check_budget("LIME", n_samples, max_evaluations, "lower n_samples")
+    check_budget("LIME", n_samples, max_evaluations, "lower n_samples")
     masks = lime_samples(n_features, n_samples, np.random.default_rng(seed))
-    scores, n_evaluations = yield from _distinct_values(masks)
+    scores, n_evaluations = yield from distinct_values(masks)
     labels = scores.reshape(n_samples, -1)
     data = masks.astype(np.float64)
     distances = (1.0 - np.sqrt(masks.sum(1) / n_features)) * 100.0  # cosine distance of a 0/1 row to all-ones
@@ -317,11 +312,11 @@ def sobol_plan(
     """
     from scipy.stats import qmc
 
-    _check_features(n_features)
+    check_features(n_features)
     n_samples = DEFAULT_SOBOL_SAMPLES if n_samples is None else check_count("n_samples", n_samples, 2)
     if 2 * n_features > SOBOL_MAX_DIMENSION:
         raise BudgetError(f"Sobol sampling supports at most {SOBOL_MAX_DIMENSION // 2} features, got {n_features}")
-    _check_budget("Sobol", n_samples * (n_features + 2), max_evaluations, "lower n_samples or use fewer features")
+    check_budget("Sobol", n_samples * (n_features + 2), max_evaluations, "lower n_samples or use fewer features")
     sampler = qmc.Sobol(d=2 * n_features, scramble=True, seed=seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*balance properties of Sobol' points.*")
@@ -330,7 +325,7 @@ def sobol_plan(
     ab = np.repeat(a[None], n_features, axis=0)  # (d, N, d)
     features = np.arange(n_features)
     ab[features, :, features] = b.T
-    scores, n_evaluations = yield from _distinct_values(np.concatenate([a, b, ab.reshape(-1, n_features)]))
+    scores, n_evaluations = yield from distinct_values(np.concatenate([a, b, ab.reshape(-1, n_features)]))
     columns = scores.reshape(len(scores), -1)
     f_a, f_b = columns[:n_samples], columns[n_samples : 2 * n_samples]
     f_ab = columns[2 * n_samples :].reshape(n_features, n_samples, -1)

@@ -5,7 +5,7 @@ as they are, so baselines, noise and interpolation touch only what is attributed
 differentiates (the explained score, or one target token's log-prob for the per-target matrix). It receives the
 rows' gradients and computes its attribution itself:
 
-  INTEGRATED_GRADIENTS: (x - b) * the path integral of the gradient, by ``_quadrature.integrate`` (steps, achieved
+  INTEGRATED_GRADIENTS: (x - b) * the path integral of the gradient, by ``quadrature.integrate`` (steps, achieved
       error and a ``ConvergenceWarning`` when the error stays above ``tolerance``); token scores add up to
       f(x) - f(b) up to that error;
   GRADIENT_SHAP: mean of (x + noise - b) * gradient at b + alpha (x + noise - b), alpha ~ U(0, 1);
@@ -27,8 +27,10 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from ..errors import BudgetError, NoAttributableFeaturesError
-from ..runtime.scorer import EXPLAINED_SCORE, EmbeddingAnswer, EmbeddingRows
+from ..core.plans import relay
+from ..errors import BudgetError, InvalidInputError, NoAttributableFeaturesError
+from ..runtime.requests import EXPLAINED_SCORE, EmbeddingAnswer, EmbeddingRows
+from ..text.segment import membership
 from ..core.types import AttributionMethod
 from .registry import (Count, FiniteFloat, MethodContext, MethodParams, Plan, RawAttribution, SampledParams, TokenId,
                register_method)
@@ -82,15 +84,18 @@ class _Embeddings:
         scorer.embedding_layer()  # typed error for models without input embeddings, before any model call
         positions = np.flatnonzero(model_input.attributable)
         self.inputs = scorer.embed(model_input.input_ids[positions])  # (A, H) float32
-        index = {int(p): i for i, p in enumerate(positions)}
-        self.membership = torch.zeros(len(context.features), len(positions), dtype=torch.float64)  # (F, A)
-        for row, feature in enumerate(context.features):
-            self.membership[row, [index[p] for p in feature.token_positions]] = 1.0
+        self.membership = torch.from_numpy(membership(context.features, positions).astype(np.float64))  # (F, A)
         # the explained score, then (per_target) each target token's log-prob
         self.outputs = (EXPLAINED_SCORE, *(range(model_input.n_target) if context.per_target else ()))
 
     def baseline(self, spec: Union[str, int]) -> torch.Tensor:
-        """(A, H) baseline: "zero", "pad" (the input's baseline token) or a token id, at every attributed token."""
+        """(A, H) baseline: "zero", "pad" (the input's baseline token) or a token id, at every attributed token; for
+        a counterfactual, x''s own tokens at those positions (the straight path from x' to x)."""
+        counterfactual = self.context.counterfactual
+        if counterfactual is not None:
+            if counterfactual.baseline_ids is None:
+                raise InvalidInputError(f"no path from x' to x: {counterfactual.baseline_problem}")
+            return self.context.scorer.embed(counterfactual.baseline_ids)
         if spec == "zero":
             return torch.zeros_like(self.inputs)
         token = self.context.model_input.baseline_token_id if spec == "pad" else int(spec)
@@ -107,6 +112,10 @@ class _Embeddings:
     def rows(self, points: torch.Tensor) -> EmbeddingRows:
         """Points (k, A, H) whose gradient is wanted for every output (one forward, a backward per output)."""
         return EmbeddingRows(points, self.outputs)
+
+    def score(self, answer: EmbeddingAnswer, row: int = 0) -> float:
+        """The explained score of one row of an answer."""
+        return float(self.context.scorer.reduce(torch.from_numpy(answer.log_probs[row])))
 
     def per_output(self, answer: EmbeddingAnswer) -> torch.Tensor:
         """(k, outputs, A, H) gradients of ``rows`` -> (outputs, k, A, H) in float64."""
@@ -151,25 +160,25 @@ def integrated_gradients(context: MethodContext) -> Plan:
     # one rule, steered by the explained score's completeness; the per-target rows are integrated at its points
     rule = integrate(total, n_steps=params["n_steps"], tolerance=params["tolerance"], max_steps=params["max_steps"])
     points_per_request = max(1, STEPS_PER_REQUEST // len(embeddings.outputs))
-    alphas = next(rule)
-    while True:
+
+    def integrand(alphas: np.ndarray) -> Plan:
+        """The rule's points as requests of ``points_per_request`` rows: (explained score's, every output's) terms."""
         contributions = []  # per point: (outputs, A) sums over the hidden dimension of (x - b) * gradient
         for start in range(0, len(alphas), points_per_request):
             chunk = torch.as_tensor(alphas[start : start + points_per_request], dtype=x.dtype).to(x.device)
             answer = yield embeddings.rows(b + chunk[:, None, None] * (x - b))
             contributions.append(((x - b).double() * embeddings.per_output(answer)).sum(-1).transpose(0, 1).cpu())
         vector = torch.cat(contributions).numpy()  # (k, outputs, A)
-        try:
-            alphas = rule.send((vector[:, 0].sum(-1), vector))
-        except StopIteration as stop:
-            integral = stop.value
-            break
+        return vector[:, 0].sum(-1), vector
+
+    integral = yield from relay(rule, integrand)
     warn_if_unconverged(integral, params["tolerance"], "integrated gradients")
     raw = embeddings.result(torch.from_numpy(integral.value)[..., None], "sum")  # (outputs, A, 1)
     delta = abs(float(raw.feature_scores.sum()) - total)
     raw.metadata.update(
         convergence_delta=delta, relative_convergence_delta=delta / abs(total) if total else None,
-        score_input=float(endpoints[0]), score_baseline=float(endpoints[1]),
+        score_input=float(endpoints[0]), score_baseline=float(endpoints[1]), target_score=float(endpoints[0]),
+        **{"counterfactual_score" if context.counterfactual is not None else "baseline_score": float(endpoints[1])},
         n_steps_used=integral.n_evaluations, integration_error=integral.error, converged=integral.converged,
     )
     return raw
@@ -199,7 +208,8 @@ def gradient_shap(context: MethodContext) -> Plan:
 def input_x_gradient(context: MethodContext) -> Plan:
     embeddings = _Embeddings(context)
     answer = yield embeddings.rows(embeddings.inputs.unsqueeze(0))
-    return embeddings.result(embeddings.inputs.double() * embeddings.per_output(answer)[:, 0], "sum")
+    return embeddings.result(embeddings.inputs.double() * embeddings.per_output(answer)[:, 0], "sum",
+                             target_score=embeddings.score(answer))
 
 
 @register_method(AttributionMethod.SALIENCY, kind="gradient", additive=False, params=MethodParams,
@@ -207,7 +217,7 @@ def input_x_gradient(context: MethodContext) -> Plan:
 def saliency(context: MethodContext) -> Plan:
     embeddings = _Embeddings(context)
     answer = yield embeddings.rows(embeddings.inputs.unsqueeze(0))
-    return embeddings.result(embeddings.per_output(answer)[:, 0], "l2")
+    return embeddings.result(embeddings.per_output(answer)[:, 0], "l2", target_score=embeddings.score(answer))
 
 
 def _noisy_gradients(context: MethodContext, statistic: Literal["mean", "square", "variance"]) -> Plan:

@@ -1,6 +1,6 @@
 """Perturbation methods: OCCLUSION, LIME, KERNEL_SHAP, SOBOL on a causal LM, as plans for the batch engine.
 
-The algorithms live in ``_coalitions`` as plans over feature masks (masks first, values, then fit); this module
+The algorithms live in ``coalitions`` as plans over feature masks (masks first, values, then fit); this module
 only adapts them to the model: a feature mask (n, d) becomes a token keep-mask (n, L) (a dropped feature's tokens
 are replaced by the ``baseline`` token, or removed from attention with ``remove=True``), yielded as a
 ``MaskedRows`` request whose answer, the target log-probs, gives the explained score. With ``per_target`` the same
@@ -10,7 +10,7 @@ evaluations.
 Additivity: OCCLUSION and KERNEL_SHAP are registered additive (KernelSHAP values add up to
 f(input) - f(all features masked); occlusion is the per-feature drop). LIME is *not* registered additive: its
 coefficients belong to a Ridge surrogate with an intercept, so they add up to the surrogate's prediction, not to
-f(input) - f(baseline); nor is CONTEXT_CITE (a sparse surrogate on random half-ablations, ``_sparse``, for inputs
+f(input) - f(baseline); nor is CONTEXT_CITE (a sparse surrogate on random half-ablations, ``sparse``, for inputs
 with many features such as the sentences of a long document). SOBOL indices are non-negative variance shares and not additive.
 """
 
@@ -22,13 +22,15 @@ import numpy as np
 import torch
 from pydantic import BeforeValidator, Field, model_validator
 
+from ..core.plans import relay
 from ..errors import NoAttributableFeaturesError
-from ..runtime.scorer import MaskedRows
+from ..runtime.requests import MaskedRows, TextRows
+from ..text.segment import kept_tokens, membership
 from ..core.types import AttributionMethod
 from .registry import (Count, FiniteFloat, Flag, MethodContext, MethodParams, Plan, RawAttribution, SampledParams, TokenId,
                _integer, register_method)
 from . import coalitions as core
-from . import sparse
+from . import hierarchy, sparse
 
 SampleCount = Annotated[int, BeforeValidator(_integer), Field(ge=2, strict=True)]  # a fit or a variance needs two
 
@@ -41,7 +43,15 @@ class MaskingParams(MethodParams):
     remove: Flag = Field(False, description="delete dropped tokens from attention instead of replacing them")
 
 
-class OcclusionParams(MaskingParams):
+class HierarchicalParams(MethodParams):
+    """The hierarchical search (``hierarchy``): groups of consecutive features first, then the kept groups' features."""
+
+    hierarchical: Flag = Field(
+        False, description="attribute to paragraphs (groups of ~sqrt(n) features) first, then only to the features of "
+                           "the groups that matter; pruned features score 0 (metadata.hierarchical says which)")
+
+
+class OcclusionParams(HierarchicalParams, MaskingParams):
     window: Count = Field(1, description="consecutive features masked together (1: leave-one-out)")
     stride: Count = Field(1, description="step between windows; at most window, so that every feature is masked")
 
@@ -49,6 +59,9 @@ class OcclusionParams(MaskingParams):
     def _every_feature_masked(self) -> "OcclusionParams":
         if self.stride > self.window:
             raise ValueError(f"stride={self.stride} > window={self.window} would leave features never masked")
+        if self.hierarchical and self.window > 1:
+            raise ValueError("hierarchical occlusion is leave-one-out at both levels (the groups are its windows); "
+                             "use window=1")
         return self
 
 
@@ -61,14 +74,16 @@ class KernelShapParams(CoalitionParams):
     exact: Flag = Field(False, description="enumerate all 2^d coalitions (exact Shapley values)")
 
 
-class LimeParams(CoalitionParams):
-    n_samples: Optional[SampleCount] = Field(None, description="neighbourhood size; None: max(100, 4 x features)")
+class LimeParams(HierarchicalParams, CoalitionParams):
+    n_samples: Optional[SampleCount] = Field(
+        None, description="neighbourhood size (per stage with hierarchical); None: max(100, 4 x features)")
     kernel_width: FiniteFloat = Field(25.0, gt=0, description="width of LIME's exponential kernel on distances")
 
 
-class ContextCiteParams(MaskingParams, SampledParams):
+class ContextCiteParams(HierarchicalParams, MaskingParams, SampledParams):
     n_samples: Optional[SampleCount] = Field(
-        None, description="random half-ablations scored; None: one per feature, between 32 and 64")
+        None, description="random half-ablations scored (per stage with hierarchical); None: one per feature, "
+                          "between 32 and 64")
     alpha: FiniteFloat = Field(sparse.DEFAULT_ALPHA, gt=0, description="Lasso penalty, relative to the standard deviation of the scores over the ablations")
 
 
@@ -89,43 +104,77 @@ class _Masks:
         self.baseline_id = int(context.model_input.baseline_token_id if baseline == "pad" else baseline)
         self.remove = params["remove"]
         self.n_features = len(context.features)
-        self.membership = np.zeros((self.n_features, context.model_input.length), dtype=bool)  # feature -> tokens
-        for row, feature in enumerate(context.features):
-            self.membership[row, list(feature.token_positions)] = True
+        self.membership = membership(context.features, range(context.model_input.length))  # feature -> tokens
+        # the input itself (its score is reported) and, for a counterfactual, x' (all differences take x''s text)
+        self.anchors = np.ones((1 + (context.counterfactual is not None), self.n_features), dtype=bool)
+        self.anchors[1:] = False
+        self.anchor_values: Optional[np.ndarray] = None
+        self.n_added = 0  # anchor rows the estimator did not ask for
 
     def run(self, estimator: core.EstimatorPlan) -> Plan:
         """Drive ``estimator``: each batch of feature masks becomes one ``MaskedRows`` request."""
-        masks = next(estimator)
-        while True:
-            log_probs = yield MaskedRows(~(~masks @ self.membership), self.baseline_id, self.remove)
-            try:
-                masks = estimator.send(self.values(log_probs))
-            except StopIteration as stop:
-                return stop.value
+        return (yield from relay(estimator, self.ask))
+
+    def ask(self, masks: np.ndarray) -> Plan:
+        """The values of feature ``masks`` (n, features): one request of their token masks (``MaskedRows``), or for
+        a counterfactual of the texts they compose (``TextRows``). The first request also scores the anchors."""
+        added = np.zeros((0, self.n_features), dtype=bool)
+        if self.anchor_values is None:
+            missing = [row for row in self.anchors if not (masks == row).all(axis=1).any()]
+            added = np.array(missing, dtype=bool).reshape(-1, self.n_features)
+            self.n_added = len(added)
+        rows = np.concatenate([masks, added])
+        if self.context.counterfactual is not None:
+            log_probs = yield TextRows(self.context.counterfactual.inputs(rows))
+        else:
+            log_probs = yield MaskedRows(kept_tokens(rows, self.membership), self.baseline_id, self.remove)
+        values = self.values(log_probs)
+        if self.anchor_values is None:
+            self.anchor_values = np.stack([values[np.flatnonzero((rows == row).all(axis=1))[0]] for row in self.anchors])
+        return values[: len(masks)]
 
     def values(self, log_probs: np.ndarray) -> np.ndarray:
         """(n, T) target log-probs -> (n,) explained scores, or (n, 1 + T) [score, log-probs] with per_target."""
-        total = self.context.scorer.reduce(torch.from_numpy(log_probs)).numpy()
-        return np.concatenate([total[:, None], log_probs], axis=1) if self.context.per_target else total
+        scorer, log_probs = self.context.scorer, torch.from_numpy(log_probs)
+        total = scorer.reduce(log_probs).numpy()
+        return np.concatenate([total[:, None], scorer.per_token(log_probs).numpy()], axis=1) \
+            if self.context.per_target else total
 
     def attribution(self, estimate: core.Estimate, **metadata: Any) -> RawAttribution:
         """Split an estimate into feature scores and the per-target matrix, with the shared metadata."""
         values = estimate.values
         scores, matrix = (values[0], values[1:]) if self.context.per_target else (values, None)
-        return RawAttribution(feature_scores=scores, matrix=matrix,
-                              metadata={"n_evaluations": estimate.n_evaluations, **metadata})
+        totals = self.anchor_values.reshape(len(self.anchors), -1)[:, 0]
+        scored = {"target_score": float(totals[0])}
+        if "hierarchical" in estimate.extras:
+            scored["hierarchical"] = estimate.extras["hierarchical"]
+        if self.context.counterfactual is not None:
+            scored["counterfactual_score"] = float(totals[1])
+        return RawAttribution(feature_scores=scores, matrix=matrix, metadata={
+            "n_evaluations": estimate.n_evaluations + self.n_added, **scored, **metadata})
 
 
 def _sampling(params: dict[str, Any]) -> dict[str, Any]:
     return {"seed": params["seed"], "max_evaluations": params["max_evaluations"]}
 
 
+def _estimator(context: MethodContext, build: hierarchy.EstimatorFactory) -> core.EstimatorPlan:
+    """The method's estimator over the context's features: ``build(n_features, max_evaluations)`` itself, or with
+    ``hierarchical`` the hierarchical search composing it (``hierarchy``)."""
+    n_features, budget = len(context.features), context.params.get("max_evaluations")
+    if not context.params["hierarchical"]:
+        return build(n_features, budget)
+    groups = hierarchy.feature_groups(context.features, context.model_input)
+    return hierarchy.hierarchical_plan(n_features, groups, build, max_evaluations=budget)
+
+
 @register_method(AttributionMethod.OCCLUSION, kind="perturbation", additive=True, params=OcclusionParams,
                  description="drop in score when a window of consecutive features is masked (leave-one-out by default)")
 def occlusion(context: MethodContext) -> Plan:
     masks = _Masks(context)
-    estimate = yield from masks.run(core.occlusion_plan(masks.n_features, window=context.params["window"],
-                                                        stride=context.params["stride"]))
+    window, stride = context.params["window"], context.params["stride"]
+    estimate = yield from masks.run(_estimator(context, lambda n_features, _: core.occlusion_plan(
+        n_features, window=window, stride=stride)))
     return masks.attribution(estimate, n_windows=estimate.extras["n_windows"])
 
 
@@ -141,7 +190,7 @@ def kernel_shap(context: MethodContext) -> Plan:
     delta = abs(float(np.asarray(estimate.values.sum(-1)).reshape(-1)[0]) - difference)
     return masks.attribution(
         estimate, exact=extras["exact"], n_coalitions=extras["n_coalitions"], score_input=extras["value_all"],
-        score_baseline=extras["value_none"], convergence_delta=delta,
+        score_baseline=extras["value_none"], baseline_score=extras["value_none"], convergence_delta=delta,
         relative_convergence_delta=delta / abs(difference) if difference else None,
     )
 
@@ -151,8 +200,9 @@ def kernel_shap(context: MethodContext) -> Plan:
 def lime(context: MethodContext) -> Plan:
     masks = _Masks(context)
     params = context.params
-    estimate = yield from masks.run(core.lime_plan(masks.n_features, n_samples=params["n_samples"],
-                                                   kernel_width=params["kernel_width"], **_sampling(params)))
+    estimate = yield from masks.run(_estimator(context, lambda n_features, budget: core.lime_plan(
+        n_features, n_samples=params["n_samples"], kernel_width=params["kernel_width"], seed=params["seed"],
+        max_evaluations=budget)))
     return masks.attribution(estimate, r2=estimate.extras["r2"], intercept=estimate.extras["intercept"])
 
 
@@ -161,8 +211,9 @@ def lime(context: MethodContext) -> Plan:
 def context_cite(context: MethodContext) -> Plan:
     masks = _Masks(context)
     params = context.params
-    estimate = yield from masks.run(sparse.sparse_plan(masks.n_features, n_samples=params["n_samples"],
-                                                        alpha=params["alpha"], **_sampling(params)))
+    estimate = yield from masks.run(_estimator(context, lambda n_features, budget: sparse.sparse_plan(
+        n_features, n_samples=params["n_samples"], alpha=params["alpha"], seed=params["seed"],
+        max_evaluations=budget)))
     return masks.attribution(estimate, **estimate.extras)
 
 

@@ -1,7 +1,7 @@
 """The method registry: built-in backends register themselves with a decorator, users add their own the same way.
 
 A backend is either a *plan*, a generator function ``plan(context)`` that yields the model calls it needs
-(``scoring.MaskedRows``, ``scoring.EmbeddingRows``), receives their answers and returns a ``RawAttribution`` (the
+(``requests.MaskedRows``, ``requests.EmbeddingRows``), receives their answers and returns a ``RawAttribution`` (the
 batch engine packs the calls of many items), or a plain function ``run(context) -> RawAttribution`` that calls the
 model itself through ``context.scorer`` (run alone, unpacked). Either way it sees the tokenized input, the
 features to attribute to and its validated parameters, never the user's raw text.
@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
+from ..core.plans import drive
 from ..errors import BudgetError, InvalidInputError, UnknownMethodError
 from .coalitions import DEFAULT_MAX_EVALUATIONS
 from ..core.types import AttributionMethod
@@ -29,6 +30,7 @@ from ..core.types import AttributionMethod
 if TYPE_CHECKING:  # imported for annotations only, to keep this module free of model code
     from ..text.prompt import ModelInput
     from ..runtime.scorer import TargetScorer
+    from ..text.counterfactual_input import CounterfactualInput
     from ..text.segment import Feature
 
 MethodKind = Literal["gradient", "perturbation"]
@@ -45,6 +47,7 @@ class MethodContext:
     features: "list[Feature]"
     params: dict[str, Any]
     per_target: bool = False
+    counterfactual: "Optional[CounterfactualInput]" = None  # explain f(x) - f(x'): features are x''s differences
 
 
 @dataclass
@@ -162,17 +165,15 @@ class MethodSpec:
 
     def run(self, context: MethodContext) -> RawAttribution:
         """Run the backend alone, its requests answered one at a time by ``context.scorer``."""
-        from ..runtime.scorer import answer_requests
+        from ..runtime.answers import answer_requests
 
-        plan = self.plan(context)
         batch_size = context.params.get("batch_size") or context.scorer.batch_size
-        answer = None
-        while True:
-            try:
-                request = plan.send(answer)
-            except StopIteration as stop:
-                return stop.value
-            (answer,) = answer_requests([(context.scorer, context.model_input, request)], batch_size)
+
+        def answer(request: Any) -> Any:
+            (reply,) = answer_requests([(context.scorer, context.model_input, request)], batch_size)
+            return reply
+
+        return drive(self.plan(context), answer)
 
 
 def _run_alone(run: Backend, context: MethodContext) -> Plan:
@@ -232,7 +233,6 @@ def register_method(
 
 def get_method(method: Union[str, AttributionMethod]) -> MethodSpec:
     """The spec registered for ``method``, or a typed error naming the available ones."""
-    _load_builtins()
     key = method_name(method)
     if key not in _REGISTRY:
         hint = ""
@@ -244,7 +244,6 @@ def get_method(method: Union[str, AttributionMethod]) -> MethodSpec:
 
 def available_methods() -> list[str]:
     """Names of every registered method, sorted."""
-    _load_builtins()
     return sorted(_REGISTRY)
 
 
@@ -286,12 +285,6 @@ def methods_reference() -> str:
     sections = []
     for name in available_methods():
         spec = get_method(name)
-        if spec.params.__module__.startswith(__name__):
+        if spec.params.__module__.startswith(f"{__package__}."):
             sections.append(f"### `{name}`\n\n{spec.description}\n\n{parameter_table(spec.params)}\n")
     return "\n".join(sections)
-
-
-def _load_builtins() -> None:
-    # Importing the built-in modules runs their @register_method decorators; done lazily to avoid import cycles.
-    from . import gradient  # noqa: F401
-    from . import perturbation  # noqa: F401

@@ -9,7 +9,7 @@ The Lasso picks the features; their coefficients are then refitted by least squa
 (a relaxed Lasso, Meinshausen 2007), because the L1 penalty shrinks every kept coefficient towards zero by about
 ``4 * alpha`` (times the scores' spread) on 0/1 masks. So a value function that is exactly linear in a few features is recovered exactly.
 
-Same conventions as ``_coalitions``: ``v(masks) -> scores``, masks (n, d) bool with True = kept, scores (n,) or
+Same conventions as ``coalitions``: ``v(masks) -> scores``, masks (n, d) bool with True = kept, scores (n,) or
 (n, K); the estimate is (d,) or (K, d), each output column fitted on its own. ``sparse_plan`` is the generator the
 batch engine drives (it yields its distinct masks once, receives their values and returns the ``Estimate``);
 ``sparse_surrogate`` drives it with a value function.
@@ -27,10 +27,10 @@ from .coalitions import (
     Estimate,
     EstimatorPlan,
     ValueFunction,
-    _check_budget,
-    _check_features,
-    _distinct_values,
-    _per_column,
+    check_budget,
+    check_features,
+    distinct_values,
+    per_column,
     check_count,
     run_with,
 )
@@ -85,13 +85,13 @@ def sparse_plan(
     ``n_samples`` defaults to ``default_n_ablations(d)`` (32 to 64). Extras: ``intercept`` and the fit's ``r2`` on
     the ablations, and ``n_selected`` (features with a non-zero coefficient), for the first output column.
     """
-    _check_features(n_features)
+    check_features(n_features)
     n_samples = default_n_ablations(n_features) if n_samples is None else check_count("n_samples", n_samples, 2)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
         raise InvalidInputError(f"alpha must be a number > 0, got {alpha!r}")
-    _check_budget("the sparse surrogate", n_samples, max_evaluations, "lower n_samples")
+    check_budget("the sparse surrogate", n_samples, max_evaluations, "lower n_samples")
     masks = ablation_masks(n_features, n_samples, np.random.default_rng(seed))
-    scores, n_evaluations = yield from _distinct_values(masks)
+    scores, n_evaluations = yield from distinct_values(masks)
     labels = scores.reshape(n_samples, -1)
     data = masks.astype(np.float64)
     fits = [_fit_column(data, labels[:, column], float(alpha)) for column in range(labels.shape[1])]
@@ -100,7 +100,7 @@ def sparse_plan(
     residual = labels[:, 0] - data @ coefficients[0] - intercept
     spread = float(np.square(labels[:, 0] - labels[:, 0].mean()).sum())
     r2 = 1.0 - float(np.square(residual).sum()) / spread if spread > 0 else 1.0
-    values = coefficients[0] if scores.ndim == 1 else _per_column(coefficients.T)
+    values = coefficients[0] if scores.ndim == 1 else per_column(coefficients.T)
     extras = {"intercept": intercept, "r2": r2, "n_selected": int(np.count_nonzero(coefficients[0]))}
     return Estimate(values, n_evaluations, extras)
 

@@ -18,45 +18,23 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
-from ..runtime.engine import ITEMS_IN_FLIGHT
-from ..errors import ExplainabilityError, InvalidInputError
+from ..errors import InvalidInputError
 from ..explainer import AttributionExplainer, parse_granularity
-from ..runtime.generation import DEFAULT_GENERATION_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, generate_targets
+from ..runtime.generation import DEFAULT_GENERATION_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
 from ..methods.registry import get_method
+from ..runtime.scores import get_score
 from ..core.records import DatasetRecord, batch_from_records
 from .sinks import Sink, load_results, open_sink, output_format, remove_output, stored_settings
+from .pipeline import RunSettings, explain_records
 from .sources import ColumnMap, DatasetItem, iter_items, iter_source
-from ..core.types import AttributionBatchResult, BatchFailure
+from ..core.types import AttributionBatchResult
 
 PathLike = Union[str, os.PathLike]
-BLOCK = ITEMS_IN_FLIGHT  # items of consecutive source indices explained together (see ``explain_records``)
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """Everything that decides an item's result; written into the output, compared on resume."""
-
-    method: str
-    params: dict[str, Any]
-    granularity: str
-    per_target: bool
-    generate: bool
-    max_new_tokens: int
-    generation_kwargs: dict[str, Any]
-    generation_batch_size: int
-
-    def fingerprint(self, explainer: AttributionExplainer, columns: ColumnMap) -> dict[str, Any]:
-        """The JSON-able settings an output records (batch sizes excluded: they do not change results)."""
-        explainer_settings = {"model_name": explainer.model_name, "score": explainer.score,
-                              "include_template_tokens": explainer.include_template_tokens}
-        data = {**vars(self), "explainer": explainer_settings, "columns": vars(columns)}
-        data.pop("generation_batch_size")
-        return json.loads(json.dumps(data, sort_keys=True, default=str))
 
 
 @dataclass(frozen=True)
@@ -75,89 +53,6 @@ class DatasetRun:
         return AttributionBatchResult.load(self.path)
 
 
-def explain_records(
-    explainer: AttributionExplainer, items: Iterable[DatasetItem], run: RunSettings, done: Collection[str] = ()
-) -> Iterator[Optional[DatasetRecord]]:
-    """One record per item, explained block by block: the items whose source indices share ``index // BLOCK``
-    get their missing targets generated together and their model calls packed together, and nothing else does.
-    An item's result so depends on its block alone, never on where a run started, and a resumed run writes,
-    bit for bit, what an uninterrupted run would have: a block that holds an item not yet in the output
-    (``done``: the ids it holds) is run whole, and each item already done yields None instead of its record."""
-    for block in _blocks(items):
-        if all(item.item_id in done for item in block):
-            yield from (None for _ in block)
-            continue
-        for record in _block_records(explainer, block, run):
-            yield None if record.item_id in done else record
-
-
-def _blocks(items: Iterable[DatasetItem]) -> Iterator[list[DatasetItem]]:
-    """Consecutive items grouped by ``index // BLOCK`` (items come in source order)."""
-    block: list[DatasetItem] = []
-    for item in items:
-        if block and item.index // BLOCK != block[0].index // BLOCK:
-            yield block
-            block = []
-        block.append(item)
-    if block:
-        yield block
-
-
-def _block_records(explainer: AttributionExplainer, block: list[DatasetItem], run: RunSettings
-                   ) -> Iterator[DatasetRecord]:
-    """The block's records: items that fail before reaching the engine first, then the engine's, as they finish."""
-    failed: list[DatasetRecord] = []
-    ready: list[tuple[DatasetItem, str]] = []
-    for start in range(0, len(block), run.generation_batch_size):
-        ready += _with_targets(explainer, block[start : start + run.generation_batch_size], run, failed)
-    yield from failed
-    stream = explainer.iter_explain([item.request(target) for item, target in ready], method=run.method,
-                                    granularity=run.granularity, per_target=run.per_target, **run.params)
-    for position, outcome in stream:
-        item = ready[position][0]
-        if isinstance(outcome, BatchFailure):
-            outcome = outcome.model_copy(update={"index": item.index})
-        yield DatasetRecord(item.index, item.item_id, outcome, item.metadata)
-
-
-def _with_targets(explainer: AttributionExplainer, chunk: list[DatasetItem], run: RunSettings,
-                  failed: list[DatasetRecord]) -> list[tuple[DatasetItem, str]]:
-    """The chunk's good items with their targets, the model generating the missing ones in one batched call (one by
-    one only when that call fails, to find the item that broke it)."""
-    ready: list[tuple[DatasetItem, str]] = []
-    to_generate: list[DatasetItem] = []
-    for item in chunk:
-        if item.error is not None:
-            failed.append(DatasetRecord(item.index, item.item_id, item.error, item.metadata))
-        elif item.target is None:
-            to_generate.append(item)
-        else:
-            ready.append((item, item.target))
-
-    def generate(items: list[DatasetItem]) -> list[str]:
-        return generate_targets(explainer.model, explainer.tokenizer, [(i.messages, i.prompt) for i in items],
-                                max_new_tokens=run.max_new_tokens, batch_size=run.generation_batch_size,
-                                **run.generation_kwargs)
-
-    def answer_alone(item: DatasetItem) -> Optional[str]:
-        try:
-            return generate([item])[0]
-        except Exception as error:  # noqa: BLE001 - recorded per item
-            failed.append(item.failed(error))
-            return None
-
-    try:
-        answers: list[Optional[str]] = list(generate(to_generate)) if to_generate else []
-    except Exception:  # noqa: BLE001 - retried item by item, so only the item at fault is recorded
-        answers = [answer_alone(item) for item in to_generate]
-    for item, answer in zip(to_generate, answers):
-        if answer:
-            ready.append((item, answer))
-        elif answer == "":
-            failed.append(item.failed(ExplainabilityError("the model generated an empty answer: nothing to explain")))
-    return ready
-
-
 def explain_dataset(
     explainer: AttributionExplainer,
     source: Any,
@@ -173,6 +68,9 @@ def explain_dataset(
     context: Optional[str] = None,
     target: Optional[str] = None,
     id_column: Optional[str] = None,
+    contrast_target: Optional[str] = None,
+    counterfactual: Optional[str] = None,
+    contrast: str = "logprob_diff",
     generate: bool = False,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     generation_kwargs: Optional[Mapping[str, Any]] = None,
@@ -192,8 +90,11 @@ def explain_dataset(
     ``DatasetRun``, else return an ``AttributionBatchResult``.
 
     ``messages=``, ``prompt=``, ``question=``, ``system=`` (alias ``context=``, sent as a system message),
-    ``target=`` and ``id_column=`` name source columns (defaults: ``messages``, ``prompt``, ``question``,
-    ``system``/``context``, ``target``/``answer``/``response``; ids hash the item and the settings). An item
+    ``target=``, ``id_column=``, ``contrast_target=`` and ``counterfactual=`` name source columns (defaults:
+    ``messages``, ``prompt``, ``question``, ``system``/``context``, ``target``/``answer``/``response``,
+    ``contrast_target``, ``counterfactual``; ids hash the item and the settings). A row with a contrast target is
+    explained as why its target rather than that (``contrast=``, see ``AttributionExplainer.explain``); a row with
+    a counterfactual (messages, the counterfactual's question, or a prompt) as f(x) - f(x'). An item
     without a target, or every item with ``generate=True``, gets the model's own greedy answer. An existing output
     written with the same settings is resumed (``resume=False`` makes that an error), one written with other
     settings is an error unless ``overwrite=True``. ``engine="ray"`` runs on Ray Data (see ``ray_engine.py``).
@@ -207,10 +108,12 @@ def explain_dataset(
     spec = get_method(method if method is not None else explainer.default_method)
     level = parse_granularity(granularity if granularity is not None else explainer.default_granularity)
     run = RunSettings(spec.name, dict(spec.resolve_params(method_params)), level.value, per_target, generate,
-                      max_new_tokens, dict(generation_kwargs or {}), generation_batch_size)
+                      max_new_tokens, dict(generation_kwargs or {}), generation_batch_size,
+                      get_score(contrast, contrastive=True).name)
     if max_new_tokens < 1 or generation_batch_size < 1:
         raise InvalidInputError("max_new_tokens and generation_batch_size must be >= 1")
-    columns = ColumnMap(messages, prompt, question, system if system is not None else context, target, id_column)
+    columns = ColumnMap(messages, prompt, question, system if system is not None else context, target, id_column,
+                        contrast_target, counterfactual)
     settings = run.fingerprint(explainer, columns)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     if engine == "ray":

@@ -24,8 +24,11 @@ from itertools import count, islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
+from ..core.config import ExplainerConfig
 from ..errors import InvalidInputError
-from ..core.records import DatasetRecord, arrow_table, record_rows
+from ..core.records import DatasetRecord, record_rows
+from .tables import arrow_table
+from .pipeline import RunSettings, explain_records
 from .sinks import ITEMS_PER_PART, Sink, count_failed, output_format
 
 RAY_EXTRA_HINT = "engine='ray' needs Ray Data: pip install 'fair-forge-explainability[ray]'"
@@ -61,18 +64,16 @@ def load_model(loader: ModelLoader) -> tuple[Any, Any]:
 class _ExplainActor:
     """One Ray actor: loads the model once, then explains the items of every batch it is given."""
 
-    def __init__(self, loader: ModelLoader, explainer_options: dict[str, Any], run: dict[str, Any]) -> None:
-        from .datasets import RunSettings
+    def __init__(self, loader: ModelLoader, config: ExplainerConfig, run: dict[str, Any]) -> None:
         from ..explainer import AttributionExplainer
 
         model, tokenizer = load_model(loader)
-        self.explainer = AttributionExplainer(model, tokenizer, **explainer_options)
+        self.explainer = AttributionExplainer.from_config(model, tokenizer, config)
         self.run = RunSettings(**run)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        from .datasets import explain_records
         from .sources import DatasetItem
 
         items = [DatasetItem.from_json(text) for text in batch["item"]]
@@ -114,6 +115,9 @@ def ray_write(
     and shuts down only a Ray it started."""
     if num_workers < 1 or num_gpus_per_worker < 0:
         raise InvalidInputError("num_workers must be >= 1 and num_gpus_per_worker >= 0")
+    if explainer.config.proxy_model_name is not None:
+        raise InvalidInputError("engine='ray' loads one model per actor and cannot carry proxy_model; run the "
+                                "dataset with engine='local', or without a proxy")
     loader = model_loader if model_loader is not None else _default_loader(explainer)
     import ray
 
@@ -121,12 +125,7 @@ def ray_write(
     if started_here:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
-        options = {"default_method": explainer.default_method,
-                   "default_granularity": explainer.default_granularity, "model_name": explainer.model_name,
-                   "score": explainer.score, "batch_size": explainer.batch_size,
-                   "include_template_tokens": explainer.include_template_tokens,
-                   "prefix_cache": explainer.prefix_cache}
-        actor = {"loader": loader, "explainer_options": options, "run": asdict(run)}
+        actor = {"loader": loader, "config": explainer.config, "run": asdict(run)}
         ray.data.DataContext.get_current().enable_progress_bars = False
         sink.parts_dir.mkdir(parents=True, exist_ok=True)
         iterator = iter(items)

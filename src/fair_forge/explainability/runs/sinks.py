@@ -1,4 +1,4 @@
-"""Where dataset results go: one record per item (``records.py``), streamed to JSONL or Parquet and read back lazily.
+"""Where dataset results go: one record per item (``core/records.py``), streamed to JSONL or Parquet and read back lazily.
 
 An output is a committed file plus the parts staged beside it in ``<name>.parts/`` (``part-<run>-....parquet`` or
 ``.jsonl``, names that sort in write order and never repeat). A local JSONL run appends whole, flushed lines to the
@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
 
 from ..errors import InvalidInputError
-from ..core.records import SETTINGS_KEY, DatasetRecord, arrow_table, batch_records, record_rows, rows_record
+from ..core.records import SETTINGS_KEY, DatasetRecord, batch_records, record_rows, rows_record
+from .tables import arrow_table
 from ..core.types import AttributionBatchResult
 
 FORMAT_VERSION = 1

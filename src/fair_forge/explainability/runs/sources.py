@@ -24,6 +24,8 @@ DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {
     "question": ("question",),
     "system": ("system", "context"),
     "target": ("target", "answer", "response"),
+    "contrast_target": ("contrast_target",),
+    "counterfactual": ("counterfactual",),
 }
 SOURCE_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".parquet", ".pq")
 ROWS_PER_READ = 1024  # rows taken at a time from a DataFrame or a Parquet file
@@ -43,12 +45,16 @@ class DatasetItem:
     target: Optional[str] = None  # None: the model generates it
     metadata: dict[str, Any] = field(default_factory=dict)
     error: Optional[BatchFailure] = None
+    contrast_target: Optional[str] = None
+    counterfactual: Any = None  # x': messages (for a chat item) or a prompt
 
     def request(self, target: str) -> dict[str, Any]:
         """The item as ``iter_explain`` takes it."""
+        extras = {name: value for name in ("contrast_target", "counterfactual")
+                  if (value := getattr(self, name)) is not None}
         if self.messages is not None:
-            return {"messages": self.messages, "target": target}
-        return {"prompt": self.prompt, "target": target}
+            return {"messages": self.messages, "target": target, **extras}
+        return {"prompt": self.prompt, "target": target, **extras}
 
     def failed(self, error: BaseException) -> DatasetRecord:
         failure = BatchFailure(index=self.index, error_type=type(error).__name__, message=str(error))
@@ -76,6 +82,8 @@ class ColumnMap:
     system: Optional[str] = None
     target: Optional[str] = None
     id: Optional[str] = None
+    contrast_target: Optional[str] = None
+    counterfactual: Optional[str] = None
 
     def candidates(self, name: str) -> tuple[str, ...]:
         chosen = getattr(self, name)
@@ -139,13 +147,34 @@ def _map_row(row: Mapping[str, Any], columns: ColumnMap, generate: bool) -> dict
             raise InvalidInputError(f"column {system_column!r} (a system message) needs a chat, not a raw prompt")
         messages = [{"role": "system", "content": system}, *messages]
     target_column, target = _pick(row, columns, "target")
-    used.append(target_column)
+    contrast_column, contrast_target = _pick(row, columns, "contrast_target")
+    counterfactual_column, counterfactual = _pick(row, columns, "counterfactual")
+    used += [target_column, contrast_column, counterfactual_column]
+    if counterfactual is not None:
+        counterfactual = _counterfactual(counterfactual, counterfactual_column, messages, system)
     metadata = {key: value for key, value in row.items() if key not in used and _is_scalar(value)}
     if generate and target is not None:
         metadata["reference_target"] = target  # the dataset's own answer, kept beside the model's
         target = None
     metadata["target_generated"] = target is None
-    return {"messages": messages, "prompt": prompt, "target": target, "metadata": metadata}
+    return {"messages": messages, "prompt": prompt, "target": target, "metadata": metadata,
+            "contrast_target": contrast_target, "counterfactual": counterfactual}
+
+
+def _counterfactual(value: Any, column: Optional[str], messages: Optional[list[Any]], system: Any) -> Any:
+    """x' of a row: a prompt for a prompt item; for a chat item a list of messages (or its JSON text), or a plain
+    string that stands for the user's message (as a ``question`` column does, after the row's system message)."""
+    if messages is None:
+        return value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return ([{"role": "system", "content": system}] if system is not None else []) + \
+                [{"role": "user", "content": value}]
+    if not isinstance(value, (list, tuple)):
+        raise InvalidInputError(f"column {column!r} must hold the counterfactual's messages or its question")
+    return [dict(message) if isinstance(message, Mapping) else message for message in value]
 
 
 def _is_scalar(value: Any) -> bool:
@@ -175,9 +204,12 @@ def iter_items(rows: Iterable[Any], columns: ColumnMap, generate: bool, settings
                 seen_ids.add(item_id)
             else:
                 content = {key: fields[key] for key in ("messages", "prompt", "target")}
+                content.update({key: fields[key] for key in ("contrast_target", "counterfactual")
+                                if fields[key] is not None})
                 item_id = _content_id(index, content, settings_digest)
             yield DatasetItem(index, item_id, fields["messages"], fields["prompt"], fields["target"],
-                              fields["metadata"])
+                              fields["metadata"], contrast_target=fields["contrast_target"],
+                              counterfactual=fields["counterfactual"])
         except Exception as error:  # noqa: BLE001 - recorded per item; nothing the user gave is lost
             failure = BatchFailure(index=index, error_type=type(error).__name__, message=str(error))
             yield DatasetItem(index, _content_id(index, repr(raw), settings_digest), error=failure)

@@ -18,8 +18,7 @@ from .sinks import load_results
 from ..core.types import AttributionBatchResult, AttributionResult
 
 if TYPE_CHECKING:  # pragma: no cover
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
+    pass
 
 SUMMARY_COLUMNS = ("feature", "count", "n_items", "mean_score", "mean_normalized_score", "mean_abs_normalized_score")
 
@@ -74,20 +73,3 @@ def summarize(results: Any, *, top: Optional[int] = None, min_count: int = 1) ->
     table = table.sort_values(["mean_abs_normalized_score", "count", "feature"], ascending=[False, False, True])
     table = table.reset_index(drop=True)
     return table if top is None else table.head(top)
-
-
-def plot_summary(summary: Any, *, top: int = 15, ax: Optional["Axes"] = None) -> "Figure":
-    """Horizontal bars of the ``top`` features' mean |normalized score|, coloured by the sign of their mean score,
-    with their count beside them. Returns the (pyplot-free) Figure."""
-    from ..viz.html import _figure_and_axes, _label, _sign_color
-
-    shown = summary.head(top)
-    figure, ax = _figure_and_axes(ax, (6.4, max(2.0, 0.3 * len(shown) + 1.2)))
-    positions = list(range(len(shown)))
-    ax.barh(positions, shown["mean_abs_normalized_score"], color=[_sign_color(s) for s in shown["mean_score"]])
-    ax.set_yticks(positions, [f"{_label(text)} ({count})" for text, count in zip(shown["feature"], shown["count"])],
-                  parse_math=False)
-    ax.invert_yaxis()
-    ax.set_xlabel("mean |normalized score| (red: positive on average, blue: negative)")
-    ax.set_title("features across the dataset (occurrences)")
-    return figure

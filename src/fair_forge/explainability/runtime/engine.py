@@ -1,9 +1,9 @@
 """The batch engine: one single-threaded driver that runs the plans of many items and packs their model calls.
 
-A method's plan is a generator: it yields requests (``scoring.MaskedRows``, ``scoring.EmbeddingRows``), receives
+A method's plan is a generator: it yields requests (``requests.MaskedRows``, ``requests.EmbeddingRows``), receives
 their answers and returns its ``RawAttribution``. The driver keeps a window of at most ``window`` items in flight,
 refilled in input order. Each round it takes the one pending request of every item in flight, answers them all
-through the packer (``scoring.answer_requests``: rows of every item in shared, budgeted calls, shortest with
+through the packer (``packer.answer_requests``: rows of every item in shared, budgeted calls, shortest with
 shortest, a prefix shared by items computed once) and sends each item its answer. An item whose plan returns is
 yielded at once. Nothing here depends on timing: the same items and settings make the same rounds, the same calls
 and so bit-identical results and pass counts on every run. No threads, no locks, no global RNG.
@@ -23,7 +23,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Generator, Iterable, Iterator, Optional, Union
 
 from ..text.prompt import ModelInput
-from .scorer import Request, TargetScorer, answer_requests
+from ..core.plans import advance
+from .answers import answer_requests
+from .requests import Request
+from .scorer import TargetScorer
 
 ITEMS_IN_FLIGHT = 16  # default window: enough small items to fill a call; memory grows with it, not with the data
 
@@ -73,9 +76,11 @@ class _Flight:
         count = self.job.scorer.count
         started, calls_before = time.perf_counter(), count.seconds
         try:
-            self.request = self.job.plan.send(answer)
-        except StopIteration as stop:
-            self.outcome = Finished(self.job.index, stop.value, None, self.job)
+            done, value = advance(self.job.plan, answer)
+            if done:
+                self.outcome = Finished(self.job.index, value, None, self.job)
+            else:
+                self.request = value
         except Exception as error:  # noqa: BLE001 - recorded for this item; the others go on
             self.fail(error)
         finally:  # calls the plan made itself (plain backends) are already in count.seconds
@@ -90,7 +95,7 @@ def run(jobs: Iterable[Union[Job, Rejected]], *, batch_size: Optional[int] = Non
         window: int = ITEMS_IN_FLIGHT, on_round: Callable[[], None] = lambda: None) -> Iterator[Finished]:
     """Run every job's plan, ``window`` at a time, packing their requests; yields each item's outcome as it ends.
 
-    ``batch_size`` caps the rows per model call (None: the packer's budgets, ``scoring.rows_per_call``);
+    ``batch_size`` caps the rows per model call (None: the packer's budgets, ``packer.rows_per_call``);
     ``on_round`` is called after each round of answered requests (progress of a long explanation).
     """
     source = iter(jobs)

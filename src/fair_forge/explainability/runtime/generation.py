@@ -1,6 +1,6 @@
 """The model's own answers: generate the target to explain when an item has none.
 
-Prompts are rendered exactly as ``prompt.py`` renders them for attribution (chat template with the generation prompt,
+Prompts are rendered exactly as ``text/prompt.py`` renders them for attribution (chat template with the generation prompt,
 or the raw prompt with the tokenizer's special tokens), left-padded by hand into batches (the tokenizer is never
 changed), decoded greedily by default, cut at the first token that ends a turn, and stripped of surrounding
 whitespace: the text ``build_model_input`` then tokenizes in context as the target.
@@ -14,7 +14,7 @@ import torch
 
 from ..errors import ExplainabilityError, InvalidInputError
 from .models import borrowed
-from ..text.prompt import Messages, _drop_trailing_specials, _encode, render_chat, validate_messages
+from ..text.prompt import Messages, drop_trailing_specials, encode, render_chat, validate_messages
 
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_GENERATION_BATCH_SIZE = 8
@@ -44,12 +44,12 @@ def prompt_ids(tokenizer: Any, messages: Optional[Messages], prompt: Optional[st
     if (messages is None) == (prompt is None):
         raise InvalidInputError("give exactly one of messages=[...] or prompt='...'")
     if messages is not None:
-        ids, offsets = _encode(tokenizer, render_chat(tokenizer, validate_messages(messages)), False)
+        ids, offsets = encode(tokenizer, render_chat(tokenizer, validate_messages(messages)), False)
     else:
         if not isinstance(prompt, str):
             raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")
-        ids, offsets = _encode(tokenizer, prompt, True)
-    _drop_trailing_specials(tokenizer, ids, offsets)
+        ids, offsets = encode(tokenizer, prompt, True)
+    drop_trailing_specials(tokenizer, ids, offsets)
     if not ids:
         raise InvalidInputError("the prompt is empty: there is nothing to generate an answer from")
     return ids

@@ -12,7 +12,8 @@ The estimate is an upper bound of the peak allocated during the call, within 2x 
 (tests/test_memory.py measures it with the torch profiler's allocation events on the CPU). Weights and the prefix
 cache kept between calls are not counted: they exist whatever the rows per call.
 
-``checkpointed_layers`` is the way out when one row does not fit: it runs each decoder layer under
+``checkpointed_layers`` is the way out when one row does not fit (``TargetScorer(checkpoint=None)``, the default,
+takes it by itself once one row's backward pass is estimated over the call budget): it runs each decoder layer under
 ``torch.utils.checkpoint`` for the duration of a ``with`` block, so a backward pass keeps only the layers' inputs and
 recomputes one layer at a time. The model's own ``gradient_checkpointing_enable`` is not used: it changes the model
 and works only in training mode, where dropout would change the scores. Checkpointed layers recompute their forward
@@ -30,6 +31,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from ..errors import InvalidInputError
+from .architectures import decoder_layers
 
 # max_memory=None: a fraction of the free memory where the model runs. On a GPU, more rows per call run in parallel,
 # so calls may take half of the free device memory; on the CPU a call of one long row is already compute-bound and
@@ -116,6 +118,7 @@ class CallEstimate:
     length: int
     prefix: int
     grad: bool
+    checkpoint: bool = False  # a backward pass through checkpointed layers
 
     def bytes_for(self, rows: int) -> int:
         return rows * self.bytes_per_row
@@ -140,8 +143,9 @@ def call_estimate(
     attention_bytes = 4 if value == 4 else 4 + value  # float32 softmax, and its copy in the model's dtype
     attention_per_layer = shape.n_heads * length * keys * attention_bytes if shape.eager_attention else 0
     cache = 2 * shape.n_kv_heads * shape.head_dim * (prefix + keys) * value * shape.n_layers  # copied prefix + grown
-    logits = LOGIT_COPIES * (n_target + 1) * shape.vocab_size * 4
-    embeddings = 3 * length * shape.hidden_size * 4  # float32 inputs, their model-dtype copy and their gradient
+    scored = max(4, value)  # log-probs, inputs and their gradients: float32, or float64 for a float64 model
+    logits = LOGIT_COPIES * (n_target + 1) * shape.vocab_size * scored
+    embeddings = 3 * length * shape.hidden_size * scored  # float32 inputs, their model-dtype copy and their gradient
     mask = length * keys * 4  # the float attention mask some transformers versions build for sdpa (all layers share it)
     if not grad:  # some of one layer's tensors at a time, the cache of every layer, the logits and their softmax
         per_row = length * layer_per_token // 2 + 2 * attention_per_layer + cache + logits // 2 + mask
@@ -151,7 +155,7 @@ def call_estimate(
     else:
         per_row = (shape.n_layers * (length * layer_per_token + attention_per_layer) + 2 * attention_per_layer
                    + cache + logits + embeddings)
-    return CallEstimate(int(per_row), length, prefix, grad)
+    return CallEstimate(int(per_row), length, prefix, grad, checkpoint and grad)
 
 
 def available_memory(model: Any) -> int:
@@ -199,8 +203,11 @@ def rows_per_call(estimate: CallEstimate, budget: int) -> int:
     rows = budget // max(estimate.bytes_per_row, 1)
     if rows >= 1:
         return int(rows)
-    advice = ("pass checkpoint=True to keep one layer's activations at a time (one more forward per call)"
-              if estimate.grad else "shorten the input")
+    if estimate.grad and not estimate.checkpoint:
+        advice = ("pass checkpoint=True, or leave checkpoint=None (the default), to keep one layer's activations at a "
+                  "time (one more forward per call)")
+    else:
+        advice = "shorten the input or raise max_memory"
     warnings.warn(
         f"one row of {estimate.length} tokens after a {estimate.prefix}-token prefix needs about "
         f"{estimate.bytes_per_row / 2**30:.2f} GiB for a {'backward' if estimate.grad else 'forward'} pass, more than "
@@ -209,14 +216,6 @@ def rows_per_call(estimate: CallEstimate, budget: int) -> int:
         stacklevel=2,
     )
     return 1
-
-
-def decoder_layers(model: Any) -> torch.nn.ModuleList:
-    """The model's stack of decoder layers: its longest ``ModuleList`` (``model.layers``, ``transformer.h``, ...)."""
-    stacks = [module for module in model.modules() if isinstance(module, torch.nn.ModuleList)]
-    if not stacks:
-        raise InvalidInputError(f"{type(model).__name__} has no list of layers to checkpoint; use checkpoint=False")
-    return max(stacks, key=len)
 
 
 @contextlib.contextmanager

@@ -199,6 +199,33 @@ def check_model(model: Any) -> None:
         raise UnsupportedModelError(f"model {type(model).__name__} has no parameters, so it cannot be explained")
 
 
+def check_proxy(model: Any, tokenizer: Any, proxy: Any, proxy_tokenizer: Any = None) -> None:
+    """A typed error unless ``proxy`` reads the token ids ``tokenizer`` makes for ``model`` the same way: a model
+    whose tokenizer (if given) has the same vocabulary, and whose input embeddings have as many rows as ``model``'s."""
+    check_model(proxy)
+    size = len(tokenizer)
+    if proxy_tokenizer is not None and proxy_tokenizer is not tokenizer and (
+            len(proxy_tokenizer) != size or proxy_tokenizer.get_vocab() != tokenizer.get_vocab()):
+        raise InvalidInputError(
+            f"proxy_model's tokenizer has another vocabulary ({len(proxy_tokenizer)} tokens, the explained model's "
+            f"{size}, or the same count with other tokens): a proxy must share the explained model's tokenizer")
+    rows, proxy_rows = _embedding_rows(model), _embedding_rows(proxy)
+    if proxy_rows is None or proxy_rows != rows or proxy_rows < size:
+        raise InvalidInputError(
+            f"proxy_model has {proxy_rows} embedding rows, the explained model {rows} and its tokenizer {size} "
+            "tokens: a proxy must share the explained model's vocabulary")
+
+
+def _embedding_rows(model: Any) -> Optional[int]:
+    """Rows of ``model``'s input embeddings (else its config's ``vocab_size``), None when neither says."""
+    getter = getattr(model, "get_input_embeddings", None)
+    weight = getattr(getter() if callable(getter) else None, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return int(weight.shape[0])
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) else None
+
+
 @dataclass
 class _Borrow:
     """One model's borrow: how many calls hold it, and the modes and flags to restore when the last one leaves."""

@@ -20,6 +20,7 @@ from sentence_transformers import SentenceTransformer
 
 from ..errors import ContextLengthError, InvalidInputError, UnsupportedModelError
 from ..methods.quadrature import DEFAULT_TOLERANCE
+from ..runtime.architectures import resolve_path
 from ..runtime.models import display_name
 from ..text.prompt import validate_text
 from .jacobian import (
@@ -30,7 +31,6 @@ from .jacobian import (
     check_budget,
     completeness,
     per_dimension_matrix,
-    resolve_path,
     similarity_terms,
 )
 from ..core.types import (

@@ -26,7 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import BudgetError, InvalidInputError, UnsupportedModelError
+from ..core.plans import drive
+from ..errors import BudgetError, InvalidInputError
+from ..runtime.architectures import encoder_layers
 from ..runtime.models import borrowed
 from ..methods.quadrature import DEFAULT_TOLERANCE, integrate, warn_if_unconverged
 
@@ -35,15 +37,6 @@ FIXED_RULES: tuple[str, ...] = ("gauss_legendre", "midpoint", "riemann")
 INTEGRATION_RULES: tuple[str, ...] = FIXED_RULES + ("adaptive",)
 
 # Where the list of encoder layers lives, relative to the Hugging Face model, per architecture family.
-ENCODER_LAYER_PATHS: tuple[str, ...] = (
-    "encoder.layer",  # BERT, RoBERTa, MPNet, XLM-R, ELECTRA
-    "encoder.block",  # T5 encoders
-    "encoder.layers",  # BART-style encoders
-    "transformer.layer",  # DistilBERT
-    "layers",  # decoder-style embedding models (Qwen, Llama, Mistral)
-    "model.layers",
-    "h",  # GPT-2 style
-)
 
 
 # Interpolation points (model rows) one call may evaluate, over all its texts; ``max_evaluations`` overrides it.
@@ -81,36 +74,6 @@ def quadrature(rule: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     return alphas, torch.full((steps,), 1.0 / steps, dtype=torch.float64)
 
 
-def resolve_path(root: nn.Module, path: str, what: str) -> Any:
-    """``root.a.b.c`` for ``path="a.b.c"``, or a typed error naming ``what`` could not be found."""
-    current: Any = root
-    for part in path.split("."):
-        if not hasattr(current, part):
-            raise UnsupportedModelError(f"could not find the {what} at {path!r} of {type(root).__name__}")
-        current = getattr(current, part)
-    return current
-
-
-def find_encoder_layers(hf_model: nn.Module, path: Optional[str] = None) -> nn.ModuleList:
-    """The model's list of encoder layers: ``path`` if given, else the first known location that exists."""
-    if path:
-        layers = resolve_path(hf_model, path, "encoder layers")
-        if not isinstance(layers, (nn.ModuleList, nn.Sequential)):
-            raise UnsupportedModelError(f"{path!r} of {type(hf_model).__name__} is not a list of layers")
-        return layers
-    for candidate in ENCODER_LAYER_PATHS:
-        try:
-            layers = resolve_path(hf_model, candidate, "encoder layers")
-        except UnsupportedModelError:
-            continue
-        if isinstance(layers, (nn.ModuleList, nn.Sequential)) and len(layers) > 0:
-            return layers
-    raise UnsupportedModelError(
-        f"could not find the encoder layers of {type(hf_model).__name__} (looked at {list(ENCODER_LAYER_PATHS)}); "
-        "pass encoder_layers_path='path.to.layers'"
-    )
-
-
 @dataclass(eq=False)
 class Projections:
     """One text's integrated projections and what they cost.
@@ -140,7 +103,7 @@ class IntegratedJacobians:
     The model is borrowed: hooks live only inside one call and are removed in ``finally``; modes and
     ``requires_grad`` flags are restored. ``batch_size`` bounds the sequences evaluated in one model call
     (interpolation points x tangents, or x cotangents). ``integration="adaptive"`` integrates each text with the
-    adaptive rule of ``_quadrature`` (forward mode only) until the completeness error of its projections onto
+    adaptive rule of ``methods.quadrature`` (forward mode only) until the completeness error of its projections onto
     g(a) - g(r_a) is within ``tolerance``, with ``steps`` as the budget of interpolation points per text.
     """
 
@@ -165,7 +128,7 @@ class IntegratedJacobians:
         else:
             self.alphas, self.weights = quadrature(integration, steps)
         self.steps, self.tolerance = steps, tolerance
-        layers = find_encoder_layers(model[0].auto_model, encoder_layers_path)
+        layers = encoder_layers(model[0].auto_model, encoder_layers_path)
         if isinstance(layer_index, bool) or not isinstance(layer_index, int) or not 0 <= layer_index < len(layers):
             raise InvalidInputError(f"layer_index must be an integer in [0, {len(layers)}), got {layer_index!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -294,18 +257,16 @@ class IntegratedJacobians:
         size = float(change.norm())
         direction = change / size if size else change
         rule = integrate(size, tolerance=self.tolerance, max_steps=self.steps)
-        alphas = next(rule)
-        while True:
+        active = int((difference.abs().amax(-1) > 0).sum())
+
+        def integrand(alphas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             points = torch.from_numpy(alphas)
-            active = int((difference.abs().amax(-1) > 0).sum())
             rows = [self._jvp_at(features, reference, difference, points[chunk], change.shape[-1], counts)
                     for chunk in self._chunks(len(points), active)]
             per_point = torch.cat(rows)  # (k, S, D)
-            try:
-                alphas = rule.send(((per_point.sum(1) @ direction).cpu().numpy(), per_point.cpu().numpy()))
-            except StopIteration as stop:
-                integral = stop.value
-                break
+            return (per_point.sum(1) @ direction).cpu().numpy(), per_point.cpu().numpy()
+
+        integral = drive(rule, integrand)
         warn_if_unconverged(integral, self.tolerance, "integrated Jacobians")
         return torch.from_numpy(integral.value).to(difference.device)
 

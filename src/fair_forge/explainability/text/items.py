@@ -1,6 +1,7 @@
 """The items ``explain_batch``, ``iter_explain`` and ``faithfulness`` take: a (messages or prompt, target) pair, or a
-dict with ``messages``, ``prompt`` or ``question`` and ``target`` (alias ``answer``); a batch is a list or any
-iterable of them, or a pandas DataFrame with those columns."""
+dict with ``messages``, ``prompt`` or ``question`` and ``target`` (alias ``answer``), and optionally
+``contrast_target`` and ``counterfactual``; a batch is a list or any iterable of them, or a pandas DataFrame with those
+columns."""
 
 from __future__ import annotations
 
@@ -17,6 +18,19 @@ def batch_items(items: Any) -> list[Any]:
     if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
         raise InvalidInputError("items must be a list of (messages_or_prompt, target) pairs or dicts, or a DataFrame")
     return list(items)
+
+
+def item_options(item: Any) -> dict[str, Any]:
+    """The optional fields of a dict item: ``contrast_target`` and ``counterfactual`` (missing, None or a
+    DataFrame's NaN: not given)."""
+    if not isinstance(item, Mapping):
+        return {"contrast_target": None, "counterfactual": None, "target_span": None}
+    return {name: None if _missing(item.get(name)) else item.get(name)
+            for name in ("contrast_target", "counterfactual", "target_span")}
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
 
 
 def item_fields(item: Any) -> tuple[Optional[Messages], Optional[str], Any]:

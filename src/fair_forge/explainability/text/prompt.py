@@ -6,6 +6,7 @@ every later step works from those ids and offsets: nothing is decoded and re-enc
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
@@ -58,6 +59,8 @@ class ModelInput:
     baseline_token_id: int  # token that stands in for a masked feature (pad, else unk, else eos)
     tokens: tuple[str, ...]  # the tokenizer's token strings, for labels
     messages: Optional[tuple[dict[str, str], ...]] = None  # the checked chat messages; None for a raw prompt
+    contrast: Optional["ModelInput"] = None  # the same prompt followed by the contrast target (same prompt tokens)
+    target_span: Optional[tuple[int, int]] = None  # target tokens [a, b) whose log-probs are explained (None: all)
 
     @property
     def length(self) -> int:
@@ -70,6 +73,11 @@ class ModelInput:
     @property
     def target_ids(self) -> torch.Tensor:
         return self.input_ids[self.target_start :]
+
+    @property
+    def n_contrast(self) -> int:
+        """Tokens of the contrast target (0 without one)."""
+        return self.contrast.n_target if self.contrast is not None else 0
 
     @property
     def target_labels(self) -> list[str]:
@@ -202,7 +210,7 @@ def _locate_sources(
     return sources
 
 
-def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]]]:
+def encode(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]]]:
     if not getattr(tokenizer, "is_fast", False):
         raise UnsupportedModelError(
             "a fast (Rust) tokenizer is needed for character offsets; load it with AutoTokenizer(..., use_fast=True)"
@@ -211,7 +219,7 @@ def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[list[i
     return list(encoding["input_ids"]), [tuple(span) for span in encoding["offset_mapping"]]
 
 
-def _drop_trailing_specials(tokenizer: Any, ids: list[int], offsets: list[tuple[int, int]]) -> None:
+def drop_trailing_specials(tokenizer: Any, ids: list[int], offsets: list[tuple[int, int]]) -> None:
     """Remove special tokens a tokenizer appends (e.g. EOS): the target must be the end of the sequence."""
     special = set(tokenizer.all_special_ids)
     while ids and ids[-1] in special and offsets[-1] == (0, 0):
@@ -226,6 +234,49 @@ def _baseline_token_id(tokenizer: Any) -> int:
     return 0
 
 
+def with_target_span(model_input: ModelInput, span: Any) -> ModelInput:
+    """``model_input`` explaining only the target tokens that hold the characters ``span = (start, end)`` of the
+    target (a claim of a longer answer; the rest of the answer stays as context), or a typed error."""
+    if not (isinstance(span, (tuple, list)) and len(span) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in span)):
+        raise InvalidInputError(f"target_span must be (start, end) character offsets into the target, got {span!r}")
+    start, end = span
+    target = model_input.target
+    if not 0 <= start < end <= len(target) or not target[start:end].strip():
+        raise InvalidInputError(f"target_span {span!r} must be a non-empty stretch of text inside the "
+                                f"{len(target)}-character target")
+    if model_input.contrast is not None:
+        raise InvalidInputError("target_span and contrast_target do not combine: a contrast compares whole answers")
+    base = len(model_input.text) - len(target)  # where the target's first character is in the model's text
+    tokens = [index for index, position in enumerate(range(model_input.target_start, model_input.length))
+              if (offset := model_input.offsets[position])[0] < base + end and base + start < offset[1]]
+    return dataclasses.replace(model_input, target_span=(tokens[0], tokens[-1] + 1))
+
+
+def validate_contrast(contrast_target: Any, target: str) -> str:
+    """A usable contrast target: a non-empty string other than the target, else a typed error."""
+    if not isinstance(contrast_target, str):
+        raise InvalidInputError(f"contrast_target must be a string, got {type(contrast_target).__name__}")
+    if not contrast_target.strip():
+        raise InvalidInputError("contrast_target is empty; give the alternative answer to contrast with (e.g. 'No')")
+    if contrast_target.strip() == target.strip():
+        raise InvalidInputError(f"contrast_target {contrast_target!r} equals the target: nothing to contrast")
+    return contrast_target
+
+
+def with_contrast(model_input: ModelInput, contrast: ModelInput) -> ModelInput:
+    """``model_input`` with ``contrast`` (the same prompt, another target), after checking their prompts are the
+    same tokens (masks and embeddings of the prompt apply to both)."""
+    start = model_input.target_start
+    same = contrast.target_start == start and bool((contrast.input_ids[:start] == model_input.input_ids[:start]).all())
+    if not same:
+        raise InvalidInputError(
+            f"the prompt tokenizes differently before the target {model_input.target!r} and before the contrast "
+            f"{contrast.target!r} (the tokenizer merges the end of the prompt into the answer); start both answers "
+            "the same way, e.g. both with a space or both without")
+    return dataclasses.replace(model_input, contrast=contrast)
+
+
 def build_model_input(
     tokenizer: Any,
     *,
@@ -233,13 +284,22 @@ def build_model_input(
     messages: Optional[Messages] = None,
     prompt: Optional[str] = None,
     include_template_tokens: bool = False,
+    contrast_target: Optional[str] = None,
 ) -> ModelInput:
     """Tokenize ``messages`` (chat) or ``prompt`` (raw) followed by ``target``, once, with offsets.
 
     For a raw prompt, a single space is put between prompt and target when the prompt does not end with whitespace
     and the target starts with a letter or digit; it belongs to the target side (word-initial tokens carry their
     leading space). A target starting with punctuation or whitespace continues the prompt as given.
+    With ``contrast_target``, the same prompt followed by it is the input's ``contrast``: its prompt tokens must be
+    the target's (they are, unless the tokenizer merges the end of the prompt into one of them).
     """
+    if contrast_target is not None:
+        main = build_model_input(tokenizer, target=target, messages=messages, prompt=prompt,
+                                 include_template_tokens=include_template_tokens)
+        return with_contrast(main, build_model_input(tokenizer, target=validate_contrast(contrast_target, main.target),
+                                                     messages=messages, prompt=prompt,
+                                                     include_template_tokens=include_template_tokens))
     if (messages is None) == (prompt is None):
         raise InvalidInputError("give exactly one of messages=[...] or prompt='...'")
     target = validate_target(target)
@@ -262,8 +322,8 @@ def build_model_input(
         user_prompt = prompt
         add_special = True
 
-    ids, offsets = _encode(tokenizer, rendered + target_text, add_special)
-    _drop_trailing_specials(tokenizer, ids, offsets)
+    ids, offsets = encode(tokenizer, rendered + target_text, add_special)
+    drop_trailing_specials(tokenizer, ids, offsets)
     boundary = len(rendered)
     full_text = rendered + target_text
 
@@ -277,9 +337,9 @@ def build_model_input(
             BoundaryMergeWarning,
             stacklevel=3,
         )
-        ids, offsets = _encode(tokenizer, rendered, add_special)
-        _drop_trailing_specials(tokenizer, ids, offsets)
-        target_ids, target_offsets = _encode(tokenizer, target_text, False)
+        ids, offsets = encode(tokenizer, rendered, add_special)
+        drop_trailing_specials(tokenizer, ids, offsets)
+        target_ids, target_offsets = encode(tokenizer, target_text, False)
         # SentencePiece-style tokenizers prefix a lone '▁' that covers no character of its own: not the user's text
         while len(target_offsets) > 1 and target_offsets[0] == target_offsets[1]:
             target_ids, target_offsets = target_ids[1:], target_offsets[1:]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -139,6 +139,22 @@ def build_features(model_input: ModelInput, granularity: Granularity) -> list[Fe
             "nothing to attribute: the prompt/messages contain no text (only whitespace or template tokens)"
         )
     return features
+
+
+def membership(features: Sequence[Feature], positions: Sequence[int]) -> np.ndarray:
+    """(features, columns) booleans, True where a column's token belongs to the feature; the columns are the token
+    ``positions`` given (all of an input's positions, or its attributable ones, in order)."""
+    column = {int(position): index for index, position in enumerate(positions)}
+    matrix = np.zeros((len(features), len(column)), dtype=bool)
+    for row, feature in enumerate(features):
+        matrix[row, [column[p] for p in feature.token_positions]] = True
+    return matrix
+
+
+def kept_tokens(feature_masks: np.ndarray, member: np.ndarray) -> np.ndarray:
+    """(n, features) feature masks (True: kept) as (n, tokens) token masks, through a ``membership`` matrix: a
+    token is kept unless its feature is masked (tokens of no feature are always kept)."""
+    return ~(~np.asarray(feature_masks, dtype=bool) @ member)
 
 
 def check_message_indices(attribute_messages: Any) -> Optional[tuple[int, ...]]:

@@ -20,12 +20,11 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
-from ..errors import InvalidInputError
-from ..core.types import AttributionResult, in_notebook
+from ..core.types import AttributionResult
+from .console import explained_question, feature_label, in_notebook, scores_line
 
 if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
+    pass
 
 POSITIVE_RGB = (215, 48, 39)
 NEGATIVE_RGB = (69, 117, 180)
@@ -114,9 +113,10 @@ def _title(score: float, normalized: float) -> str:
     return f"score {score:+.4g} (normalized {normalized:+.2f})"
 
 
-def _span(css_class: str, text: str, score: float, normalized: float, show_score: bool = False) -> str:
+def _span(css_class: str, text: str, score: float, normalized: float, show_score: bool = False,
+          note: Optional[str] = None) -> str:
     style = f"background-color:{score_color(normalized)};color:{_text_color(normalized)}"
-    title = _esc(_title(score, normalized))
+    title = _esc(_title(score, normalized) + (f"; {note}" if note else ""))
     chip = f'<span class="{css_class}" style="{style}" title="{title}">{_esc(text)}</span>'
     return f"<ruby>{chip}<rt>{score:+.2g}</rt></ruby>" if show_score else chip
 
@@ -131,6 +131,7 @@ class _Item:
     message_index: Optional[int]
     score: float
     normalized: float
+    note: Optional[str] = None  # said in the tooltip (what a counterfactual has instead)
 
 
 _SPECIAL_LABEL = re.compile(r"\[[A-Z]+\]|<[^<>\s]+>")
@@ -148,12 +149,14 @@ def _place(text: str, items: Sequence[_Item], css_class: str, show_scores: bool)
     cursor = 0
     for item in items:
         if item.start is None or item.end is None:
-            pieces.append(_span(_chip_class(css_class, item), item.label, item.score, item.normalized, show_scores))
+            pieces.append(_span(_chip_class(css_class, item), item.label, item.score, item.normalized, show_scores,
+                                item.note))
             continue
         if not cursor <= item.start <= item.end <= len(text):
             return None
         pieces.append(_esc(text[cursor : item.start]))
-        pieces.append(_span(css_class, text[item.start : item.end], item.score, item.normalized, show_scores))
+        pieces.append(_span(css_class, text[item.start : item.end], item.score, item.normalized, show_scores,
+                            item.note))
         cursor = item.end
     pieces.append(_esc(text[cursor:]))
     return "".join(pieces)
@@ -174,7 +177,8 @@ def _joined(items: Sequence[_Item], css_class: str, token_level: bool, show_scor
             gap = "" if item.start == previous.end else " "
         else:
             gap = "" if token_level and item.start is None and previous.start is None else " "
-        pieces.append(gap + _span(_chip_class(css_class, item), label, item.score, item.normalized, show_scores))
+        pieces.append(gap + _span(_chip_class(css_class, item), label, item.score, item.normalized, show_scores,
+                                  item.note))
         previous = item
     return "".join(pieces)
 
@@ -208,7 +212,9 @@ def _blocks(result: AttributionResult, items: Sequence[_Item], text: str, css_cl
 
 
 def _attribution_items(result: AttributionResult) -> list[_Item]:
-    return [_Item(a.text, a.start, a.end, a.message_index, a.score, a.normalized_score) for a in result.attributions]
+    return [_Item(a.text, a.start, a.end, a.message_index, a.score, a.normalized_score,
+                  None if a.counterfactual_text is None else feature_label(a.text, a.counterfactual_text))
+            for a in result.attributions]
 
 
 def _attributed_text(result: AttributionResult, show_scores: bool = False) -> str:
@@ -262,7 +268,7 @@ def _matrix_section(result: AttributionResult) -> str:
     matrix = result.matrix
     if matrix is None:
         return ""
-    peak = _peak(matrix.to_numpy())
+    peak = largest_magnitude(matrix.to_numpy())
     normalized = [[v / peak if peak > 0 else 0.0 for v in row] for row in matrix.values]
     data = {
         "rows": matrix.row_labels,
@@ -304,6 +310,10 @@ def render_html(result: AttributionResult, *, standalone: bool = True, show_scor
         ("model", result.model_name),
         *([] if result.messages else [("prompt", result.prompt)]),  # chat messages are shown in their blocks
         ("target", result.target),
+        *([("contrast", result.contrast_target)] if result.contrast_target else []),
+        *([("counterfactual x'", result.counterfactual_prompt)] if result.counterfactual_prompt is not None else []),
+        ("question", explained_question(result)),
+        *([("scores", scores_line(result))] if scores_line(result) else []),
     ]
     header = "".join(f"<tr><th>{_esc(name)}</th><td>{_esc(value)}</td></tr>" for name, value in header_rows)
     meta = result.metadata
@@ -339,169 +349,7 @@ def display_html(result: AttributionResult) -> Optional[str]:
     return None
 
 
-def _label(text: str, max_chars: int = 40) -> str:
-    """A feature as a readable axis label: newlines and tabs shown, outer spaces dropped, long text cut."""
-    shown = text.replace("\n", "\u21b5").replace("\t", "\u21e5").strip() or "\u2423"
-    return shown if len(shown) <= max_chars else shown[: max_chars - 1] + "\u2026"
-
-
-def _sign_color(score: float) -> str:
-    return POSITIVE_COLOR if score > 0 else NEGATIVE_COLOR if score < 0 else "#999999"
-
-
-def _figure_and_axes(ax: Optional["Axes"], figsize: tuple[float, float]) -> tuple["Figure", "Axes"]:
-    """Draw on ``ax`` when given, else on a new pyplot-free Figure (headless, no global state)."""
-    if ax is not None:
-        return ax.figure, ax
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=figsize, layout="constrained")
-    return figure, figure.add_subplot()
-
-
-def _peak(values: np.ndarray) -> float:
+def largest_magnitude(values: np.ndarray) -> float:
+    """The largest finite |value| (0 for none): the scale colours and bars are normalised by."""
     finite = np.abs(values[np.isfinite(values)])
     return float(finite.max()) if finite.size else 0.0
-
-
-def plot_attributions(result: AttributionResult, ax: Optional["Axes"] = None, top_k: Optional[int] = None) -> "Figure":
-    """Horizontal bars of the feature scores, red positive and blue negative.
-
-    Features run top to bottom in reading order; with ``top_k`` only the ``top_k`` strongest by |score| are shown,
-    strongest on top. Returns the Figure (the one holding ``ax`` when given).
-    """
-    chosen = list(result.attributions) if top_k is None else result.get_top_k(top_k)
-    figure, ax = _figure_and_axes(ax, (6.4, max(2.0, 0.3 * len(chosen) + 1.2)))
-    scores = [a.score for a in chosen]
-    positions = np.arange(len(chosen))
-    ax.barh(positions, scores, color=[_sign_color(s) for s in scores])
-    ax.set_yticks(positions, [_label(a.text) for a in chosen], parse_math=False)
-    ax.invert_yaxis()
-    ax.axvline(0.0, color="#444444", linewidth=0.8)
-    ax.set_xlabel("attribution score")
-    ax.set_title(f"{result.method_name} ({result.granularity.value})", parse_math=False)
-    return figure
-
-
-def plot_matrix(result: AttributionResult, ax: Optional["Axes"] = None) -> "Figure":
-    """Heatmap of ``result.matrix`` (rows x columns, labelled), diverging colours centred at 0. Returns the Figure."""
-    matrix = result.matrix
-    if matrix is None or 0 in matrix.shape:
-        raise InvalidInputError(
-            f"plot_matrix needs a result with a non-empty matrix; this {result.method_name} result has none "
-            "(ask the explainer for per-target-token scores, or use plot_attributions)"
-        )
-    rows, columns = matrix.shape
-    values = matrix.to_numpy()
-    column_text = [_label(c) for c in matrix.column_labels]
-    row_text = [_label(r) for r in matrix.row_labels]
-    width = 0.35 * columns + 0.09 * max(map(len, row_text)) + 2.5
-    height = 0.35 * rows + 0.09 * max(map(len, column_text)) + 1.8
-    figure, ax = _figure_and_axes(ax, (max(4.0, width), max(3.0, height)))
-    peak = _peak(values) or 1.0
-    image = ax.imshow(values, cmap=DIVERGING_CMAP, vmin=-peak, vmax=peak, aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(columns), column_text, rotation=90, parse_math=False)
-    ax.set_yticks(range(rows), row_text, parse_math=False)
-    ax.set_xlabel(matrix.column_axis)
-    ax.set_ylabel(matrix.row_axis)
-    ax.set_title(f"{result.method_name} ({result.granularity.value})", parse_math=False)
-    figure.colorbar(image, ax=ax, label="score")
-    return figure
-
-
-def _as_matrix(scores: Any) -> np.ndarray:
-    """A 2-D float array from a numpy array, nested list or (any device, any dtype) torch tensor."""
-    if hasattr(scores, "detach"):
-        scores = scores.detach().cpu().double().numpy()
-    array = np.asarray(scores, dtype=float)
-    if array.ndim != 2:
-        raise InvalidInputError(f"plot_connections needs a 2-D score matrix, got shape {array.shape}")
-    return array
-
-
-def _column_positions(count: int) -> np.ndarray:
-    return np.linspace(1.0, 0.0, count) if count > 1 else np.full(count, 0.5)
-
-
-def plot_connections(
-    result_or_scores: AttributionResult | Any,
-    query_tokens: Optional[Sequence[str]] = None,
-    candidate_tokens: Optional[Sequence[str]] = None,
-    details: Optional[dict[str, Any]] = None,
-    *,
-    ax: Optional["Axes"] = None,
-    top_k: Optional[int] = None,
-    title: Optional[str] = None,
-    max_linewidth: float = 3.0,
-    fontsize: float = 10.0,
-) -> "Figure":
-    """Query tokens (left) joined to candidate tokens (right) by one curve per token pair.
-
-    Takes an ``AttributionResult`` with a matrix (rows = query tokens, columns = candidate tokens) or a 2-D
-    array/tensor with token lists. The argument order matches retrivex, so ``plot_connections(*explainer.explain(q,
-    c))`` works; ``details`` (its similarity terms) is printed under the plot. Curves are red for positive and blue
-    for negative scores, with opacity and width by |score| / max|score|; zero scores are not drawn; with ``top_k``
-    only the ``top_k`` strongest pairs are. The strongest curve is drawn last (on top). Returns the Figure.
-    """
-    left_title, right_title = "query", "candidate"
-    if isinstance(result_or_scores, AttributionResult):
-        if result_or_scores.matrix is None:
-            raise InvalidInputError("plot_connections needs a result with a matrix (query x candidate tokens)")
-        matrix = result_or_scores.matrix
-        scores = matrix.to_numpy()
-        query_tokens = matrix.row_labels if query_tokens is None else query_tokens
-        candidate_tokens = matrix.column_labels if candidate_tokens is None else candidate_tokens
-        left_title, right_title = matrix.row_axis, matrix.column_axis
-    else:
-        scores = _as_matrix(result_or_scores)
-    rows, columns = scores.shape
-    left = [str(i) for i in range(rows)] if query_tokens is None else list(query_tokens)
-    right = [str(j) for j in range(columns)] if candidate_tokens is None else list(candidate_tokens)
-    if (len(left), len(right)) != (rows, columns):
-        raise InvalidInputError(
-            f"{len(left)} query and {len(right)} candidate tokens do not match the {rows} x {columns} score matrix"
-        )
-    if top_k is not None and top_k < 0:
-        raise InvalidInputError(f"top_k must be >= 0, got {top_k}")
-
-    peak = _peak(scores)
-    pairs = sorted(
-        ((i, j) for i in range(rows) for j in range(columns) if np.isfinite(scores[i, j]) and scores[i, j] != 0),
-        key=lambda pair: abs(scores[pair]),
-    )
-    if top_k is not None:
-        pairs = pairs[len(pairs) - min(top_k, len(pairs)) :]
-
-    from matplotlib.patches import PathPatch
-    from matplotlib.path import Path
-
-    figure, ax = _figure_and_axes(ax, (6.0, max(3.0, 0.32 * max(rows, columns) + 1.5)))
-    left_y, right_y = _column_positions(rows), _column_positions(columns)
-    codes = [Path.MOVETO, Path.CURVE4, Path.CURVE4, Path.CURVE4]
-    for i, j in pairs:
-        strength = abs(scores[i, j]) / peak
-        curve = Path([(0.0, left_y[i]), (0.5, left_y[i]), (0.5, right_y[j]), (1.0, right_y[j])], codes)
-        ax.add_patch(
-            PathPatch(
-                curve,
-                facecolor="none",
-                edgecolor=_sign_color(scores[i, j]),
-                alpha=strength,
-                linewidth=max_linewidth * (0.25 + 0.75 * strength),
-            )
-        )
-    for x, ys, tokens, align in ((-0.02, left_y, left, "right"), (1.02, right_y, right, "left")):
-        for y, token in zip(ys, tokens):
-            ax.text(x, y, _label(token), ha=align, va="center", fontsize=fontsize, parse_math=False)
-    ax.text(-0.02, 1.08, left_title, ha="right", weight="bold", fontsize=fontsize, parse_math=False)
-    ax.text(1.02, 1.08, right_title, ha="left", weight="bold", fontsize=fontsize, parse_math=False)
-    if details:
-        caption = ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
-                            for key, value in details.items())
-        ax.text(0.5, -0.1, caption, ha="center", va="top", fontsize=fontsize * 0.8, parse_math=False, wrap=True)
-    if title:
-        ax.set_title(title, parse_math=False)
-    ax.set_xlim(-0.8, 1.8)
-    ax.set_ylim(-0.15 if details else -0.06, 1.14)
-    ax.axis("off")
-    return figure
