@@ -13,7 +13,7 @@ from fair_forge.explainability.core.types import Granularity
 from fair_forge.explainability.text.prompt import ModelInput, build_model_input
 from fair_forge.explainability.text.segment import build_features
 
-OFFSET = 6.0  # keeps every row's log-prob below -1, where float32 log1p(-exp(z)) is exact to ~1e-7
+OFFSET = 6.0  # keeps every row's log-prob below -1, far from where log1p(-exp(z)) loses digits
 
 
 class AdditiveLM(torch.nn.Module):
@@ -26,14 +26,14 @@ class AdditiveLM(torch.nn.Module):
 
     def __init__(self, weights: torch.Tensor, sink_id: int) -> None:
         super().__init__()
-        self.weights = torch.nn.Parameter(weights.float(), requires_grad=False)
+        self.weights = torch.nn.Parameter(weights.double(), requires_grad=False)
         self.sink_id = sink_id
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **_: Any) -> Any:
         size, length = input_ids.shape
         attended = torch.ones_like(input_ids) if attention_mask is None else attention_mask[:, -length:]
         z = (self.weights[input_ids] * attended).sum(-1) - OFFSET
-        logits = torch.full((size, length, len(self.weights)), -math.inf)
+        logits = torch.full((size, length, len(self.weights)), -math.inf, dtype=self.weights.dtype)
         following = torch.roll(input_ids, -1, dims=1)
         logits.scatter_(-1, following[..., None], z[:, None, None].expand(size, length, 1))
         logits[..., self.sink_id] = torch.log1p(-torch.exp(z))[:, None]
@@ -43,7 +43,7 @@ class AdditiveLM(torch.nn.Module):
 def additive_explainer(tokenizer: Any, messages: list[dict[str, str]], target: str,
                        weights: Sequence[float]) -> tuple[AttributionExplainer, ModelInput]:
     """(explainer on AdditiveLM, the model input): word feature i of ``messages`` weighs ``weights[i]`` (dyadic
-    weights are exact in float32), carried by its last token."""
+    weights are exact), carried by its last token."""
     model_input = build_model_input(tokenizer, target=target, messages=messages)
     features = build_features(model_input, Granularity.WORD)
     ids = model_input.input_ids

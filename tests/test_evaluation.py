@@ -5,12 +5,12 @@ computation on the edited text."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from additive import OFFSET, AdditiveLM
 from tolerances import log_prob_magnitude, model_bound, unit_roundoff
 
 from fair_forge.explainability import (
@@ -33,7 +33,6 @@ from fair_forge.explainability.core.types import Granularity
 QUESTION = "What is the capital of France?"
 MESSAGES = [{"role": "user", "content": QUESTION}]
 TARGET = "Paris"
-OFFSET = 6.0  # keeps every row's log-prob below -1, far from where log1p(-exp(z)) loses digits
 WEIGHTS = [0.5, 0.125, 0.25, 2.0, 0.0625, 1.5, 0.375]  # dyadic: every z below is exact
 
 
@@ -45,30 +44,6 @@ def _exact_to(n_target: int) -> float:
     means of scores, weights adding up to <= 2) doubles that."""
     m = OFFSET + sum(WEIGHTS)
     return 2 * n_target * (8 + (n_target + 2) * m) * unit_roundoff(torch.float64)
-
-
-class AdditiveLM(torch.nn.Module):
-    """A 'causal LM' whose log p(next token) is exactly z = sum of ``weights[id]`` over the attended tokens - OFFSET.
-
-    Every position puts logit z on the next token and log(1 - e^z) on a sink token (-inf elsewhere), so the softmax
-    gives the next token probability e^z. Removed tokens (out of attention) and baseline tokens (weight 0) both drop
-    their weight: the explained score of a row is n_target x (sum of the weights of the features present + const).
-    """
-
-    def __init__(self, weights: torch.Tensor, sink_id: int) -> None:
-        super().__init__()
-        self.weights = torch.nn.Parameter(weights.double(), requires_grad=False)
-        self.sink_id = sink_id
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **_: Any) -> Any:
-        size, length = input_ids.shape
-        attended = torch.ones_like(input_ids) if attention_mask is None else attention_mask[:, -length:]
-        z = (self.weights[input_ids] * attended).sum(-1) - OFFSET
-        logits = torch.full((size, length, len(self.weights)), -math.inf, dtype=self.weights.dtype)
-        following = torch.roll(input_ids, -1, dims=1)
-        logits.scatter_(-1, following[..., None], z[:, None, None].expand(size, length, 1))
-        logits[..., self.sink_id] = torch.log1p(-torch.exp(z))[:, None]
-        return SimpleNamespace(logits=logits)
 
 
 @pytest.fixture
