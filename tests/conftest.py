@@ -183,5 +183,7 @@ def smollm2_float64(smollm2):
     rounding (``tests/tolerances.py``); the float32 session model is left as it is."""
     import copy
 
+    from tolerances import to_float64
+
     model, tokenizer = smollm2
-    return copy.deepcopy(model).double(), tokenizer
+    return to_float64(copy.deepcopy(model)), tokenizer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tolerances import ESTIMATOR_CONDITION, log_prob_magnitude, model_bound
+from tolerances import ESTIMATOR_CONDITION, log_prob_magnitude, model_bound, to_float64
 
 from fair_forge.explainability import AttributionExplainer, InvalidInputError, RawAttribution, register_method
 from fair_forge.explainability.runtime.engine import Job, Rejected, run
@@ -93,7 +93,7 @@ def test_packed_batch_equals_one_by_one_with_fewer_model_calls(tiny_lm, method, 
     float64 (in float32 a Sobol index, a ratio of squared score differences to their variance, turns the last-bit
     changes of padding into 0.3% relative)."""
     model, tokenizer = tiny_lm
-    model.double()
+    to_float64(model)
     items = _items(tokenizer)
     explainer = AttributionExplainer(model, tokenizer)
     counter = CallCounter(model)
@@ -133,7 +133,7 @@ def test_a_packed_run_agrees_across_thread_counts(tiny_lm):
     for item, one, two in zip(items, *runs):
         model_input = _input(tokenizer, item)
         magnitude = log_prob_magnitude(model, model_input.input_ids)
-        # an occlusion score is the difference of two scores (sums of n_target log-probs), a matrix cell of two log-probs
+        # an occlusion score is the difference of two scores (sums of n_target log-probs), a cell of two log-probs
         score = 2 * model_bound(model, magnitude, length=model_input.length, terms=model_input.n_target)
         cell = 2 * model_bound(model, magnitude, length=model_input.length)
         np.testing.assert_allclose(two.scores, one.scores, rtol=0, atol=score)
@@ -179,7 +179,7 @@ def test_an_interrupt_mid_batch_leaves_the_model_as_it_was(tiny_gpt2):
 
 def test_a_plain_function_method_works_inside_explain_batch(tiny_gpt2):
     model, tokenizer = tiny_gpt2
-    model.double()  # the plain function runs its items alone, occlusion packs them: equal as an identity
+    to_float64(model)  # the plain function runs its items alone, occlusion packs them: equal as an identity
 
     @register_method("only_first_kept", kind="perturbation", additive=False, defaults={"scale": 1.0})
     def only_first_kept(context):
@@ -256,7 +256,7 @@ def test_rows_per_call_follow_batch_size(tiny_gpt2):
 
 def test_remove_masking_packs_too(tiny_lm):
     model, tokenizer = tiny_lm
-    model.double()  # packed removed rows equal the rows alone: an identity
+    to_float64(model)  # packed removed rows equal the rows alone: an identity
     items = _items(tokenizer)
     explainer = AttributionExplainer(model, tokenizer)
     batch = explainer.explain_batch(items, method="occlusion", remove=True, show_progress=False)
@@ -268,7 +268,7 @@ def test_remove_masking_packs_too(tiny_lm):
 
 def test_a_failing_item_is_recorded_and_the_others_still_pack(tiny_gpt2):
     model, tokenizer = tiny_gpt2
-    model.double()  # the packed survivors equal their one-by-one results: an identity
+    to_float64(model)  # the packed survivors equal their one-by-one results: an identity
     explainer = AttributionExplainer(model, tokenizer)
     long_item = ([{"role": "user", "content": "one two three four five six seven eight nine ten"}], "Numbers.")
     items = [ITEMS[0], long_item, ({"role": "user"},), ITEMS[1]]
@@ -284,7 +284,7 @@ def test_a_failing_item_is_recorded_and_the_others_still_pack(tiny_gpt2):
 
 def test_a_model_error_on_one_items_rows_fails_only_that_item(tiny_gpt2):
     model, tokenizer = tiny_gpt2
-    model.double()  # the retried items equal their one-by-one results: an identity
+    to_float64(model)  # the retried items equal their one-by-one results: an identity
     ids = [set(build_model_input(tokenizer, messages=m, target=t).input_ids.tolist()) for m, t in ITEMS]
     poisoned = min(ids[3] - ids[0] - ids[1] - ids[2])  # a token only the last item has
 
@@ -325,7 +325,7 @@ def test_a_batch_whose_items_all_fail_validation_returns_only_failures(tiny_gpt2
 def test_the_driver_keeps_a_bounded_window_and_passes_rejections_through(tiny_gpt2):
     """At most ``window`` plans are started before the first finishes; a rejected item comes back in order."""
     model, tokenizer = tiny_gpt2
-    model.double()  # a row packed with another item's equals it scored alone: an identity
+    to_float64(model)  # a row packed with another item's equals it scored alone: an identity
     started: list[int] = []
 
     def plan(index, model_input):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from additive import OFFSET, AdditiveLM
-from tolerances import log_prob_magnitude, model_bound, unit_roundoff
+from tolerances import log_prob_magnitude, model_bound, to_float64, unit_roundoff
 
 from fair_forge.explainability import (
     At2Weights,
@@ -107,7 +107,8 @@ def test_metrics_equal_a_hand_computation_on_an_additive_model(additive, mode: s
     explainer, weights, model_input = additive
     result = explainer.explain(MESSAGES, TARGET, method="occlusion")
     exact = _exact_to(model_input.n_target)
-    np.testing.assert_allclose(result.scores, np.array(weights) * model_input.n_target, rtol=0, atol=exact)  # leave-one-out
+    leave_one_out = np.array(weights) * model_input.n_target
+    np.testing.assert_allclose(result.scores, leave_one_out, rtol=0, atol=exact)
     fractions, curve = [0.1, 0.3, 0.5], np.linspace(0, 1, 8).tolist()
     report = faithfulness(explainer, result, MESSAGES, fractions=fractions, curve_points=8, mode=mode,
                           n_random=4, seed=3)
@@ -156,7 +157,7 @@ def test_ties_are_ranked_by_position_and_fractions_round_up(additive) -> None:
 @pytest.mark.parametrize("method", available_methods())
 def test_every_method_result_can_be_evaluated(tiny_gpt2, method: str) -> None:
     model, tokenizer = tiny_gpt2
-    model.double()  # the report's full score is the direct score of the input: an identity
+    to_float64(model)  # the report's full score is the direct score of the input: an identity
     explainer = AttributionExplainer(model, tokenizer)
     params = {"weights": At2Weights.uniform(model)} if method == "at2" else {}  # head weights belong to one model
     result = explainer.explain(MESSAGES, "The capital of France is Paris.", method=method, **params)
@@ -186,7 +187,7 @@ def test_every_granularity_and_raw_prompts(tiny_lm, granularity: str) -> None:
 
 def test_batch_equals_one_by_one_and_same_seed_same_random_orders(tiny_gpt2) -> None:
     model, tokenizer = tiny_gpt2
-    model.double()  # packed reports equal reports made one by one: an identity
+    to_float64(model)  # packed reports equal reports made one by one: an identity
     explainer = AttributionExplainer(model, tokenizer)
     items = [
         {"question": "What is the capital of France?", "answer": "Paris."},

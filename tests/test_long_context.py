@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tolerances import log_prob_magnitude, model_bound, to_float64
 
 from fair_forge.explainability import AttributionExplainer
 from fair_forge.explainability.errors import InvalidInputError
@@ -18,6 +19,13 @@ MESSAGES = [
     {"role": "user", "content": "What is the capital of France?"},
 ]
 TARGET = "The capital of France is Paris."
+
+
+def rounding(model, model_input, terms: int = 1) -> float:
+    """What two layouts of ``model_input``'s rows (cached prefixes of other lengths, padding) may differ by in
+    rounding alone, summed over ``terms`` target log-probs (``tolerances.model_bound``)."""
+    magnitude = log_prob_magnitude(model, model_input.input_ids)
+    return model_bound(model, magnitude, length=model_input.length, terms=terms)
 
 
 def test_sentences_of_every_message_carry_their_message_index(gpt2_tokenizer):
@@ -44,6 +52,7 @@ def test_other_messages_stay_context_never_masked(tiny_gpt2):
     """Exact KernelSHAP values add up to v(all) - v(no feature kept): with attribute_messages=[0] that is the score
     with message 0's sentences masked and the other messages intact, computed here by a direct masked call."""
     model, tokenizer = tiny_gpt2
+    to_float64(model)  # an identity: in float64
     explainer = AttributionExplainer(model, tokenizer)
     result = explainer.explain(MESSAGES, TARGET, method="kernel_shap", granularity="sentence", exact=True,
                                attribute_messages=[0])
@@ -52,21 +61,25 @@ def test_other_messages_stay_context_never_masked(tiny_gpt2):
     keep = np.ones((2, model_input.length), dtype=bool)
     keep[1, [p for a in result.attributions for p in a.token_positions]] = False
     full, masked = TargetScorer(model).score_token_masks(model_input, keep)
-    assert sum(result.scores) == pytest.approx(full - masked, abs=1e-5)
+    # the values' sum is pinned to a difference of two scores, each within a score's bound of the direct call's
+    assert sum(result.scores) == pytest.approx(full - masked, abs=2 * rounding(model, model_input, model_input.n_target))
 
 
 def test_restricted_occlusion_equals_the_same_features_unrestricted(tiny_gpt2):
     model, tokenizer = tiny_gpt2
+    to_float64(model)  # the restricted input caches a longer prefix, the same scores: an identity, in float64
     explainer = AttributionExplainer(model, tokenizer)
     everything = explainer.explain(MESSAGES, TARGET, method="occlusion", granularity="sentence")
     restricted = explainer.explain(MESSAGES, TARGET, method="occlusion", granularity="sentence",
                                    attribute_messages=[1])
     chosen = [a for a in everything.attributions if a.message_index == 1]
     assert [a.text for a in restricted.attributions] == [a.text for a in chosen]
-    np.testing.assert_allclose(restricted.scores, [a.score for a in chosen], atol=1e-5)
+    model_input = build_model_input(tokenizer, target=TARGET, messages=MESSAGES)
+    bound = 2 * rounding(model, model_input, model_input.n_target)  # an occlusion score: a difference of two scores
+    np.testing.assert_allclose(restricted.scores, [a.score for a in chosen], rtol=0, atol=bound)
     batch = explainer.explain_batch([(MESSAGES, TARGET)], method="occlusion", granularity="sentence",
                                     attribute_messages=[1], show_progress=False)
-    np.testing.assert_allclose(batch[0].scores, restricted.scores, atol=1e-5)
+    assert batch[0].scores == restricted.scores  # one item alone: the same calls
 
 
 @pytest.mark.parametrize("bad", [[], [-1], ["0"], 0, "0", [True]])
@@ -106,6 +119,7 @@ def test_rows_continuing_the_input_cache_equal_full_rows(tiny_lm, monkeypatch, r
     from fair_forge.explainability.runtime import packer as scoring
 
     model, tokenizer = tiny_lm
+    to_float64(model)  # rows continuing the input's cache equal full rows: an identity, in float64
     messages = MESSAGES if tokenizer.chat_template else None
     prompt = None if messages else " ".join(m["content"] for m in MESSAGES)
     model_input = build_model_input(tokenizer, target=TARGET, messages=messages, prompt=prompt)
@@ -115,7 +129,7 @@ def test_rows_continuing_the_input_cache_equal_full_rows(tiny_lm, monkeypatch, r
     monkeypatch.setattr(scoring, "ROW_REUSE_MIN_WIDTH", 0)
     reusing = TargetScorer(model)
     reused = reusing.score_token_masks(model_input, keep, remove=remove, per_target=True, batch_size=batch_size)
-    np.testing.assert_allclose(reused, full, atol=1e-5)
+    np.testing.assert_allclose(reused, full, rtol=0, atol=rounding(model, model_input))
     if batch_size == 1:  # one forward of the unmasked input, then each row from its first masked (or last kept) token
         last = model_input.target_start - 1
         computed = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tolerances import log_prob_magnitude, model_bound, to_float64
 
 from fair_forge.explainability import InvalidInputError
 from fair_forge.explainability.text.prompt import build_model_input
@@ -23,9 +24,19 @@ def direct_log_probs(model, ids: torch.Tensor, target_start: int) -> torch.Tenso
     return log_probs[positions - 1, ids[positions]]
 
 
+def rounding(model, model_input, terms: int = 1) -> float:
+    """What two layouts of ``model_input``'s rows may differ by in rounding alone, summed over ``terms`` target
+    log-probs (``tolerances.model_bound``)."""
+    magnitude = log_prob_magnitude(model, model_input.input_ids)
+    return model_bound(model, magnitude, length=model_input.length, terms=terms)
+
+
 @pytest.fixture
 def setup(tiny_lm):
+    """(float64 model, model input): every test here checks an identity (batching, masking, caching change no
+    log-prob), so in float64, to ``rounding``'s bound."""
     model, tokenizer = tiny_lm
+    to_float64(model)
     if tokenizer.chat_template:
         model_input = build_model_input(tokenizer, messages=MESSAGES, target=TARGET)
     else:
@@ -39,7 +50,7 @@ def test_target_log_probs_match_a_direct_model_call(setup):
     got = scorer.target_log_probs(model_input.target_ids, input_ids=model_input.input_ids.unsqueeze(0))
     expected = direct_log_probs(model, model_input.input_ids, model_input.target_start)
     assert got.shape == (1, model_input.n_target)
-    torch.testing.assert_close(got[0].double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[0], expected, atol=rounding(model, model_input), rtol=0)
     assert scorer.count.forward_passes == 1
     assert scorer.count.tokens_processed == model_input.length
 
@@ -51,7 +62,9 @@ def test_explained_quantity(setup, score):
     keep = np.ones((1, model_input.length), dtype=bool)
     log_probs = direct_log_probs(model, model_input.input_ids, model_input.target_start)
     expected = {"sum": log_probs.sum(), "mean": log_probs.mean(), "prob": log_probs.sum().exp()}[score]
-    assert scorer.score_token_masks(model_input, keep)[0] == pytest.approx(float(expected), rel=1e-5, abs=1e-7)
+    total = rounding(model, model_input, terms=model_input.n_target)  # the sum's bound; exp scales it by its value
+    tolerance = {"sum": total, "mean": total / model_input.n_target, "prob": float(expected) * total}[score]
+    assert scorer.score_token_masks(model_input, keep)[0] == pytest.approx(float(expected), rel=0, abs=tolerance)
 
 
 def random_keeps(model_input, n: int, seed: int = 0) -> np.ndarray:
@@ -71,7 +84,7 @@ def test_masked_scores_do_not_depend_on_batch_size(setup, remove):
     many = TargetScorer(model, batch_size=4)
     single = one.score_token_masks(model_input, keep, remove=remove, per_target=True)
     batched = many.score_token_masks(model_input, keep, remove=remove, per_target=True)
-    np.testing.assert_allclose(batched, single, atol=1e-5)
+    np.testing.assert_allclose(batched, single, rtol=0, atol=rounding(model, model_input))
     distinct = len(np.unique(keep, axis=0))  # duplicates are scored once
     assert distinct < len(keep)
     assert one.count.forward_passes == distinct
@@ -84,7 +97,8 @@ def test_replace_masking_equals_calling_the_model_on_replaced_ids(setup):
     scores = TargetScorer(model).score_token_masks(model_input, keep, baseline_id=3, per_target=True)
     for row, mask in zip(scores, keep):
         ids = torch.where(torch.from_numpy(mask), model_input.input_ids, torch.tensor(3))
-        np.testing.assert_allclose(row, direct_log_probs(model, ids, model_input.target_start).numpy(), atol=1e-5)
+        np.testing.assert_allclose(row, direct_log_probs(model, ids, model_input.target_start).numpy(), rtol=0,
+                                   atol=rounding(model, model_input))
 
 
 def test_remove_masking_equals_deleting_the_tokens(setup):
@@ -94,7 +108,8 @@ def test_remove_masking_equals_deleting_the_tokens(setup):
     for row, mask in zip(scores, keep):
         ids = model_input.input_ids[torch.from_numpy(mask)]
         start = model_input.target_start - int((~mask).sum())
-        np.testing.assert_allclose(row, direct_log_probs(model, ids, start).numpy(), atol=1e-5)
+        np.testing.assert_allclose(row, direct_log_probs(model, ids, start).numpy(), rtol=0,
+                                   atol=rounding(model, model_input))
 
 
 def test_bad_masks_are_rejected(setup):
@@ -123,7 +138,8 @@ def test_prefix_cache_gives_the_same_scores_with_fewer_tokens(setup):
     np.testing.assert_allclose(
         cached.score_token_masks(model_input, keep, per_target=True),
         plain.score_token_masks(model_input, keep, per_target=True),
-        atol=1e-5,
+        rtol=0,
+        atol=rounding(model, model_input),
     )
     first = int(np.flatnonzero(model_input.attributable)[0])
     assert first > 0
@@ -161,7 +177,8 @@ def test_default_calls_are_sized_by_tokens_and_by_logits(setup, monkeypatch):
         monkeypatch.setattr(scoring, "MASKED_TOKENS_PER_CALL", tokens)
         monkeypatch.setattr(scoring, "LOGITS_PER_CALL", logits)
         scorer = TargetScorer(model)
-        np.testing.assert_allclose(scorer.score_token_masks(model_input, keep, per_target=True), reference, atol=1e-5)
+        np.testing.assert_allclose(scorer.score_token_masks(model_input, keep, per_target=True), reference, rtol=0,
+                                   atol=rounding(model, model_input))
         assert scorer.count.forward_passes == 1 + -(-distinct // rows)  # the prefix, then full calls
 
 

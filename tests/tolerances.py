@@ -20,7 +20,11 @@ computation rather than from one machine's results:
 
 In float64 either bound is ~1e-9 of float32's, which is why tests of a mathematical identity (packed rows equal
 single rows, a cached prefix equals recomputing it, deleting tokens equals scoring the shorter text) run their
-model in float64: the identity is then checked to ~1e-12 instead of to float32's noise.
+model in float64 (``to_float64``): the identity is then checked to ~1e-12 instead of to float32's noise. A float64
+model is not float64 throughout by itself: transformers' Llama-family RMSNorm computes in float32 whatever the
+dtype, so ``to_float64`` makes those layers compute in the model's dtype, and ``model_bound`` charges float32 for
+any such layer left (``float32_islands``). The rotary tables stay float32, but they depend only on the positions,
+which the layouts compared share.
 """
 
 from __future__ import annotations
@@ -69,17 +73,50 @@ def chain_length(model: Any, length: int) -> float:
     return layers * per_layer + math.sqrt(hidden) + math.sqrt(int(config.vocab_size))
 
 
+def _is_upcasting_rms_norm(module: torch.nn.Module) -> bool:
+    """A transformers Llama-family RMSNorm (``weight * x / rms(x)``, computed in float32 whatever the dtype)."""
+    return type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon") \
+        and "forward" not in module.__dict__
+
+
+def float32_islands(model: Any) -> int:
+    """Layers of ``model`` that compute in float32 even when the model is float64 (see ``to_float64``)."""
+    return sum(1 for module in model.modules() if _is_upcasting_rms_norm(module))
+
+
+def _rms_norm_in_input_dtype(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def to_float64(model: Any) -> Any:
+    """``model.double()``, with its upcasting RMSNorm layers computing in float64 as well (an instance-level
+    ``forward``: the same function in the model's dtype), so that rounding is float64's throughout. Returns it."""
+    import types
+
+    model.double()
+    for module in model.modules():
+        if _is_upcasting_rms_norm(module):
+            module.forward = types.MethodType(_rms_norm_in_input_dtype, module)
+    return model
+
+
 def model_bound(model: Any, magnitude: float, *, length: int, terms: int = 1,
                 dtype: DType | None = None) -> float:
     """Largest |a - b| for two evaluations of the sum of ``terms`` outputs of ``model`` (each of size at most
     ``magnitude``, e.g. a target token's log-prob) on ``length``-token sequences that differ only in rounding, in
-    ``dtype`` (default: the model's). The probabilistic per-sum model of this module, for both sides."""
+    ``dtype`` (default: the model's). The probabilistic per-sum model of this module, for both sides; a layer that
+    computes in float32 inside a float64 model (``float32_islands``) is charged its hidden-size sum in float32."""
     if dtype is None:
         dtype = next(model.parameters()).dtype
     if dtype in (torch.float16, torch.bfloat16):
         raise ValueError("half-precision models run their log-softmax in float32; bound them by hand")
-    per_output = LAMBDA * chain_length(model, length) * unit_roundoff(dtype) * float(magnitude)
-    return 2.0 * int(terms) * per_output
+    steps = chain_length(model, length) * unit_roundoff(dtype)
+    if unit_roundoff(dtype) < unit_roundoff(torch.float32):
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        hidden = int(getattr(config, "hidden_size", None) or config.n_embd)
+        steps += float32_islands(model) * math.sqrt(hidden) * unit_roundoff(torch.float32)
+    return 2.0 * int(terms) * LAMBDA * steps * float(magnitude)
 
 
 def log_prob_magnitude(model: Any, input_ids: torch.Tensor) -> float:
