@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
-from tolerances import ESTIMATOR_CONDITION, log_prob_magnitude, model_bound
+from tolerances import ESTIMATOR_CONDITION, log_prob_magnitude, model_bound, to_float64
 
 from fair_forge.explainability.errors import InvalidInputError
+from fair_forge.explainability.runtime import memory
 from fair_forge.explainability.runtime.memory import (
     CallEstimate,
     MemoryBudgetWarning,
@@ -174,7 +175,16 @@ def test_gradient_calls_are_sized_by_max_memory_with_a_warning_below_one_row(tin
     np.testing.assert_allclose(results[1].scores, results[3].scores, rtol=0, atol=bound)
 
 
-def test_the_default_checkpoints_by_itself_when_one_row_is_over_budget(tiny_gpt2):
+def test_the_checkpoint_threshold_is_max_memory_else_the_budget_and_at_most_a_fixed_size_on_the_cpu(tiny_gpt2,
+                                                                                                   monkeypatch):
+    model, _ = tiny_gpt2
+    assert memory.checkpoint_threshold(model, 12345) == 12345
+    for available, expected in ((100 * 2**30, memory.CPU_CHECKPOINT_BYTES), (4 * 2**30, int(0.05 * 4 * 2**30))):
+        monkeypatch.setattr(memory, "available_memory", lambda _model, free=available: free)
+        assert memory.checkpoint_threshold(model) == expected
+
+
+def test_the_default_checkpoints_by_itself_when_one_row_is_over_budget(tiny_gpt2, monkeypatch):
     """checkpoint=None: where one row's backward pass is estimated over max_memory, gradient calls run checkpointed
     (no warning: the checkpointed row fits), as checkpoint=True would, and the result's metadata says why. The model
     has 8 layers: with 2, a checkpointed call keeps more than a plain one, and the default leaves it plain."""
@@ -211,6 +221,8 @@ def test_the_default_checkpoints_by_itself_when_one_row_is_over_budget(tiny_gpt2
     assert auto.metadata.n_forward_passes == forced.metadata.n_forward_passes
     with pytest.warns(MemoryBudgetWarning, match="checkpoint=True"):
         AttributionExplainer(model, tokenizer, max_memory=budget, checkpoint=False).explain(messages, TARGET, **params)
+    monkeypatch.setattr(memory, "CPU_CHECKPOINT_BYTES", budget)  # no max_memory: the CPU's fixed threshold decides
+    assert AttributionExplainer(model, tokenizer).explain(messages, TARGET, **params).metadata.checkpoint is True
     reloaded = type(auto).model_validate_json(auto.model_dump_json())
     assert reloaded.metadata.checkpoint_reason == auto.metadata.checkpoint_reason
 
@@ -219,7 +231,8 @@ def test_checkpointed_gradient_calls_give_the_same_attributions(tiny_lm):
     from fair_forge.explainability import AttributionExplainer
 
     model, tokenizer = tiny_lm
-    model.double()  # checkpointed calls recompute the cached prefix too: the same attributions as an identity
+    to_float64(model)  # checkpointed calls recompute the cached prefix too: the same attributions as an identity
+    patched = {name for name, module in model.named_modules() if "forward" in module.__dict__}  # to_float64's
     messages = MESSAGES if tokenizer.chat_template else None
     prompt = None if messages else MESSAGES[0]["content"]
     plain, checkpointed = (
@@ -231,7 +244,7 @@ def test_checkpointed_gradient_calls_give_the_same_attributions(tiny_lm):
     bound = ESTIMATOR_CONDITION * model_bound(model, log_prob_magnitude(model, ids), length=len(ids),
                                               terms=plain.metadata.n_target_tokens)
     np.testing.assert_allclose(checkpointed.scores, plain.scores, rtol=0, atol=bound)
-    assert all("forward" not in module.__dict__ for module in model.modules())
+    assert {name for name, module in model.named_modules() if "forward" in module.__dict__} == patched
 
 
 def test_bad_max_memory_or_checkpoint_are_rejected_by_the_explainer(tiny_gpt2):

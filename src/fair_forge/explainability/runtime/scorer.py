@@ -20,7 +20,7 @@ import torch
 from ..errors import InvalidInputError, UnsupportedModelError
 from ..text.prompt import ModelInput
 from .architectures import cache_argument, keeps_logits, output_layer
-from .memory import call_estimate, check_max_memory, memory_budget
+from .memory import call_estimate, check_max_memory, checkpoint_threshold
 from .answers import answer_requests
 from .requests import EvaluationCount, MaskedRows, Prefix
 from .scores import ScoreKind, get_score
@@ -102,8 +102,9 @@ class TargetScorer:
     def checkpoints(self, length: int, prefix: int, n_target: int) -> bool:
         """Whether a gradient call over rows of ``length`` tokens after a ``prefix``-token cache runs checkpointed
         layers: as ``checkpoint`` says, or with ``checkpoint=None`` when one such row's backward pass is estimated
-        (``memory.call_estimate``) over the call budget (``max_memory``, or its default) and checkpointing would
-        keep less: instead of a ``MemoryBudgetWarning`` and a call over budget. Once on, it stays on for this
+        (``memory.call_estimate``) over ``memory.checkpoint_threshold`` (``max_memory``, or the default call
+        budget, on the CPU at most 1 GiB) and checkpointing would keep less: instead of a ``MemoryBudgetWarning`` and
+        a call over budget. Once on, it stays on for this
         scorer's later calls (one explanation runs one way); the reason is kept in ``checkpoint_reason`` for the
         result's metadata."""
         if self.checkpoint is not None or self.checkpoint_reason is not None:
@@ -114,14 +115,14 @@ class TargetScorer:
             estimate = call_estimate(self.model, length=length, prefix=prefix, n_target=n_target, grad=True)
         except InvalidInputError:  # no sizes in the config: no estimate, as for the call budgets
             return False
-        budget = memory_budget(self.model, self.max_memory)
+        threshold = checkpoint_threshold(self.model, self.max_memory)
         lighter = call_estimate(self.model, length=length, prefix=prefix, n_target=n_target, checkpoint=True)
-        if estimate.bytes_per_row <= budget or lighter.bytes_per_row >= estimate.bytes_per_row:
+        if estimate.bytes_per_row <= threshold or lighter.bytes_per_row >= estimate.bytes_per_row:
             return False  # within budget, or a model too shallow for checkpointing to keep less
         self.checkpoint_reason = (
             f"automatic: one row of {length} tokens after a {prefix}-token prefix needs about "
-            f"{estimate.bytes_per_row / 2**30:.2f} GiB for a backward pass, over the call budget of "
-            f"{budget / 2**30:.2f} GiB (max_memory)")
+            f"{estimate.bytes_per_row / 2**30:.2f} GiB for a backward pass, over {threshold / 2**30:.2f} GiB "
+            "(max_memory, or by default the call budget and on the CPU at most memory.CPU_CHECKPOINT_BYTES)")
         return True
 
     @property
