@@ -73,31 +73,41 @@ def chain_length(model: Any, length: int) -> float:
     return layers * per_layer + math.sqrt(hidden) + math.sqrt(int(config.vocab_size))
 
 
-def _is_upcasting_rms_norm(module: torch.nn.Module) -> bool:
-    """A transformers Llama-family RMSNorm (``weight * x / rms(x)``, computed in float32 whatever the dtype)."""
-    return type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon") \
-        and "forward" not in module.__dict__
+def _upcasting_rms_norm(module: torch.nn.Module) -> bool:
+    """A transformers RMSNorm (they compute in float32 whatever the dtype) that ``to_float64`` has not patched."""
+    return type(module).__name__.endswith("RMSNorm") and "forward" not in module.__dict__
 
 
 def float32_islands(model: Any) -> int:
     """Layers of ``model`` that compute in float32 even when the model is float64 (see ``to_float64``)."""
-    return sum(1 for module in model.modules() if _is_upcasting_rms_norm(module))
+    return sum(1 for module in model.modules() if _upcasting_rms_norm(module))
 
 
-def _rms_norm_in_input_dtype(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+def _llama_rms_norm(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Llama's RMSNorm (weight * x / rms(x)) in the input's dtype."""
     variance = hidden_states.pow(2).mean(-1, keepdim=True)
     return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
 
 
+def _gemma_rms_norm(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Gemma's RMSNorm ((1 + weight) * x / rms(x)) in the input's dtype."""
+    return self._norm(hidden_states) * (1.0 + self.weight)
+
+
 def to_float64(model: Any) -> Any:
-    """``model.double()``, with its upcasting RMSNorm layers computing in float64 as well (an instance-level
-    ``forward``: the same function in the model's dtype), so that rounding is float64's throughout. Returns it."""
+    """``model.double()``, with its upcasting RMSNorm layers (Llama's, Gemma's) computing in float64 as well (an
+    instance-level ``forward``: the same function in the model's dtype), so that rounding is float64's throughout;
+    other RMSNorm kinds stay float32 and ``model_bound`` charges them. Returns the model."""
     import types
 
     model.double()
     for module in model.modules():
-        if _is_upcasting_rms_norm(module):
-            module.forward = types.MethodType(_rms_norm_in_input_dtype, module)
+        if not _upcasting_rms_norm(module):
+            continue
+        if hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_llama_rms_norm, module)
+        elif type(module).__name__.startswith("Gemma") and hasattr(module, "_norm"):
+            module.forward = types.MethodType(_gemma_rms_norm, module)
     return model
 
 

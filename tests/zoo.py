@@ -253,8 +253,9 @@ def docs_section() -> str:
         "(`tests/zoo.py`). On each: every method runs; integrated gradients (with "
         f"{ig_settings}) meet a {IG_TOLERANCE:.0%}",
         "completeness tolerance and explain exactly the score of a plain forward pass; the prefix cache and batch",
-        "packing change no score (1e-5); the additive methods' per-target matrices add up to their sequence scores;",
-        "model and tokenizer are left as they were; template tokens are never attributed.",
+        "packing change no score, and the additive methods' per-target matrices add up to their sequence scores",
+        "(checked in float64, to a bound derived from rounding: `tests/tolerances.py`); model and tokenizer are",
+        "left as they were; template tokens are never attributed.",
         "",
         "| Architecture | transformers class | Chat template | What it brings |",
         "| --- | --- | --- | --- |",
