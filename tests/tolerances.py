@@ -13,10 +13,11 @@ computation rather than from one machine's results:
                  each sum of n terms is charged LAMBDA * sqrt(n) * u, the bound that independent rounding errors
                  stay within with probability >= 1 - 2 exp(-LAMBDA^2 / 2) (Higham & Mary, "A new approach to
                  probabilistic rounding error analysis", SIAM J. Sci. Comput. 41(5), 2019), each measured against
-                 the output's own magnitude (normalised layers keep activations at that scale). A stated model, not a
-                 theorem: it is 100-1000x what two summation orders produce on the models tested (the tiny test
-                 models, SmolLM2), and far below what a bug does (a padding slot that leaks into attention, a
-                 position off by one, a wrong cache length move a log-prob by 1e-3 or more).
+                 the output's own magnitude (normalised layers keep activations at that scale; the log-sum-exp, a
+                 sum of probabilities, against 1). A stated model, not a theorem: it is 100-1000x what two
+                 summation orders produce on the models tested (the tiny test models, SmolLM2), and far below what
+                 a bug does (a padding slot that leaks into attention, a position off by one, a wrong cache length
+                 move a log-prob by 1e-3 or more).
 
 In float64 either bound is ~1e-9 of float32's, which is why tests of a mathematical identity (packed rows equal
 single rows, a cached prefix equals recomputing it, deleting tokens equals scoring the shorter text) run their
@@ -53,24 +54,24 @@ def unit_roundoff(dtype: DType = torch.float32) -> float:
     return float(np.finfo(np.dtype(dtype)).eps) / 2
 
 
-def sum_bound(absolute_sum: float, terms: int, dtype: DType = torch.float64) -> float:
+def sum_bound(absolute_sum: Any, terms: int, dtype: DType = torch.float64) -> Any:
     """Largest |a - b| for two evaluations, in any order, of one sum of ``terms`` values whose absolute values add up
-    to ``absolute_sum`` (Higham eq. 4.4, both sides). Rigorous."""
+    to ``absolute_sum`` (Higham eq. 4.4, both sides). Rigorous. ``absolute_sum`` may be an array (one sum each)."""
     k = max(int(terms) - 1, 1)
     u = unit_roundoff(dtype)
-    return 2.0 * k * u / (1.0 - k * u) * float(absolute_sum)
+    return 2.0 * k * u / (1.0 - k * u) * absolute_sum
 
 
 def chain_length(model: Any, length: int) -> float:
     """Sum of sqrt(n) over the sums one output of ``model`` passes through on a sequence of ``length`` tokens: per
     layer the hidden-size and intermediate-size projections and attention over the sequence, then the output layer
-    and the vocabulary's log-sum-exp (sizes read from the transformers config)."""
+    (sizes read from the transformers config)."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     hidden = int(getattr(config, "hidden_size", None) or config.n_embd)
     intermediate = int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden)
     layers = int(getattr(config, "num_hidden_layers", None) or config.n_layer)
     per_layer = math.sqrt(hidden) + math.sqrt(intermediate) + math.sqrt(max(int(length), 1))
-    return layers * per_layer + math.sqrt(hidden) + math.sqrt(int(config.vocab_size))
+    return layers * per_layer + math.sqrt(hidden)
 
 
 def _upcasting_rms_norm(module: torch.nn.Module) -> bool:
@@ -111,12 +112,14 @@ def to_float64(model: Any) -> Any:
     return model
 
 
-def model_bound(model: Any, magnitude: float, *, length: int, terms: int = 1,
-                dtype: DType | None = None) -> float:
+def model_bound(model: Any, magnitude: float, *, length: int, terms: int = 1, dtype: DType | None = None,
+                log_softmax: bool = True) -> float:
     """Largest |a - b| for two evaluations of the sum of ``terms`` outputs of ``model`` (each of size at most
     ``magnitude``, e.g. a target token's log-prob) on ``length``-token sequences that differ only in rounding, in
     ``dtype`` (default: the model's). The probabilistic per-sum model of this module, for both sides; a layer that
-    computes in float32 inside a float64 model (``float32_islands``) is charged its hidden-size sum in float32."""
+    computes in float32 inside a float64 model (``float32_islands``) is charged its hidden-size sum in float32.
+    ``log_softmax``: each output ends in a log-sum-exp over the vocabulary, a sum of probabilities (terms <= 1, total
+    1), charged LAMBDA sqrt(V) u in absolute terms; an encoder's output (a similarity) does not."""
     if dtype is None:
         dtype = next(model.parameters()).dtype
     if dtype in (torch.float16, torch.bfloat16):
@@ -126,7 +129,9 @@ def model_bound(model: Any, magnitude: float, *, length: int, terms: int = 1,
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         hidden = int(getattr(config, "hidden_size", None) or config.n_embd)
         steps += float32_islands(model) * math.sqrt(hidden) * unit_roundoff(torch.float32)
-    return 2.0 * int(terms) * LAMBDA * steps * float(magnitude)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    vocabulary = math.sqrt(int(config.vocab_size)) * unit_roundoff(dtype) if log_softmax else 0.0
+    return 2.0 * int(terms) * LAMBDA * (steps * float(magnitude) + vocabulary)
 
 
 def log_prob_magnitude(model: Any, input_ids: torch.Tensor) -> float:
