@@ -3,7 +3,8 @@
 Two inputs on the embedded SmolLM2: the demo question (word features), and the 1.3k-token GPL document of
 bench_long_context.py (sentence features of the system message, the question kept as context, the model's own answer).
 AT2's head weights are trained first (``train_at2``) on other documents cut from the GPL terms (six excerpts of six
-paragraphs each, with a question; the model answers), their cost reported on its own row. Each method runs
+paragraphs each, with a question; the model answers), their cost reported on its own row; they are kept in
+bench_long_context's ``AT2_WEIGHTS`` file, which both benchmarks reuse once made (``reused``). Each method runs
 ``--repeats`` times in this one process on 2 threads; the time is the median. Faithfulness (comprehensiveness: higher
 is better; sufficiency: lower is better) is measured on the long document, as in bench_long_context.py.
 
@@ -24,14 +25,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 THREADS = 2
-TRAINING_QUESTIONS = ("What does this section say?", "Who may convey the program?", "What must a licensee do?")
-
-
-def training_documents(paragraphs: list[str]) -> list[dict[str, Any]]:
-    """Six excerpts of six GPL paragraphs from the start of the terms (the long document is cut from the end)."""
-    return [{"messages": [{"role": "system", "content": "\n\n".join(paragraphs[6 * i : 6 * i + 6])},
-                          {"role": "user", "content": TRAINING_QUESTIONS[i % len(TRAINING_QUESTIONS)]}]}
-            for i in range(6)]
 
 
 def timed(explainer: Any, repeats: int, inputs: dict[str, Any], **settings: Any) -> tuple[float, Any]:
@@ -47,15 +40,18 @@ def timed(explainer: Any, repeats: int, inputs: dict[str, Any], **settings: Any)
 def main(repeats: int = 5) -> list[dict[str, Any]]:
     import torch
 
-    from bench_long_context import QUESTION, document, faithfulness, gpl_paragraphs, own_answer
+    from bench_long_context import (AT2_WEIGHTS, QUESTION, document, faithfulness, gpl_paragraphs, own_answer,
+                                    training_documents)
     from fair_forge.explainability import AttributionExplainer, load_default_model, train_at2
 
     torch.set_num_threads(THREADS)
     model, tokenizer = load_default_model()
     explainer = AttributionExplainer(model, tokenizer)
-    started = time.perf_counter()
-    weights = train_at2(explainer, None, training_documents(gpl_paragraphs()), attribute_messages=[0])
-    rows = [{"input": "training (6 documents)", "method": "train_at2",
+    started, reused = time.perf_counter(), AT2_WEIGHTS.exists()
+    AT2_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
+    weights = train_at2(explainer, None, training_documents(gpl_paragraphs()), attribute_messages=[0],
+                        path=AT2_WEIGHTS)
+    rows = [{"input": "training (6 documents)", "method": "train_at2", "reused": reused,
              "time s": round(time.perf_counter() - started, 1), "forward": weights.info["n_forward_passes"],
              "correlation": round(weights.info["correlation"], 3)}]
     long_messages = [{"role": "system", "content": document(tokenizer, 1300)}, {"role": "user", "content": QUESTION}]

@@ -8,14 +8,22 @@ context). Each method runs in its own subprocess, so peak RSS is per method (the
 
 Columns: wall time, forward/backward passes, rows scored, tokens processed, peak RSS, and faithfulness on the
 sentence ranking: comprehensiveness (score drop when the top 5/10/20% sentences are masked: higher is better) and
-sufficiency (score drop when only they are kept: lower is better), in log-prob units, averaged over the fractions.
+sufficiency (score drop when only they are kept: lower is better), in log-prob units, averaged over the fractions;
+the context metrics of ContextCite and AT2: ``top-k drop`` (the drop when the k top sentences are removed, k = 1, 3,
+5: higher is better) and ``LDS`` (Spearman correlation between the scores' sums over the kept sentences and the
+actual score of 32 seeded random half-ablations, sentences removed: higher is better). Every method's result is saved
+and all of them are evaluated together in one process after the methods ran (``faithfulness`` over one batch: the
+ablations of the LDS, the same for every method, are scored once).
 ``occlusion (no row reuse)`` is occlusion with per-row prefix reuse turned off, the baseline its speed-up is
 measured against in the same run. ``integrated_gradients`` runs at its defaults (adaptive steps, ``checkpoint=None``:
 checkpointed by itself where one row's backward pass is over the call budget; the ``checkpoint`` column says whether
 it was); ``integrated_gradients (16 steps)`` runs 16 steps with ``checkpoint=False`` (every layer's activations kept
 for the backward pass), ``integrated_gradients (checkpoint)`` the same 16 steps with ``checkpoint=True`` (layers
 recompute their activations in the backward pass instead of keeping them).
-``(hierarchical)`` rows run the method with
+``attention`` is the attention from the answer's tokens to each sentence, averaged over heads and layers (one
+forward pass); ``at2`` weighs the heads with AT2 weights learnt by ``train_at2`` on six other excerpts of the GPL
+terms (from its start; the ``train_at2`` row is that training, done once and kept in ``AT2_WEIGHTS``, which later runs
+reuse: delete the file to train again). ``(hierarchical)`` rows run the method with
 ``hierarchical=True`` (paragraphs first, then the sentences of the kept ones; ``pruned``: sentences never searched).
 
 ``context-cite (MadryLab)`` is the reference implementation (PyPI ``context-cite``, its defaults: 64 ablations, one
@@ -48,6 +56,8 @@ ANSWER_TOKENS = 30
 FRACTIONS = (0.05, 0.1, 0.2)
 DOCUMENT_TOKENS = (1300, 4000)
 METHODS: dict[str, dict[str, Any]] = {
+    "attention": {},
+    "at2": {},
     "occlusion": {},
     "occlusion (no row reuse)": {},
     "occlusion (hierarchical)": {"hierarchical": True},
@@ -63,6 +73,11 @@ METHODS: dict[str, dict[str, Any]] = {
 # AttributionExplainer(checkpoint=...) per method; the others leave it at its default (None: automatic)
 CHECKPOINT = {"integrated_gradients (16 steps)": False, "integrated_gradients (checkpoint)": True}
 MADRYLAB = "context-cite (MadryLab)"
+TRAIN_AT2 = "train_at2"
+AT2_WEIGHTS = Path(__file__).resolve().parent / "results" / "at2_smollm2.json"
+TRAINING_QUESTIONS = ("What does this section say?", "Who may convey the program?", "What must a licensee do?")
+TOP_K = (1, 3, 5)
+N_ABLATIONS = 32
 
 
 def gpl_paragraphs() -> list[str]:
@@ -74,6 +89,13 @@ def gpl_paragraphs() -> list[str]:
     terms = text[text.index("TERMS AND CONDITIONS") + len("TERMS AND CONDITIONS") : text.index("END OF TERMS")]
     paragraphs = (" ".join(line.strip() for line in block.splitlines()) for block in terms.split("\n\n"))
     return [paragraph for paragraph in paragraphs if paragraph]
+
+
+def training_documents(paragraphs: list[str]) -> list[dict[str, Any]]:
+    """Six excerpts of six GPL paragraphs from the start of the terms (the long documents are cut from the end)."""
+    return [{"messages": [{"role": "system", "content": "\n\n".join(paragraphs[6 * i : 6 * i + 6])},
+                          {"role": "user", "content": TRAINING_QUESTIONS[i % len(TRAINING_QUESTIONS)]}]}
+            for i in range(6)]
 
 
 def document(tokenizer: Any, tokens: int) -> str:
@@ -105,6 +127,51 @@ def faithfulness(explainer: Any, result: Any) -> dict[str, float]:
 
     report = evaluate(explainer, result, fractions=FRACTIONS, curve_points=2, mode="replace", n_random=0)
     return {"comprehensiveness": report.comprehensiveness, "sufficiency": report.sufficiency}
+
+
+def evaluate(folder: str, threads: int) -> dict[str, dict[str, float]]:
+    """Every result saved in ``folder`` (one per method, the same document and answer), evaluated in one batch: the
+    curve metrics (as ``faithfulness``) and the context metrics (sentences removed), keyed by method."""
+    import torch
+
+    from fair_forge.explainability import AttributionBatchResult, AttributionExplainer, AttributionResult
+    from fair_forge.explainability import faithfulness as measure
+    from fair_forge.explainability import load_default_model
+
+    torch.set_num_threads(threads)
+    model, tokenizer = load_default_model()
+    explainer = AttributionExplainer(model, tokenizer)
+    files = [json.loads(path.read_text()) for path in sorted(Path(folder).glob("*.json"))]
+    saved = {entry["method"]: AttributionResult.model_validate_json(entry["result"]) for entry in files}
+    batch = AttributionBatchResult(results=list(saved.values()), indices=list(range(len(saved))))
+    curves = measure(explainer, batch, fractions=FRACTIONS, curve_points=2, mode="replace", n_random=0)
+    context = measure(explainer, batch, metrics=("top_k_drop", "lds"), top_k=TOP_K, n_ablations=N_ABLATIONS,
+                      n_random=0)
+    return {method: {"comprehensiveness": round(curve.comprehensiveness, 3),
+                     "sufficiency": round(curve.sufficiency, 3),
+                     **{f"top-{k} drop": round(drop, 3) for k, drop in report.top_k_drop.items()},
+                     "LDS": round(report.lds, 3)}
+            for method, curve, report in zip(saved, curves.reports, context.reports)}
+
+
+def train(threads: int) -> dict[str, Any]:
+    """AT2's head weights for the embedded model, trained on ``training_documents`` (or read from ``AT2_WEIGHTS``,
+    when a run made them already: then ``time s`` is the read)."""
+    import torch
+
+    from fair_forge.explainability import AttributionExplainer, load_default_model, train_at2
+    from run_all import peak_rss_bytes
+
+    torch.set_num_threads(threads)
+    model, tokenizer = load_default_model()
+    reused = AT2_WEIGHTS.exists()
+    AT2_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    weights = train_at2(AttributionExplainer(model, tokenizer), None, training_documents(gpl_paragraphs()),
+                        attribute_messages=[0], path=AT2_WEIGHTS)
+    return {"method": TRAIN_AT2, "document tokens": "6 excerpts", "time s": round(time.perf_counter() - started, 1),
+            "forward": weights.info.get("n_forward_passes"), "reused": reused,
+            "correlation": round(weights.info["correlation"], 3), "peak RSS GB": round(peak_rss_bytes() / 2**30, 2)}
 
 
 def madrylab(model: Any, tokenizer: Any, messages: list[dict[str, str]], features: list[Any], package: str
@@ -176,8 +243,10 @@ def madrylab(model: Any, tokenizer: Any, messages: list[dict[str, str]], feature
     return [float(score) for score in scores], cost
 
 
-def worker(tokens: int, method: str, answer: str, threads: int, package: Optional[str] = None) -> dict[str, Any]:
-    """One method on one document, in this process (the parent starts one process per method)."""
+def worker(tokens: int, method: str, answer: str, threads: int, package: Optional[str] = None,
+           save: Optional[str] = None) -> dict[str, Any]:
+    """One method on one document, in this process (the parent starts one process per method); its result is saved
+    into the folder ``save`` for ``evaluate``."""
     import torch
 
     from fair_forge.explainability import AttributionExplainer, load_default_model
@@ -194,6 +263,10 @@ def worker(tokens: int, method: str, answer: str, threads: int, package: Optiona
     explainer = AttributionExplainer(model, tokenizer, **options)
     kwargs = {"granularity": "sentence", "attribute_messages": [0], "show_progress": False}
     extra: dict[str, Any] = {}
+    if method == "at2":
+        from fair_forge.explainability import At2Weights
+
+        kwargs["weights"] = At2Weights.load(AT2_WEIGHTS)
     if method == MADRYLAB:  # its scores, given to this library's result for the faithfulness columns
         import numpy as np
 
@@ -212,6 +285,9 @@ def worker(tokens: int, method: str, answer: str, threads: int, package: Optiona
     seconds = time.perf_counter() - started
     metadata = result.metadata
     searched = getattr(metadata, "hierarchical", None)
+    if save is not None:
+        (Path(save) / f"{list(METHODS).index(method):02d}.json").write_text(json.dumps({"method": method,
+                                                                         "result": result.model_dump_json()}))
     return {
         "document tokens": int(len(tokenizer(messages[0]["content"])["input_ids"])),
         "sentences": len(result.attributions),
@@ -225,7 +301,6 @@ def worker(tokens: int, method: str, answer: str, threads: int, package: Optiona
         **extra,
         "peak RSS GB": round(peak_rss_bytes() / 2**30, 2),
         "checkpoint": bool(getattr(metadata, "checkpoint", False)),
-        **{key: round(value, 3) for key, value in faithfulness(explainer, result).items()},
         "top sentence": max(result.attributions, key=lambda a: a.score).text[:60],
     }
 
@@ -242,18 +317,31 @@ def answers(document_tokens: Sequence[int]) -> dict[int, str]:
 
 def main(document_tokens: Sequence[int] = DOCUMENT_TOKENS, methods: Optional[Sequence[str]] = None,
          threads: int = THREADS, package: Optional[str] = None) -> dict[str, Any]:
-    rows: list[dict[str, Any]] = []
+    import tempfile
+
+    chosen = list(methods or METHODS)
+    environment = {**os.environ, "TQDM_DISABLE": "1"}
+
+    def run(*arguments: str) -> Any:
+        done = subprocess.run([sys.executable, __file__, *arguments, "--threads", str(threads)], capture_output=True,
+                              text=True, env=environment)
+        if done.returncode != 0:
+            raise RuntimeError(f"{arguments[:2]} failed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    rows: list[dict[str, Any]] = [run("--train")] if "at2" in chosen else []
     for tokens, answer in answers(document_tokens).items():
-        for method in methods or METHODS:
-            command = [sys.executable, __file__, "--worker", str(tokens), method, answer, "--threads", str(threads)]
-            if method == MADRYLAB and package is None:
-                rows.append({"method": method, "skipped": "not installed: pass --context-cite DIR"})
-                continue
-            command += ["--context-cite", package] if method == MADRYLAB else []
-            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-            if done.returncode != 0:
-                raise RuntimeError(f"{method} on {tokens} tokens failed:\n{done.stderr[-3000:]}")
-            rows.append({"answer": answer[:40], **json.loads(done.stdout.strip().splitlines()[-1])})
+        with tempfile.TemporaryDirectory() as folder:
+            document_rows = []
+            for method in chosen:
+                if method == MADRYLAB and package is None:
+                    rows.append({"method": method, "skipped": "not installed: pass --context-cite DIR"})
+                    continue
+                extra = ["--context-cite", package] if method == MADRYLAB else []
+                document_rows.append({"answer": answer[:40], **run("--worker", str(tokens), method, answer,
+                                                                    "--save", folder, *extra)})
+            metrics = run("--evaluate", folder) if document_rows else {}
+            rows += [{**row, **metrics.get(row["method"], {})} for row in document_rows]
     by_key = {(row["document tokens"], row["method"]): row for row in rows if "skipped" not in row}
     for (doc, method), row in by_key.items():  # speed-ups against the baseline measured in the same run
         baseline = by_key.get((doc, "occlusion (no row reuse)" if method == "occlusion" else method.split(" ")[0]))
@@ -261,12 +349,21 @@ def main(document_tokens: Sequence[int] = DOCUMENT_TOKENS, methods: Optional[Seq
             row["speed-up"] = round(baseline["time s"] / row["time s"], 2)
             row["rows vs baseline"] = round(row["rows"] / baseline["rows"], 2)
             row["tokens vs baseline"] = round(row["tokens"] / baseline["tokens"], 2)
+        reference = by_key.get((doc, "context_cite"))
+        if reference is not None and method in ("attention", "at2", "context_cite (hierarchical)", MADRYLAB):
+            row["time vs context_cite"] = round(row["time s"] / reference["time s"], 3)
+            for metric in ("top-3 drop", "LDS"):
+                if reference.get(metric) and metric in row:
+                    row[f"{metric} vs context_cite"] = round(row[metric] / reference[metric], 2)
     return {"rows": rows}
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", nargs=3, metavar=("TOKENS", "METHOD", "ANSWER"))
+    parser.add_argument("--save", metavar="DIR", help="with --worker: the folder its result is saved into")
+    parser.add_argument("--evaluate", metavar="DIR", help="evaluate the results saved in DIR together")
+    parser.add_argument("--train", action="store_true", help="train (or read) the AT2 weights")
     parser.add_argument("--documents", nargs="+", type=int, default=list(DOCUMENT_TOKENS))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS))
     parser.add_argument("--threads", type=int, default=THREADS)
@@ -274,7 +371,12 @@ if __name__ == "__main__":
     arguments = parser.parse_args()
     if arguments.worker:
         tokens, method, answer = arguments.worker
-        print(json.dumps(worker(int(tokens), method, answer, arguments.threads, arguments.context_cite)))
+        print(json.dumps(worker(int(tokens), method, answer, arguments.threads, arguments.context_cite,
+                                arguments.save)))
+    elif arguments.evaluate:
+        print(json.dumps(evaluate(arguments.evaluate, arguments.threads)))
+    elif arguments.train:
+        print(json.dumps(train(arguments.threads)))
     else:
         from run_all import format_rows
 

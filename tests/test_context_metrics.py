@@ -214,6 +214,29 @@ def test_cost_is_one_row_per_distinct_edit(powers) -> None:
     assert report.n_tokens_processed == len(edits) * model_input.length and report.n_forward_passes >= 1
 
 
+def test_results_of_one_item_share_its_rows_and_report_as_alone(powers) -> None:
+    """Two explanations of the same input (as compare_methods makes) are scored in one set of rows: each distinct
+    keep-mask once, the 32 LDS ablations shared, and each report equal to the one made alone."""
+    from fair_forge.explainability import AttributionBatchResult
+
+    explainer, result, model_input = powers
+    other = _with_scores(result, CLAIMED)
+    both = AttributionBatchResult(results=[result, other], indices=[0, 1])
+    inputs = [{"messages": MESSAGES, "target": TARGET}] * 2
+    shared = faithfulness(explainer, both, inputs, metrics=CONTEXT, mode="replace", n_random=0)
+    alone = [faithfulness(explainer, r, metrics=CONTEXT, mode="replace", n_random=0) for r in (result, other)]
+    for report, single in zip(shared.reports, alone):
+        assert report.top_k_drop == pytest.approx(single.top_k_drop, abs=1e-12)  # the additive model is float64
+        assert report.lds == pytest.approx(single.lds, abs=1e-12)
+    masks = [np.ones((1, 7), bool), np.zeros((1, 7), bool), _ablations(0, 32, 7)]
+    for scores in (result.scores, CLAIMED):
+        for k in (1, 3, 5):
+            masks.append(_without_first(_ranking(list(scores)), k, 7)[None])
+    distinct = len(np.unique(np.concatenate(masks), axis=0))
+    assert distinct < sum(r.n_tokens_processed for r in alone) // model_input.length
+    assert shared.reports[0].n_tokens_processed == distinct * model_input.length
+
+
 def test_batch_equals_one_by_one_and_means_over_items(tiny_gpt2, gpt2_tokenizer, powers) -> None:
     model, tokenizer = tiny_gpt2
     explainer = AttributionExplainer(model, tokenizer)

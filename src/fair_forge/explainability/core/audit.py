@@ -87,24 +87,26 @@ class AuditFailure(BaseModel):
     message: str
 
 
-class GroupEstimate(BaseModel):
-    """The mean of a metric over a group's items that have it, with its bootstrap confidence interval."""
+class _GroupStatistic(BaseModel):
+    """What a per-group statistic is of: a metric, a group, and how many items with the metric it holds."""
 
     metric: str
     group: str = Field(description=f"a group, {ALL_ITEMS!r} for every item, {NO_GROUP!r} for items without one")
     n: int
+
+
+class GroupEstimate(_GroupStatistic):
+    """The mean of a metric over a group's items that have it, with its bootstrap confidence interval."""
+
     mean: Optional[float] = None
     ci_low: Optional[float] = None
     ci_high: Optional[float] = None
 
 
-class GroupDifference(BaseModel):
+class GroupDifference(_GroupStatistic):
     """mean(group) - mean(versus) of a metric, with the bootstrap confidence interval of that difference."""
 
-    metric: str
-    group: str
     versus: Optional[str] = Field(description="the other group, or None for every other group together")
-    n: int
     n_versus: int
     difference: Optional[float] = None
     ci_low: Optional[float] = None

@@ -189,15 +189,39 @@ def score_edits(explainer: AttributionExplainer, edits: Sequence[tuple[ModelInpu
     """Explained scores of every edit (token keep-masks (m_i, L_i) per input, and the contrast the input's result
     explains) in shared no-grad model calls, and each input's cost; the one place this module touches the scorer.
     The masking is the perturbation methods' own (``requests.MaskedRows``); a chat header common to the inputs runs
-    once for all of them."""
+    once for all of them. Edits of the same input (several results of one item, as ``compare_methods`` makes) are
+    scored once: each distinct keep-mask of an input is one row, and the inputs that share rows share their cost
+    (each one's count is that of the rows of its input)."""
     prefixes: dict = {}
-    requests = []
-    for model_input, keep, contrast in edits:
+    groups: dict[tuple, list[int]] = {}  # the edits of each distinct (input, contrast, baseline)
+    for index, (model_input, _, contrast) in enumerate(edits):
+        baseline = model_input.baseline_token_id if baseline_id is None else baseline_id
+        groups.setdefault(_input_key(model_input, contrast, int(baseline)), []).append(index)
+    requests, inverses = [], []
+    for members in groups.values():
+        model_input, _, contrast = edits[members[0]]
+        keep, inverse = edits[members[0]][1], np.arange(len(edits[members[0]][1]))  # an input's rows are distinct
+        if len(members) > 1:
+            keep, inverse = np.unique(np.concatenate([edits[i][1] for i in members]), axis=0, return_inverse=True)
+        inverses.append(inverse.reshape(-1))
         scorer = TargetScorer(explainer.model, score=explainer.score, prefix_cache=explainer.prefix_cache,
                               prefixes=prefixes, contrast=contrast, contrast_length=model_input.n_contrast)
         baseline = model_input.baseline_token_id if baseline_id is None else baseline_id
         requests.append((scorer, model_input, MaskedRows(keep, int(baseline), remove=mode == "remove")))
     with borrowed(explainer.model):
         log_probs = answer_requests(requests, explainer.batch_size)
-    scores = [scorer.reduce(torch.from_numpy(values)).double().numpy() for (scorer, _, _), values in zip(requests, log_probs)]
-    return scores, [scorer.count for scorer, _, _ in requests]
+    scores: list[np.ndarray] = [np.empty(0)] * len(edits)
+    counts: list[EvaluationCount] = [EvaluationCount()] * len(edits)
+    for members, inverse, (scorer, _, _), values in zip(groups.values(), inverses, requests, log_probs):
+        unique = scorer.reduce(torch.from_numpy(values)).double().numpy()[inverse]
+        bounds = np.cumsum([0] + [len(edits[i][1]) for i in members])
+        for member, start, end in zip(members, bounds[:-1], bounds[1:]):
+            scores[member], counts[member] = unique[start:end], scorer.count
+    return scores, counts
+
+
+def _input_key(model_input: ModelInput, contrast: Optional[str], baseline: int) -> tuple:
+    """What decides an edit row's score besides its mask: the tokens, the target, its span and contrast side."""
+    side = model_input.contrast
+    return (model_input.input_ids.numpy().tobytes(), model_input.target_start, model_input.target_span, contrast,
+            None if side is None else (side.input_ids.numpy().tobytes(), side.target_start), baseline)

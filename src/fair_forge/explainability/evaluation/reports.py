@@ -24,6 +24,15 @@ class FaithfulnessScores(BaseModel):
     insertion_curve: list[float] = Field(description="f(only top_k kept) at each curve fraction")
 
 
+def _curve_metric_property(name: str) -> property:
+    """A report's ``name`` curve metric of the explanation's ranking, as a read-only property."""
+
+    def read(report: "FaithfulnessReport") -> float:
+        return report._curve_metric(name)
+
+    return property(read, doc=f"the explanation's {name} (``explanation.{name}``); an error when not computed")
+
+
 class FaithfulnessReport(BaseModel):
     """How faithful one explanation is: its metrics, those of random orders, and what the check cost. The context
     metrics (top-k drop, LDS) are None unless ``metrics=`` asked for them; the curve metrics (``explanation``) are
@@ -60,21 +69,10 @@ class FaithfulnessReport(BaseModel):
     n_tokens_processed: int = 0
     compute_time_seconds: float = Field(0.0, description="wall time of the call (of the whole batch, in a batch)")
 
-    @property
-    def comprehensiveness(self) -> float:
-        return self._curve_metric("comprehensiveness")
-
-    @property
-    def sufficiency(self) -> float:
-        return self._curve_metric("sufficiency")
-
-    @property
-    def deletion_auc(self) -> float:
-        return self._curve_metric("deletion_auc")
-
-    @property
-    def insertion_auc(self) -> float:
-        return self._curve_metric("insertion_auc")
+    comprehensiveness = _curve_metric_property("comprehensiveness")
+    sufficiency = _curve_metric_property("sufficiency")
+    deletion_auc = _curve_metric_property("deletion_auc")
+    insertion_auc = _curve_metric_property("insertion_auc")
 
     def _curve_metric(self, name: str) -> float:
         if self.explanation is None:

@@ -16,7 +16,7 @@ with many features such as the sentences of a long document). SOBOL indices are 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -168,6 +168,14 @@ def _estimator(context: MethodContext, build: hierarchy.EstimatorFactory) -> cor
     return hierarchy.hierarchical_plan(n_features, groups, build, max_evaluations=budget)
 
 
+def _surrogate(context: MethodContext, build: hierarchy.EstimatorFactory) -> Plan:
+    """A surrogate model's coefficients (lime, context_cite): ``build``'s fit over the context's masks, with the
+    fit's extras (``r2``, ``intercept``, the hierarchical report) in the metadata."""
+    masks = _Masks(context)
+    estimate = yield from masks.run(_estimator(context, build))
+    return masks.attribution(estimate, **estimate.extras)
+
+
 @register_method(AttributionMethod.OCCLUSION, kind="perturbation", additive=True, params=OcclusionParams,
                  description="drop in score when a window of consecutive features is masked (leave-one-out by default)")
 def occlusion(context: MethodContext) -> Plan:
@@ -195,26 +203,25 @@ def kernel_shap(context: MethodContext) -> Plan:
     )
 
 
-@register_method(AttributionMethod.LIME, kind="perturbation", additive=False, params=LimeParams,
-                 description="coefficients of LIME's kernel-weighted Ridge surrogate over feature coalitions")
-def lime(context: MethodContext) -> Plan:
-    masks = _Masks(context)
-    params = context.params
-    estimate = yield from masks.run(_estimator(context, lambda n_features, budget: core.lime_plan(
-        n_features, n_samples=params["n_samples"], kernel_width=params["kernel_width"], seed=params["seed"],
-        max_evaluations=budget)))
-    return masks.attribution(estimate, r2=estimate.extras["r2"], intercept=estimate.extras["intercept"])
+def _register_surrogate(method: AttributionMethod, params: type, plan: Callable[..., core.EstimatorPlan],
+                        option: str, description: str) -> None:
+    """Register a surrogate method: ``plan(n_features, n_samples=, <option>=, seed=, max_evaluations=)`` fitted
+    over the context's masks (``_surrogate``); the two differ only by their estimator and its one option."""
+
+    def explain(context: MethodContext) -> Plan:
+        values = context.params
+        return (yield from _surrogate(context, lambda n_features, budget: plan(
+            n_features, n_samples=values["n_samples"], seed=values["seed"], max_evaluations=budget,
+            **{option: values[option]})))
+
+    explain.__name__ = explain.__qualname__ = method.value
+    register_method(method, kind="perturbation", additive=False, params=params, description=description)(explain)
 
 
-@register_method(AttributionMethod.CONTEXT_CITE, kind="perturbation", additive=False, params=ContextCiteParams,
-                 description="sparse linear surrogate (Lasso, refitted) on random half-ablations, for many features")
-def context_cite(context: MethodContext) -> Plan:
-    masks = _Masks(context)
-    params = context.params
-    estimate = yield from masks.run(_estimator(context, lambda n_features, budget: sparse.sparse_plan(
-        n_features, n_samples=params["n_samples"], alpha=params["alpha"], seed=params["seed"],
-        max_evaluations=budget)))
-    return masks.attribution(estimate, **estimate.extras)
+_register_surrogate(AttributionMethod.LIME, LimeParams, core.lime_plan, "kernel_width",
+                    "coefficients of LIME's kernel-weighted Ridge surrogate over feature coalitions")
+_register_surrogate(AttributionMethod.CONTEXT_CITE, ContextCiteParams, sparse.sparse_plan, "alpha",
+                    "sparse linear surrogate (Lasso, refitted) on random half-ablations, for many features")
 
 
 @register_method(AttributionMethod.SOBOL, kind="perturbation", additive=False, params=SobolParams,

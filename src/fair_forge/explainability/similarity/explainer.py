@@ -233,20 +233,16 @@ class SimilarityExplainer:
         counts = {key: sum(p.counts[key] for p in parts) for key in parts[0].counts}
         metadata = AttributionMetadata(
             compute_time_seconds=seconds,
-            n_forward_passes=counts["n_forward_passes"],
-            n_backward_passes=counts["n_backward_passes"],
-            n_tokens_processed=counts["n_tokens_processed"],
+            **counts,  # n_forward_passes, n_backward_passes, n_jvp_passes, n_tokens_processed
             method_params=params,
             convergence_delta=error,
             relative_convergence_delta=relative,
             similarity=terms["query_candidate_similarity"],
-            query_reference_similarity=terms["query_reference_similarity"],
-            candidate_reference_similarity=terms["candidate_reference_similarity"],
-            references_similarity=terms["references_similarity"],
+            **{name: terms[name] for name in
+               ("query_reference_similarity", "candidate_reference_similarity", "references_similarity")},
             completeness_lhs=lhs,
             attribution_sum=total,
             completeness_error=relative,
-            n_jvp_passes=counts["n_jvp_passes"],
             query_projection_reused=query_reused,
             timings={"query_seconds": 0.0 if query_reused else pair.query_projections.seconds,
                      "candidate_seconds": pair.candidate_projections.seconds},
