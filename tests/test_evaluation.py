@@ -254,6 +254,7 @@ def test_bad_input_is_rejected_before_any_model_call(tiny_gpt2, monkeypatch) -> 
 
 def test_compare_methods_table_and_plots(tiny_gpt2) -> None:
     model, tokenizer = tiny_gpt2
+    to_float64(model)  # the table's one check packs every method's edits together: equal to one check, in float64
     explainer = AttributionExplainer(model, tokenizer)
     items = [{"question": "What is the capital of France?", "answer": "Paris."},
              {"question": "Explain why the sky is blue.", "answer": "Light scatters."}]
@@ -265,9 +266,11 @@ def test_compare_methods_table_and_plots(tiny_gpt2) -> None:
     report = faithfulness(explainer, batch, items, n_random=3)
     lime = frame[frame.method == "lime"].iloc[0]
     random = frame[frame.method == "random"].iloc[0]
-    # the table runs the same batch and the same reports: the same bits
-    assert lime.comprehensiveness == report.mean.comprehensiveness
-    assert random.insertion_auc == report.random_mean.insertion_auc
+    # the table runs the same batch and the same edits, other rows packed beside them: means of score differences,
+    # within twice the largest score's float64 bound
+    bound = 2 * max(_score_bound(model, tokenizer, result) for result in batch)
+    assert lime.comprehensiveness == pytest.approx(report.mean.comprehensiveness, rel=0, abs=bound)
+    assert random.insertion_auc == pytest.approx(report.random_mean.insertion_auc, rel=0, abs=bound)
     assert np.isnan(random.seconds_per_item) and lime.n_items == 2
     for target in (frame, report, report.reports[0]):
         figure = plot_faithfulness(target)

@@ -19,6 +19,8 @@ import pytest
 from fair_forge.explainability.runtime import models
 from fair_forge.explainability.errors import ModelLoadError
 
+pytestmark = pytest.mark.xdist_group("models")  # the session's fresh conversion runs in one test worker
+
 # --- unit: atomic publishing, errors --------------------------------------------------------------------------------
 
 

@@ -19,6 +19,8 @@ from fair_forge.explainability.core.records import SETTINGS_KEY
 from fair_forge.explainability.runs.sinks import JsonlSink, stored_settings
 from same_results import PACKING_DEPENDENT, close
 
+pytestmark = pytest.mark.xdist_group("ray")  # one local Ray cluster (module fixture) in one test worker
+
 ray = pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")
 

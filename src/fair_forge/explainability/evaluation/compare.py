@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from ..core.types import Granularity
+from ..core.types import AttributionBatchResult, Granularity
 from ..errors import InvalidInputError
 from ..explainer import AttributionExplainer
 from ..text.items import batch_items
 from .edits import check_settings
-from .measure import faithfulness
+from .measure import batch_report, faithfulness
 from .reports import METRICS, FaithfulnessBatchReport, FaithfulnessReport, FaithfulnessScores
 
 if TYPE_CHECKING:
@@ -37,7 +37,8 @@ def compare_methods(
 
     ``methods`` are names (default: every registered method) or a mapping name -> method parameters. ``params`` go
     to ``faithfulness`` (``metrics``, ``fractions``, ``curve_points``, ``mode``, ``n_random``, ``seed``,
-    ``baseline_id``, ``top_k``, ``n_ablations``); the random orders are scored once, with the first method. Columns:
+    ``baseline_id``, ``top_k``, ``n_ablations``), in one check of every method's results: the edits they share
+    (the random orders, the LDS ablations) are scored once. Columns:
     the mean over items of each metric computed (by default comprehensiveness, sufficiency, deletion and insertion
     AUC; ``top_{k}_drop`` for each k and ``lds`` when ``metrics`` names them, the random row's ``lds`` NaN: its chance
     level is 0), ``seconds_per_item`` and ``passes_per_item`` (forward + backward) of the explanations themselves
@@ -59,7 +60,7 @@ def compare_methods(
         raise InvalidInputError(f"compare_methods got unknown parameter(s) {unknown}; method parameters go in methods")
     check_settings(**{**defaults, **params})
     records = batch_items(items)
-    rows, first = [], None
+    batches, costs = [], []
     for name, method_params in chosen.items():
         started = time.perf_counter()
         batch = explainer.explain_batch(records, method=name, granularity=granularity, show_progress=False,
@@ -67,13 +68,21 @@ def compare_methods(
         seconds = time.perf_counter() - started
         if not len(batch):
             raise InvalidInputError(f"{name} explained none of the items: {batch.failures[:1]}")
-        report = faithfulness(explainer, batch, records, **{**params, **({} if first is None else {"n_random": 0})})
-        first = report if first is None else first
+        batches.append(batch)
         passes = [r.metadata.n_forward_passes + r.metadata.n_backward_passes for r in batch]
-        columns = _metric_columns(report.mean, report.top_k_drop, report.lds)
-        rows.append({"method": str(get_method(name).name), **columns, "seconds_per_item": seconds / len(batch),
-                     "passes_per_item": float(np.mean(passes)), "n_items": len(batch)})
-    if first is not None and (first.random_mean is not None or first.random_top_k_drop is not None):
+        costs.append({"seconds_per_item": seconds / len(batch), "passes_per_item": float(np.mean(passes)),
+                      "n_items": len(batch)})
+    # one check of every method's results: the edits they share (f(x), the random orders, the LDS ablations) run once
+    every = AttributionBatchResult(results=[r for b in batches for r in b],
+                                   indices=[i for b in batches for i in b.indices])
+    started = time.perf_counter()
+    reports = iter(faithfulness(explainer, every, records, **params).reports)
+    seconds = time.perf_counter() - started
+    methods_reports = [batch_report([next(reports) for _ in batch], list(batch.indices), seconds) for batch in batches]
+    rows = [{"method": str(get_method(name).name), **_metric_columns(report.mean, report.top_k_drop, report.lds),
+             **cost} for name, report, cost in zip(chosen, methods_reports, costs)]
+    first = methods_reports[0]
+    if first.random_mean is not None or first.random_top_k_drop is not None:
         lds = None if first.lds is None else math.nan
         rows.append({"method": "random", **_metric_columns(first.random_mean, first.random_top_k_drop, lds),
                      "seconds_per_item": math.nan, "passes_per_item": math.nan, "n_items": rows[0]["n_items"]})

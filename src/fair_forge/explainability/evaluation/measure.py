@@ -83,7 +83,7 @@ def _report(plan: ItemPlan, values: np.ndarray, count: EvaluationCount, seconds:
     )
 
 
-def _batch_report(reports: list[FaithfulnessReport], indices: list[int], seconds: float) -> FaithfulnessBatchReport:
+def batch_report(reports: list[FaithfulnessReport], indices: list[int], seconds: float) -> FaithfulnessBatchReport:
     """The items' reports and their means: curve metrics point by point, top-k drops k by k, and the LDS over the
     items where it is defined."""
     if not reports:
@@ -123,7 +123,8 @@ def faithfulness(
     used instead: for one result, its messages, raw prompt or ``explain_batch`` item; for an
     ``AttributionBatchResult``, the items given to ``explain_batch`` (result i belongs to
     ``inputs[batch.indices[i]]``). A batch's edits are packed into shared model calls and its report
-    holds every item's report and their mean.
+    holds every item's report and their mean. Results of the same input (say, of several methods) share their
+    edits: each distinct edit of an input is one row, the LDS ablations and the random orders included.
 
     ``metrics`` names what to compute: None is the four curve metrics (comprehensiveness, sufficiency, deletion and
     insertion AUC, which come together: naming one computes all four); add ``"top_k_drop"`` (for each k of ``top_k``)
@@ -157,4 +158,4 @@ def faithfulness(
     values, counts = score_edits(explainer, edits, settings.mode, settings.baseline_id)
     seconds = time.perf_counter() - started
     reports = [_report(p, v, c, seconds, settings, explainer) for p, v, c in zip(plans, values, counts)]
-    return _batch_report(reports, indices, seconds)
+    return batch_report(reports, indices, seconds)
