@@ -35,7 +35,8 @@ def direct_score(model, tokenizer, target: str, messages=None, prompt=None) -> f
 def fit_rounding(meta) -> float:
     """Shapley efficiency (the scores sum to f(x) - f(x')) of the float64 fit to the very scores f(x), f(x'): its
     rounding of their size, amplified by at most ESTIMATOR_CONDITION."""
-    return ESTIMATOR_CONDITION * unit_roundoff(torch.float64) * (abs(meta.target_score) + abs(meta.counterfactual_score))
+    size = abs(meta.target_score) + abs(meta.counterfactual_score)
+    return ESTIMATOR_CONDITION * unit_roundoff(torch.float64) * size
 
 
 def chat(text: str) -> list[dict[str, str]]:

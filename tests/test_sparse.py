@@ -11,7 +11,7 @@ from fair_forge.explainability.methods.sparse import ablation_masks, default_n_a
 
 
 def fit_rounding(intercept: float, weights: dict[int, float]) -> float:
-    """The least-squares refit of exact (dyadic) values: float64 rounding of their size, times what the fit amplifies."""
+    """The least-squares refit of exact (dyadic) values: float64 rounding of their size, times what a fit amplifies."""
     return ESTIMATOR_CONDITION * unit_roundoff(np.float64) * (abs(intercept) + sum(abs(w) for w in weights.values()))
 
 
