@@ -7,6 +7,7 @@ from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
 import torch
+from tolerances import unit_roundoff
 
 from fair_forge.explainability import AttributionExplainer
 from fair_forge.explainability.core.types import Granularity
@@ -38,6 +39,14 @@ class AdditiveLM(torch.nn.Module):
         logits.scatter_(-1, following[..., None], z[:, None, None].expand(size, length, 1))
         logits[..., self.sink_id] = torch.log1p(-torch.exp(z))[:, None]
         return SimpleNamespace(logits=logits)
+
+
+def additive_rounding(n_target: int, weights: Sequence[float]) -> float:
+    """How far AdditiveLM's metrics (differences and means of scores, weights adding up to <= 2) may be from the
+    hand computation with dyadic ``weights``: float64 rounding only, as test_evaluation._exact_to derives it (z
+    exact, the two-term log-sum-exp 0 to 8 roundings, one rounding at |z| <= M per token, n_target tokens summed)."""
+    m = OFFSET + sum(abs(w) for w in weights)
+    return 2 * n_target * (8 + (n_target + 2) * m) * unit_roundoff(torch.float64)
 
 
 def additive_explainer(tokenizer: Any, messages: list[dict[str, str]], target: str,

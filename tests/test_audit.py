@@ -17,7 +17,9 @@ from fair_forge.explainability import AttributionExplainer, AuditReport, Invalid
 from fair_forge.explainability.cli import common as cli_common
 from fair_forge.explainability.core.audit import ALL_ITEMS, AuditItem, AuditSettings, seeded_rng
 from fair_forge.explainability.runs.sinks import JsonlSink, load_results
-from test_fairness import PlantedDecision
+from fair_forge.explainability.text.prompt import build_model_input
+from test_fairness import PLANTED, PlantedDecision
+from tolerances import log_prob_magnitude, model_bound, sum_bound, to_float64
 
 QUIET = {"show_progress": False}
 
@@ -44,19 +46,20 @@ def test_a_decision_on_one_protected_word_carries_all_the_mass_and_the_whole_gap
     assert report.failures == [] and [item.group for item in report.items] == ["Paris", "Rome", "Paris", "Rome"]
     for item in report.items:
         with_key = item.group == "Paris"
-        assert item.target_score == pytest.approx(6.0 if with_key else 0.0, abs=1e-5)
-        assert item.protected_share == (pytest.approx(1.0, abs=1e-6) if with_key else None)  # no mass at all
-        assert item.protected_signed == pytest.approx(6.0 if with_key else 0.0, abs=1e-5)
+        # known answers of the float64 planted model (test_fairness.PLANTED)
+        assert item.target_score == pytest.approx(6.0 if with_key else 0.0, abs=PLANTED)
+        assert item.protected_share == (pytest.approx(1.0, abs=PLANTED) if with_key else None)  # no mass at all
+        assert item.protected_signed == pytest.approx(6.0 if with_key else 0.0, abs=PLANTED)
         assert item.protected_words == [item.group]
-        assert item.counterfactual_gap == pytest.approx(6.0 if with_key else -6.0, abs=1e-5)
-        assert item.gap_on_protected == pytest.approx(item.counterfactual_gap, abs=1e-6)  # Shapley: all of it
+        assert item.counterfactual_gap == pytest.approx(6.0 if with_key else -6.0, abs=PLANTED)
+        assert item.gap_on_protected == pytest.approx(item.counterfactual_gap, abs=PLANTED)  # Shapley: all of it
         (carrier,) = item.carriers
         assert (carrier.text, carrier.counterfactual_text, carrier.protected) == (
             item.group, "Rome" if with_key else "Paris", True)
     gap = next(d for d in report.differences if d.metric == "counterfactual_gap")
     assert (gap.group, gap.versus, gap.difference, gap.ci_low, gap.ci_high) == ("Paris", "Rome", *[
-        pytest.approx(12.0, abs=1e-5)] * 3)
-    assert report.estimate("target_score", "Paris").mean == pytest.approx(6.0, abs=1e-5)
+        pytest.approx(12.0, abs=2 * PLANTED)] * 3)  # a difference of two gaps, each within PLANTED
+    assert report.estimate("target_score", "Paris").mean == pytest.approx(6.0, abs=PLANTED)  # a mean of them
 
 
 QUESTIONS = ["Should she be promoted? She leads the team.", "Is he ready? His work is good.",
@@ -69,15 +72,34 @@ def explainer(tiny_gpt2) -> AttributionExplainer:
     return AttributionExplainer(model, tokenizer)
 
 
+@pytest.fixture
+def explainer64(tiny_gpt2) -> AttributionExplainer:
+    """On the model in float64: the audit's records and direct explain() calls are one computation packed
+    differently, an identity checked to ``packing``'s float64 bound."""
+    model, tokenizer = tiny_gpt2
+    return AttributionExplainer(to_float64(model), tokenizer)
+
+
+def packing(explainer: AttributionExplainer, messages: list[dict[str, str]]) -> float:
+    """model_bound of an occlusion score of the Yes-vs-No margin on ``messages``: a difference (x2) of two rows'
+    log-probs of both answers."""
+    model, tokenizer = explainer.model, explainer.tokenizer
+    model_input = build_model_input(tokenizer, target="Yes", messages=messages)
+    terms = model_input.n_target + build_model_input(tokenizer, target="No", messages=messages).n_target
+    magnitude = log_prob_magnitude(model, model_input.input_ids)
+    return 2 * model_bound(model, magnitude, length=model_input.length, terms=terms)
+
+
 def _items() -> list[dict[str, Any]]:
     return [{"question": q, "target": "Yes", "contrast_target": "No", "group": "ab"[i % 2]}
             for i, q in enumerate(QUESTIONS)]
 
 
-def test_item_numbers_equal_a_direct_computation(explainer, tmp_path: Path) -> None:
+def test_item_numbers_equal_a_direct_computation(explainer64, tmp_path: Path) -> None:
     """Each row from the audit's own records, by the definitions; the records agree with explain() (packing apart)."""
     words = ["she", "he", "her", "his"]
     out = tmp_path / "report.json"
+    explainer = explainer64
     report = audit(explainer, _items(), protected=words, group="group", counterfactual="gender", method="occlusion",
                    out=out, **QUIET)
     assert report.failures == []
@@ -87,13 +109,14 @@ def test_item_numbers_equal_a_direct_computation(explainer, tmp_path: Path) -> N
         plain = records["plain", question]
         x = [{"role": "user", "content": question}]
         direct = explainer.explain(x, "Yes", contrast_target="No", method="occlusion")
-        np.testing.assert_allclose(plain.scores, direct.scores, atol=1e-5)
+        np.testing.assert_allclose(plain.scores, direct.scores, rtol=0, atol=packing(explainer, x))
         protected = [a.text.lower() in words for a in plain.attributions]
         scores = np.array(plain.scores)
         assert item.target_score == plain.metadata.target_score
-        assert item.target_score == pytest.approx(direct.metadata.target_score, abs=1e-5)
-        assert item.protected_share == pytest.approx(np.abs(scores[protected]).sum() / np.abs(scores).sum())
-        assert item.protected_signed == pytest.approx(scores[protected].sum())
+        assert item.target_score == pytest.approx(direct.metadata.target_score, abs=packing(explainer, x) / 2)
+        # exact: protected_mass does these numpy sums on the same scores
+        assert item.protected_share == float(np.abs(scores[protected]).sum()) / float(np.abs(scores).sum())
+        assert item.protected_signed == float(scores[protected].sum())
         assert item.protected_words == [a.text for a, p in zip(plain.attributions, protected) if p]
         if question == "Is the cat black?":
             assert "no 'gender' word" in item.no_counterfactual and item.counterfactual_gap is None
@@ -102,16 +125,18 @@ def test_item_numbers_equal_a_direct_computation(explainer, tmp_path: Path) -> N
         other = records["counterfactual", question]
         direct = explainer.explain(x, "Yes", contrast_target="No", counterfactual=swap(x, "gender"),
                                    method="occlusion")
-        np.testing.assert_allclose(other.scores, direct.scores, atol=1e-5)
-        assert item.counterfactual_gap == pytest.approx(
-            other.metadata.target_score - other.metadata.counterfactual_score)
+        np.testing.assert_allclose(other.scores, direct.scores, rtol=0, atol=packing(explainer, x))
+        assert item.counterfactual_gap == other.metadata.target_score - other.metadata.counterfactual_score  # exact
         assert item.counterfactual_prompt == swap(question, "gender")
         assert sorted((c.text, c.counterfactual_text, c.score) for c in item.carriers) == sorted(
             (a.text, a.counterfactual_text, a.score) for a in other.attributions)
         assert all(c.protected for c in item.carriers)  # every swapped word is a protected one
-        assert item.gap_on_protected == pytest.approx(sum(other.scores))
+        # the same scores summed strongest first (the carriers' order)
+        order = sum_bound(sum(abs(score) for score in other.scores), len(other.scores))
+        assert item.gap_on_protected == pytest.approx(sum(other.scores), rel=0, abs=order)
     overall = report.estimate("protected_share")
-    assert overall.n == 4 and overall.mean == pytest.approx(np.mean([i.protected_share for i in report.items]))
+    shares = [i.protected_share for i in report.items]
+    assert overall.n == 4 and overall.mean == float(np.mean(shares))  # exact: the same numpy mean
     assert report.estimate("counterfactual_gap").n == 3
 
 
@@ -141,9 +166,9 @@ def test_group_means_intervals_and_differences() -> None:
     for group in ("a", "b"):
         values = np.array([item.target_score for item in items if item.group == group])
         estimate = report.estimate("target_score", group)
-        assert (estimate.n, estimate.mean) == (len(values), pytest.approx(values.mean()))
-        assert (estimate.ci_low, estimate.ci_high) == pytest.approx(
-            _percentile_interval(values, settings, "target_score", group))
+        # exact: the same numpy means and quantiles of the same draws
+        assert (estimate.n, estimate.mean) == (len(values), values.mean())
+        assert (estimate.ci_low, estimate.ci_high) == _percentile_interval(values, settings, "target_score", group)
         assert estimate.ci_low <= estimate.mean <= estimate.ci_high
     assert AuditReport.build(settings, items) == report  # the seed reproduces every interval
     other = AuditReport.build(_settings(seed=8), items).estimate("target_score", "a")
@@ -154,7 +179,7 @@ def test_group_means_intervals_and_differences() -> None:
     assert score.ci_low <= score.difference <= score.ci_high < 0
     summary = report.summary()
     assert list(summary["group"]) == [ALL_ITEMS, "a", "b"] and list(summary["n_items"]) == [21, 9, 12]
-    assert summary.loc[1, "target_score"] == pytest.approx(report.estimate("target_score", "a").mean)
+    assert summary.loc[1, "target_score"] == report.estimate("target_score", "a").mean  # exact: copied
 
 
 def test_three_groups_each_against_the_rest_and_items_without_a_group() -> None:
@@ -164,7 +189,7 @@ def test_three_groups_each_against_the_rest_and_items_without_a_group() -> None:
     assert [(d.group, d.versus, d.n, d.n_versus) for d in differences] == [
         ("a", None, 3, 7), ("b", None, 3, 7), ("c", None, 4, 6)]
     rest = [i.target_score for i in items if i.group in ("a", "b")]
-    assert differences[2].difference == pytest.approx(
+    assert differences[2].difference == (  # exact: the same numpy means
         np.mean([i.target_score for i in items if i.group == "c"]) - np.mean(rest))
     assert report.estimate("target_score", "(no group)").n == 1 and report.estimate("target_score").n == 11
 
@@ -175,7 +200,9 @@ def test_protected_words_are_matched_whole_and_case_insensitively(explainer) -> 
     words = audit(explainer, rows, protected={"gender": ["she", "he"], "place": ["shed"]}, **QUIET).items[0]
     assert words.protected_words == ["shed", "she", "SHE"]  # not "The" nor "hem"
     assert set(words.attribute_shares) == {"gender", "place"}
-    assert sum(words.attribute_shares.values()) == pytest.approx(words.protected_share)  # the words are disjoint
+    # the words are disjoint: the same |scores| (shares <= 1) summed in other groupings, over one total
+    order = sum_bound(1.0, len(words.protected_words) + 2)
+    assert sum(words.attribute_shares.values()) == pytest.approx(words.protected_share, rel=0, abs=order)
     spans = audit(explainer, rows, protected="spans", **QUIET).items[0]
     assert spans.protected_words == ["shed", "she"]
     bad = audit(explainer, [{**rows[0], "protected_spans": [[30, 99]]}], protected="spans", **QUIET)
@@ -277,7 +304,7 @@ def test_json_round_trip_and_the_plot_bars(explainer) -> None:
         assert len(bars) == 3  # every item, then the two groups
         means = [report.estimate(metric, g).mean for g in (ALL_ITEMS, *sorted(["<img src=x onerror=alert(2)>",
                                                                                   "plain"]))]
-        assert [bar.get_width() for bar in bars] == pytest.approx(means)
+        assert [bar.get_width() for bar in bars] == means  # exact: the bars are drawn from the means
 
 
 # ---- the command line -------------------------------------------------------------------------------------------------
@@ -338,8 +365,8 @@ def test_the_audit_explains_the_contrast_it_is_given(gpt2_tokenizer) -> None:
                    contrast="prob_diff", method="occlusion", **QUIET)
     others = len(gpt2_tokenizer) - 2
     expected = (math.exp(3) - math.exp(-3)) / (math.exp(3) + math.exp(-3) + others)
-    assert [item.target_score for item in report.items] == [pytest.approx(expected, abs=1e-6),
-                                                            pytest.approx(0.0, abs=1e-9)]
+    # float64 probabilities (PLANTED); without the key every logit is 0, so p(yes) and p(no) are one number
+    assert [item.target_score for item in report.items] == [pytest.approx(expected, abs=PLANTED), 0.0]
     assert report.settings.contrast == "prob_diff"
     with pytest.raises(InvalidInputError, match="contrast must be one of"):
         audit(_planted(gpt2_tokenizer), PLANTED_ITEMS[:1], protected=["Paris"], contrast="ratio", **QUIET)

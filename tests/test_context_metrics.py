@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from additive import OFFSET, additive_explainer
+from additive import OFFSET, additive_explainer, additive_rounding
 from scipy.stats import spearmanr
+from tolerances import log_prob_magnitude, model_bound, to_float64, unit_roundoff
 
 from fair_forge.explainability import (
     AttributionExplainer,
@@ -41,6 +42,13 @@ def powers(gpt2_tokenizer) -> tuple[AttributionExplainer, Any, Any]:
     """(explainer on an AdditiveLM whose word i weighs POWERS[i], its occlusion result, the model input)."""
     explainer, model_input = additive_explainer(gpt2_tokenizer, MESSAGES, TARGET, POWERS.tolist())
     return explainer, explainer.explain(MESSAGES, TARGET, method="occlusion"), model_input
+
+
+def _drop_bound(model: Any, tokenizer: Any, **item: Any) -> float:
+    """model_bound of a top-k drop on ``item`` (build_model_input's arguments): a difference of two scores."""
+    model_input = build_model_input(tokenizer, **item)
+    magnitude = log_prob_magnitude(model, model_input.input_ids)
+    return 2 * model_bound(model, magnitude, length=model_input.length, terms=model_input.n_target)
 
 
 def _with_scores(result: Any, scores: list[float]) -> Any:
@@ -73,32 +81,37 @@ def test_top_k_drop_and_lds_equal_a_hand_computation_on_an_additive_model(powers
         return model_input.n_target * (float(keep @ POWERS) - OFFSET)
 
     n, everything = len(POWERS), np.ones(len(POWERS), dtype=bool)
+    exact = additive_rounding(model_input.n_target, POWERS)  # the float64 additive model against the hand values
     assert report.metrics == list(CONTEXT) and report.explanation is None and report.random_mean is None
     assert report.top_k == [1, 3, 5, 9] and report.top_k_removed == [1, 3, 5, 7]  # 9 clipped to the 7 features
     order = _ranking(CLAIMED)
     for k, used in zip(report.top_k, report.top_k_removed):
-        assert report.top_k_drop[k] == pytest.approx(f(everything) - f(_without_first(order, used, n)), abs=1e-6)
-    assert report.top_k_drop[9] == pytest.approx(report.full_score - report.empty_score, abs=1e-9)
+        assert report.top_k_drop[k] == pytest.approx(f(everything) - f(_without_first(order, used, n)), abs=exact)
+    assert report.top_k_drop[9] == report.full_score - report.empty_score  # exact: all removed is the empty row
     rng = np.random.default_rng(3)  # the random orders of the curve metrics, by the same recipe
     orders = [rng.permutation(n).tolist() for _ in range(4)]
     for k, used in zip(report.top_k, report.top_k_removed):
         chance = np.mean([f(everything) - f(_without_first(o, used, n)) for o in orders])
-        assert report.random_top_k_drop[k] == pytest.approx(chance, abs=1e-6)
+        assert report.random_top_k_drop[k] == pytest.approx(chance, abs=exact)
     ablations = _ablations(3, 32, n)
     expected = spearmanr(ablations @ np.array(CLAIMED), [f(a) for a in ablations]).statistic
     assert 0.2 < expected < 0.9  # a partly right ranking: neither chance nor perfect
-    assert report.n_ablations == 32 and report.lds == pytest.approx(expected, abs=1e-12) and report.lds_note is None
+    # exact: spearmanr of the same ranks (the edits' scores are >= 1/64 apart, their rounding ~1e-14)
+    assert report.n_ablations == 32 and report.lds == expected and report.lds_note is None
 
 
 def test_an_exact_explanation_has_lds_one_and_beats_random_on_top_k_drop(powers) -> None:
     explainer, result, model_input = powers
-    np.testing.assert_allclose(result.scores, POWERS * model_input.n_target, atol=1e-5)  # occlusion is exact here
+    rounding = additive_rounding(model_input.n_target, POWERS)  # occlusion is exact here, up to float64 rounding
+    np.testing.assert_allclose(result.scores, POWERS * model_input.n_target, rtol=0, atol=rounding)
     exact = faithfulness(explainer, result, metrics=CONTEXT, n_random=10)
-    assert exact.lds == pytest.approx(1.0, abs=1e-12)
+    # a rank correlation of identical rankings: scipy's Pearson of equal rank vectors, one rounding or two
+    assert exact.lds == pytest.approx(1.0, rel=0, abs=4 * unit_roundoff(torch.float64))
     assert all(exact.top_k_drop[k] > exact.random_top_k_drop[k] for k in (1, 3))
-    assert exact.top_k_drop[5] == pytest.approx(model_input.n_target * np.sort(POWERS)[-5:].sum(), abs=1e-5)
+    assert exact.top_k_drop[5] == pytest.approx(model_input.n_target * np.sort(POWERS)[-5:].sum(), abs=rounding)
     reversed_ = faithfulness(explainer, _with_scores(result, [-s for s in result.scores]), metrics=["lds"])
-    assert reversed_.lds == pytest.approx(-1.0, abs=1e-12) and reversed_.top_k_drop is None
+    assert reversed_.lds == pytest.approx(-1.0, rel=0, abs=4 * unit_roundoff(torch.float64))  # as for +1
+    assert reversed_.top_k_drop is None
 
 
 def _direct_score(model: Any, model_input: Any, result: Any, keep: tuple[bool, ...], mode: str) -> float:
@@ -117,9 +130,9 @@ def _direct_score(model: Any, model_input: Any, result: Any, keep: tuple[bool, .
 @pytest.mark.parametrize("mode", ["remove", "replace"])
 def test_sentence_metrics_equal_direct_model_calls(tiny_gpt2, mode: str) -> None:
     """The document's sentences are the sources: every edit's score recomputed by calling the model on the edited
-    token sequence built by hand, and the LDS recomputed from those values with scipy."""
+    token sequence built by hand, and the LDS recomputed from those values with scipy. An identity: in float64."""
     model, tokenizer = tiny_gpt2
-    explainer = AttributionExplainer(model, tokenizer)
+    explainer = AttributionExplainer(to_float64(model), tokenizer)
     result = explainer.explain(DOC_MESSAGES, ANSWER, method="occlusion", granularity="sentence",
                                attribute_messages=[0])
     scores, n = result.scores, len(result.attributions)
@@ -135,18 +148,19 @@ def test_sentence_metrics_equal_direct_model_calls(tiny_gpt2, mode: str) -> None
         return values[key]
 
     everything = np.ones(n, dtype=bool)
-    assert report.full_score == pytest.approx(f(everything), abs=1e-4)
+    drop = _drop_bound(model, tokenizer, target=ANSWER, messages=DOC_MESSAGES)  # packed rows vs direct calls
+    assert report.full_score == pytest.approx(f(everything), abs=drop / 2)
     assert report.top_k_removed == [1, 2, 3, 5]
     for k, used in zip(report.top_k, report.top_k_removed):
         direct = f(everything) - f(_without_first(_ranking(scores), used, n))
-        assert report.top_k_drop[k] == pytest.approx(direct, abs=1e-4), k
+        assert report.top_k_drop[k] == pytest.approx(direct, abs=drop), k
     ablations = _ablations(1, 32, n)
     direct_values = [f(a) for a in ablations]
     distinct = np.unique([values[tuple(bool(k) for k in a)] for a in np.unique(ablations, axis=0)])
-    # packed calls and direct ones differ by float32 rounding (5e-6 measured): too little to reorder the ablations
-    assert np.diff(distinct).min() > 2e-5
+    # packed calls and direct ones differ by float64 rounding (< drop / 2): too little to reorder the ablations
+    assert np.diff(distinct).min() > drop
     expected = spearmanr(ablations @ np.asarray(scores), direct_values).statistic
-    assert report.lds == pytest.approx(expected, abs=1e-9)
+    assert report.lds == expected  # exact: spearmanr of the same ranks
 
 
 def test_defaults_and_seeded_ablations_apart_from_the_random_orders(powers) -> None:
@@ -162,11 +176,11 @@ def test_defaults_and_seeded_ablations_apart_from_the_random_orders(powers) -> N
     assert again.lds == everything.lds  # the same seed: the same ablations, whatever n_random
     other = faithfulness(explainer, claimed, metrics="lds", seed=6)
     assert other.lds != everything.lds
-    assert other.lds == pytest.approx(spearmanr(_ablations(6, 32, 7) @ np.array(CLAIMED),
-                                                _ablations(6, 32, 7) @ POWERS).statistic, abs=1e-12)
+    # exact: spearmanr of the same ranks (the model's scores of the ablations rank as their hand sums do)
+    assert other.lds == spearmanr(_ablations(6, 32, 7) @ np.array(CLAIMED), _ablations(6, 32, 7) @ POWERS).statistic
     fewer = faithfulness(explainer, claimed, metrics="lds", n_ablations=8, seed=5)
-    assert fewer.n_ablations == 8 and fewer.lds == pytest.approx(spearmanr(
-        _ablations(5, 8, 7) @ np.array(CLAIMED), _ablations(5, 8, 7) @ POWERS).statistic, abs=1e-12)
+    assert fewer.n_ablations == 8 and fewer.lds == spearmanr(
+        _ablations(5, 8, 7) @ np.array(CLAIMED), _ablations(5, 8, 7) @ POWERS).statistic
     with pytest.raises(InvalidInputError, match="not computed"):
         _ = again.comprehensiveness
     with pytest.raises(InvalidInputError, match="no curves"):
@@ -226,8 +240,8 @@ def test_results_of_one_item_share_its_rows_and_report_as_alone(powers) -> None:
     shared = faithfulness(explainer, both, inputs, metrics=CONTEXT, mode="replace", n_random=0)
     alone = [faithfulness(explainer, r, metrics=CONTEXT, mode="replace", n_random=0) for r in (result, other)]
     for report, single in zip(shared.reports, alone):
-        assert report.top_k_drop == pytest.approx(single.top_k_drop, abs=1e-12)  # the additive model is float64
-        assert report.lds == pytest.approx(single.lds, abs=1e-12)
+        assert report.top_k_drop == single.top_k_drop  # exact: the additive model's rows are sums of dyadic weights
+        assert report.lds == single.lds
     masks = [np.ones((1, 7), bool), np.zeros((1, 7), bool), _ablations(0, 32, 7)]
     for scores in (result.scores, CLAIMED):
         for k in (1, 3, 5):
@@ -239,7 +253,7 @@ def test_results_of_one_item_share_its_rows_and_report_as_alone(powers) -> None:
 
 def test_batch_equals_one_by_one_and_means_over_items(tiny_gpt2, gpt2_tokenizer, powers) -> None:
     model, tokenizer = tiny_gpt2
-    explainer = AttributionExplainer(model, tokenizer)
+    explainer = AttributionExplainer(to_float64(model), tokenizer)  # packed equals alone: an identity, in float64
     items = [{"messages": DOC_MESSAGES, "target": ANSWER},
              ("Dogs and cats are friends! The quick brown fox jumps. It rains.", "The fox.")]
     batch = explainer.explain_batch(items, method="lime", granularity="sentence", n_samples=24, show_progress=False)
@@ -247,13 +261,15 @@ def test_batch_equals_one_by_one_and_means_over_items(tiny_gpt2, gpt2_tokenizer,
     assert isinstance(packed, FaithfulnessBatchReport) and packed.mean is None and packed.lds_items == 2
     for report, result, item in zip(packed.reports, batch, items):
         alone = faithfulness(explainer, result, item, metrics=CONTEXT, n_random=2, seed=4)
-        np.testing.assert_allclose(list(report.top_k_drop.values()), list(alone.top_k_drop.values()), atol=1e-5)
-        assert report.lds == pytest.approx(alone.lds, abs=1e-9)
-    for k in (1, 3, 5):
-        assert packed.top_k_drop[k] == pytest.approx(np.mean([r.top_k_drop[k] for r in packed.reports]), abs=1e-12)
-        assert packed.random_top_k_drop[k] == pytest.approx(
-            np.mean([r.random_top_k_drop[k] for r in packed.reports]), abs=1e-12)
-    assert packed.lds == pytest.approx(np.mean([r.lds for r in packed.reports]), abs=1e-12)
+        item = dict(messages=item["messages"], target=item["target"]) if isinstance(item, dict) else \
+            dict(prompt=item[0], target=item[1])
+        np.testing.assert_allclose(list(report.top_k_drop.values()), list(alone.top_k_drop.values()), rtol=0,
+                                   atol=_drop_bound(model, tokenizer, **item))
+        assert report.lds == alone.lds  # exact: spearmanr of the same ranks
+    for k in (1, 3, 5):  # exact: the batch report takes these numpy means of its reports
+        assert packed.top_k_drop[k] == float(np.mean([r.top_k_drop[k] for r in packed.reports]))
+        assert packed.random_top_k_drop[k] == float(np.mean([r.random_top_k_drop[k] for r in packed.reports]))
+    assert packed.lds == float(np.mean([r.lds for r in packed.reports]))
     assert FaithfulnessBatchReport.model_validate_json(packed.model_dump_json()) == packed
     # an item whose LDS is undefined is left out of the mean, and counted out
     additive, _, _ = powers
@@ -266,7 +282,7 @@ def test_batch_equals_one_by_one_and_means_over_items(tiny_gpt2, gpt2_tokenizer,
 
 def test_compare_methods_shows_the_context_metrics_when_asked(tiny_gpt2) -> None:
     model, tokenizer = tiny_gpt2
-    explainer = AttributionExplainer(model, tokenizer)
+    explainer = AttributionExplainer(to_float64(model), tokenizer)  # the table's rows packed otherwise: in float64
     items = [{"messages": DOC_MESSAGES, "target": ANSWER}]
     methods = {"occlusion": {}, "lime": {"n_samples": 24}}
     frame = compare_methods(explainer, items, methods, granularity="sentence", metrics=CONTEXT, top_k=(1, 2),
@@ -277,9 +293,10 @@ def test_compare_methods_shows_the_context_metrics_when_asked(tiny_gpt2) -> None
     batch = explainer.explain_batch(items, method="lime", granularity="sentence", n_samples=24, show_progress=False)
     report = faithfulness(explainer, batch, items, metrics=CONTEXT, top_k=(1, 2), n_random=3)
     lime, random = frame[frame.method == "lime"].iloc[0], frame[frame.method == "random"].iloc[0]
-    assert lime.top_2_drop == pytest.approx(report.top_k_drop[2], abs=1e-5)
-    assert lime.lds == pytest.approx(report.lds, abs=1e-9)
-    assert random.top_1_drop == pytest.approx(report.random_top_k_drop[1], abs=1e-5) and np.isnan(random.lds)
+    drop = _drop_bound(model, tokenizer, target=ANSWER, messages=DOC_MESSAGES)
+    assert lime.top_2_drop == pytest.approx(report.top_k_drop[2], abs=drop)
+    assert lime.lds == report.lds  # exact: spearmanr of the same ranks
+    assert random.top_1_drop == pytest.approx(report.random_top_k_drop[1], abs=drop) and np.isnan(random.lds)
     assert len(plot_faithfulness(frame).axes) == 3
     both = compare_methods(explainer, items, ["occlusion"], granularity="sentence", metrics=[*METRICS, "lds"],
                            n_random=0)

@@ -27,7 +27,9 @@ from fair_forge.explainability.cli import common as cli_common
 from fair_forge.explainability.errors import InvalidInputError
 from fair_forge.explainability.runtime.generation import generate_targets
 from fair_forge.explainability.runs.sinks import JsonlSink, ParquetSink
+from fair_forge.explainability.text.prompt import build_model_input
 from same_results import PACKING_DEPENDENT, close
+from tolerances import log_prob_magnitude, model_bound, to_float64
 
 ITEMS = [
     {"question": "What is the capital of France?", "answer": "The capital of France is Paris.", "topic": "geo"},
@@ -44,6 +46,21 @@ SETTINGS = {"method": "occlusion", "show_progress": False}
 def explainer(tiny_llama) -> AttributionExplainer:
     model, tokenizer = tiny_llama
     return AttributionExplainer(model, tokenizer)
+
+
+@pytest.fixture
+def explainer64(tiny_llama) -> AttributionExplainer:
+    """The model in float64: an item explained in a dataset's packed calls equals it explained alone, an identity
+    checked to ``_packing``'s float64 bound."""
+    model, tokenizer = tiny_llama
+    return AttributionExplainer(to_float64(model), tokenizer)
+
+
+def _packing(explainer: AttributionExplainer, **item: Any) -> float:
+    """model_bound of an occlusion score on ``item`` (build_model_input's arguments): a difference of two rows."""
+    model_input = build_model_input(explainer.tokenizer, **item)
+    magnitude = log_prob_magnitude(explainer.model, model_input.input_ids)
+    return 2 * model_bound(explainer.model, magnitude, length=model_input.length, terms=model_input.n_target)
 
 
 def _comparable(result: AttributionResult) -> dict[str, Any]:
@@ -70,11 +87,13 @@ def reference(explainer) -> AttributionBatchResult:
     return explain_dataset(explainer, ITEMS, **SETTINGS)
 
 
-def test_in_memory_run_equals_explain(explainer, reference) -> None:
+def test_in_memory_run_equals_explain(explainer64) -> None:
+    reference = explain_dataset(explainer64, ITEMS, **SETTINGS)
     assert reference.indices == [0, 1, 2, 3, 4] and not reference.failures
-    direct = explainer.explain([{"role": "user", "content": ITEMS[0]["question"]}], ITEMS[0]["answer"],
-                               method="occlusion")
-    assert reference[0].scores == pytest.approx(direct.scores, abs=1e-6)
+    messages = [{"role": "user", "content": ITEMS[0]["question"]}]
+    direct = explainer64.explain(messages, ITEMS[0]["answer"], method="occlusion")
+    bound = _packing(explainer64, messages=messages, target=ITEMS[0]["answer"])
+    assert reference[0].scores == pytest.approx(direct.scores, rel=0, abs=bound)
     assert reference[2].prompt == "Answer in one sentence.\nWhy is the sky blue?"
 
 
@@ -101,16 +120,19 @@ def test_every_input_kind_gives_the_same_results(explainer, reference, tmp_path:
         batch = explain_dataset(explainer, source, **SETTINGS)
         assert batch.indices == reference.indices, name
         for got, want in zip(batch, reference):
-            assert got.scores == pytest.approx(want.scores, abs=1e-6), name
+            assert got.scores == want.scores, name  # exact: the same items in the same packed calls
             assert (got.prompt, got.target, got.tokens) == (want.prompt, want.target, want.tokens), name
 
 
-def test_pairs_and_column_mapping(explainer, reference) -> None:
-    pairs = explain_dataset(explainer, [("The quick brown fox", "jumps over the lazy dog.")], **SETTINGS)
-    assert pairs[0].scores == pytest.approx(reference[1].scores, abs=1e-6)
+def test_pairs_and_column_mapping(explainer64) -> None:
+    reference = explain_dataset(explainer64, ITEMS, **SETTINGS)  # alone vs packed with the others: float64 bounds
+    pairs = explain_dataset(explainer64, [("The quick brown fox", "jumps over the lazy dog.")], **SETTINGS)
+    bound = _packing(explainer64, prompt=ITEMS[1]["prompt"], target=ITEMS[1]["target"])
+    assert pairs[0].scores == pytest.approx(reference[1].scores, rel=0, abs=bound)
     rows = [{"q": "Why is the sky blue?", "ctx": "Answer in one sentence.", "a": "Light scatters."}]
-    mapped = explain_dataset(explainer, rows, question="q", context="ctx", target="a", **SETTINGS)
-    assert mapped[0].scores == pytest.approx(reference[2].scores, abs=1e-6)
+    mapped = explain_dataset(explainer64, rows, question="q", context="ctx", target="a", **SETTINGS)
+    bound = _packing(explainer64, messages=ITEMS[2]["messages"], target=ITEMS[2]["target"])
+    assert mapped[0].scores == pytest.approx(reference[2].scores, rel=0, abs=bound)
 
 
 def test_a_named_column_that_is_absent_fails_before_any_model_call(explainer, monkeypatch) -> None:
@@ -325,10 +347,11 @@ def test_summarize_counts_and_means_by_case_folded_text() -> None:
     summary = summarize(results).set_index("feature")
     assert list(summary.index) == ["paris", "is", "big"]
     assert summary.loc["paris", "count"] == 2 and summary.loc["paris", "n_items"] == 2
-    assert summary.loc["paris", "mean_score"] == pytest.approx(-1.0)
-    assert summary.loc["paris", "mean_normalized_score"] == pytest.approx(0.0)
-    assert summary.loc["paris", "mean_abs_normalized_score"] == pytest.approx(1.0)
-    assert summary.loc["is", "mean_abs_normalized_score"] == pytest.approx((0.5 + 0.25) / 2)
+    # exact: means of dyadic scores and of their ratios to dyadic peaks
+    assert summary.loc["paris", "mean_score"] == -1.0
+    assert summary.loc["paris", "mean_normalized_score"] == 0.0
+    assert summary.loc["paris", "mean_abs_normalized_score"] == 1.0
+    assert summary.loc["is", "mean_abs_normalized_score"] == (0.5 + 0.25) / 2
     assert list(summarize(results, min_count=2)["feature"]) == ["paris", "is"]
     figure = plot_summary(summarize(results), top=2)
     assert len(figure.axes[0].patches) == 2

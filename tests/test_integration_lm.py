@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tolerances import ESTIMATOR_CONDITION, log_prob_magnitude, model_bound, sum_bound
 
 from fair_forge.explainability import AttributionExplainer, AttributionMethod, Granularity
 from fair_forge.explainability.text.prompt import build_model_input
@@ -21,6 +22,7 @@ def test_integrated_gradients_converges_at_default_settings(smollm2):
     result = AttributionExplainer(model, tokenizer).explain(MESSAGES, TARGET, method="integrated_gradients")
     meta = result.metadata
     assert meta.relative_convergence_delta < 0.01
+    # a quadrature error, not rounding: the relative convergence delta (< 0.01, above) is this relative error
     assert sum(result.scores) == pytest.approx(meta.score_input - meta.score_baseline, rel=0.01)
     assert result.tokens == ["What", "is", "the", "capital", "of", "France", "?"]
     assert {a.text for a in result.get_top_k(2)} & {"capital", "France"}
@@ -37,8 +39,9 @@ def test_the_chat_template_special_tokens_reach_the_model(smollm2):
     assert "".join(model_input.target_labels) == TARGET
 
 
-def test_batched_scoring_equals_single_on_the_real_model(smollm2):
-    model, tokenizer = smollm2
+def test_batched_scoring_equals_single_on_the_real_model(smollm2_float64):
+    """An identity, so on the float64 copy: in float32 model_bound of a log-prob of SmolLM2 (30 layers) is ~1e-2."""
+    model, tokenizer = smollm2_float64
     model_input = build_model_input(tokenizer, messages=MESSAGES, target=TARGET)
     rng = np.random.default_rng(0)
     keep = np.ones((5, model_input.length), dtype=bool)
@@ -46,23 +49,28 @@ def test_batched_scoring_equals_single_on_the_real_model(smollm2):
     keep[:, attributable] = rng.random((5, attributable.size)) < 0.6
     single = TargetScorer(model, batch_size=1).score_token_masks(model_input, keep, per_target=True)
     batched = TargetScorer(model, batch_size=5).score_token_masks(model_input, keep, per_target=True)
-    np.testing.assert_allclose(batched, single, atol=1e-4)
+    bound = model_bound(model, log_prob_magnitude(model, model_input.input_ids), length=model_input.length)
+    np.testing.assert_allclose(batched, single, rtol=0, atol=bound)  # per target token: one log-prob each
 
 
 def test_sentence_level_input_x_gradient_adds_up_its_words(smollm2):
     model, tokenizer = smollm2
     messages = [{"role": "user", "content": "I live in Paris. What is the capital of France?"}]
     explainer = AttributionExplainer(model, tokenizer, default_method=AttributionMethod.INPUT_X_GRADIENT)
+    tokens = explainer.explain(messages, TARGET, granularity=Granularity.TOKEN)
     words = explainer.explain(messages, TARGET, granularity=Granularity.WORD)
     sentences = explainer.explain(messages, TARGET, granularity=Granularity.SENTENCE)
     assert sentences.tokens == ["I live in Paris.", "What is the capital of France?"]
-    assert sum(sentences.scores) == pytest.approx(sum(words.scores), rel=1e-5)
+    # the same token values (granularity changes no model call), summed in float64 in two groupings (Higham 4.4)
+    order = sum_bound(sum(abs(score) for score in tokens.scores), len(tokens.scores))
+    assert sum(sentences.scores) == pytest.approx(sum(words.scores), rel=0, abs=order)
 
 
 @pytest.mark.parametrize("method", ["input_x_gradient", "occlusion"])
-def test_packed_batch_equals_one_by_one_on_the_real_model(smollm2, method):
-    """explain_batch packs items of different lengths into shared calls; on SmolLM2 the scores do not move."""
-    model, tokenizer = smollm2
+def test_packed_batch_equals_one_by_one_on_the_real_model(smollm2_float64, method):
+    """explain_batch packs items of different lengths into shared calls; on SmolLM2 the scores do not move (an
+    identity, so on the float64 copy, to model_bound)."""
+    model, tokenizer = smollm2_float64
     items = [(MESSAGES, TARGET),
              ([{"role": "user", "content": "Which planet is known as the red planet?"}], "Mars."),
              ([{"role": "system", "content": "Answer briefly."},
@@ -72,4 +80,9 @@ def test_packed_batch_equals_one_by_one_on_the_real_model(smollm2, method):
     assert not batch.failures
     for (messages, target), packed in zip(items, batch):
         one = explainer.explain(messages, target, method=method)
-        np.testing.assert_allclose(packed.scores, one.scores, atol=1e-4, rtol=1e-4)
+        model_input = build_model_input(tokenizer, messages=messages, target=target)
+        bound = model_bound(model, log_prob_magnitude(model, model_input.input_ids), length=model_input.length,
+                            terms=model_input.n_target)
+        # occlusion: a difference of two scores; a gradient: what tolerances.ESTIMATOR_CONDITION allows
+        bound *= 2 if method == "occlusion" else ESTIMATOR_CONDITION
+        np.testing.assert_allclose(packed.scores, one.scores, rtol=0, atol=bound)
