@@ -87,7 +87,7 @@ class LimeParams(HierarchicalParams, CoalitionParams):
 class ContextCiteParams(HierarchicalParams, MaskingParams, SampledParams):
     n_samples: Optional[SampleCount] = Field(
         None, description="random half-ablations scored (with hierarchical: of the second stage); None: one per "
-                          "feature, between 32 and 64 (with hierarchical: one per searched feature, between 8 and 64)")
+                          "feature, between 32 and 64 (with hierarchical: one per two searched features, between 8 and 64)")
     alpha: FiniteFloat = Field(sparse.DEFAULT_ALPHA, gt=0, description="Lasso penalty, relative to the standard deviation of the scores over the ablations")
 
 
@@ -228,7 +228,7 @@ def _register_surrogate(method: AttributionMethod, params: type, plan: Callable[
                         **{option: values[option]})
 
         def search(n_features: int, budget: Optional[int], given: np.ndarray) -> core.EstimatorPlan:
-            n_samples = values["n_samples"] or min(searched_rows(n_features), budget or sys.maxsize)
+            n_samples = values["n_samples"] or max(2, min(searched_rows(n_features), budget or sys.maxsize))
             extra = {"given": given} if takes_given else {}
             return plan(n_features, n_samples=n_samples, seed=values["seed"], max_evaluations=budget,
                         **{option: values[option]}, **extra)

@@ -44,7 +44,7 @@ from .coalitions import (
 # One document only: chosen there, not validated on others.
 DEFAULT_ALPHA = 0.1
 MIN_ABLATIONS, MAX_ABLATIONS = 32, 64
-MIN_SEARCH_ABLATIONS, SEARCH_DENSITY = 8, 1.0
+MIN_SEARCH_ABLATIONS, SEARCH_DENSITY = 8, 0.5
 
 
 def default_n_ablations(n_features: int) -> int:
@@ -54,7 +54,8 @@ def default_n_ablations(n_features: int) -> int:
 
 def searched_n_ablations(n_features: int) -> int:
     """Ablations of the second stage of the hierarchical search (``hierarchy``), over the ``n_features`` it kept:
-    ``SEARCH_DENSITY`` per feature, at least ``MIN_SEARCH_ABLATIONS`` and at most ``MAX_ABLATIONS``."""
+    ``SEARCH_DENSITY`` (one per two features), at least ``MIN_SEARCH_ABLATIONS`` and at most ``MAX_ABLATIONS``
+    (see ``hierarchy``'s docstring for why)."""
     return min(MAX_ABLATIONS, max(MIN_SEARCH_ABLATIONS, math.ceil(SEARCH_DENSITY * n_features)))
 
 
@@ -91,8 +92,8 @@ def sparse_plan(
 ) -> EstimatorPlan:
     """Coefficients of a sparse linear model of ``v`` fitted on ``n_samples`` random half-ablations.
 
-    ``n_samples`` defaults to ``default_n_ablations(d)`` (32 to 64). ``given`` (m, d) bool: masks that are the fit's
-    first m rows instead of random ones (rows the caller has scored already, such as the input). Extras: ``intercept`` and the fit's ``r2`` on
+    ``n_samples`` defaults to ``default_n_ablations(d)`` (32 to 64). ``given`` (m, d) bool: masks fitted on besides
+    the random ones, as the first rows (rows the caller has scored already, such as the input). Extras: ``intercept`` and the fit's ``r2`` on
     the ablations, and ``n_selected`` (features with a non-zero coefficient), for the first output column.
     """
     check_features(n_features)
@@ -102,10 +103,9 @@ def sparse_plan(
     check_budget("the sparse surrogate", n_samples, max_evaluations, "lower n_samples")
     masks = ablation_masks(n_features, n_samples, np.random.default_rng(seed))
     if given is not None and len(given):
-        given = np.asarray(given, dtype=bool).reshape(-1, n_features)[:n_samples]
-        masks = np.concatenate([given, masks[: n_samples - len(given)]])
+        masks = np.concatenate([np.asarray(given, dtype=bool).reshape(-1, n_features), masks])
     scores, n_evaluations = yield from distinct_values(masks)
-    labels = scores.reshape(n_samples, -1)
+    labels = scores.reshape(len(masks), -1)
     data = masks.astype(np.float64)
     fits = [_fit_column(data, labels[:, column], float(alpha)) for column in range(labels.shape[1])]
     coefficients = np.stack([coefficient for coefficient, _ in fits])  # (K, d)
