@@ -9,7 +9,8 @@ import pytest
 from fair_forge.explainability import AttributionExplainer
 from fair_forge.explainability.errors import InvalidInputError
 from fair_forge.explainability.methods import coalitions as core, get_method, sparse
-from fair_forge.explainability.methods.hierarchy import feature_groups, hierarchical_plan, select_groups
+from fair_forge.explainability.errors import BudgetError
+from fair_forge.explainability.methods.hierarchy import PRUNE_BELOW, feature_groups, hierarchical_plan, select_groups
 from fair_forge.explainability.text.prompt import build_model_input
 from fair_forge.explainability.text.segment import build_features
 from fair_forge.explainability.core.types import Granularity
@@ -18,10 +19,18 @@ def _budget(budget):
     return core.DEFAULT_MAX_EVALUATIONS if budget is None else budget
 
 
-ESTIMATORS = {  # (n_features, max_evaluations) -> the method's estimator plan, as perturbation.py builds them
-    "occlusion": lambda n, budget: core.occlusion_plan(n),
-    "lime": lambda n, budget: core.lime_plan(n, seed=0, max_evaluations=_budget(budget)),
-    "context_cite": lambda n, budget: sparse.sparse_plan(n, seed=0, max_evaluations=_budget(budget)),
+ESTIMATORS = {  # (n_features, max_evaluations, given) -> the second stage's plan, as perturbation.py builds them
+    "occlusion": lambda n, budget, given: core.occlusion_plan(n),
+    "lime": lambda n, budget, given: core.lime_plan(n, n_samples=max(2, min(core.searched_n_samples(n), _budget(budget))),
+                                                    seed=0, max_evaluations=_budget(budget)),
+    "context_cite": lambda n, budget, given: sparse.sparse_plan(
+        n, n_samples=max(2, min(sparse.searched_n_ablations(n), _budget(budget))), seed=0, max_evaluations=_budget(budget),
+        given=given),
+}
+FLAT = {  # the flat runs at their defaults
+    "occlusion": lambda n: core.occlusion_plan(n),
+    "lime": lambda n: core.lime_plan(n, seed=0),
+    "context_cite": lambda n: sparse.sparse_plan(n, seed=0),
 }
 
 
@@ -46,10 +55,10 @@ def hierarchical(method: str, v, groups, n_features: int) -> core.Estimate:
 @pytest.mark.parametrize("method", list(ESTIMATORS))
 def test_finds_the_few_planted_sentences_among_a_hundred(method):
     """3 of 100 sentences matter (in groups 1 and 7 of ten): both groups are kept, the other 80 sentences pruned
-    (score 0), and the planted ones come out on top, exactly for the exact estimators."""
+    (score 0), and the planted ones come out on top, exactly for the exact estimators, in under half the flat rows."""
     weights = {13: 2.0, 17: -1.5, 71: 1.0}
     v = planted(100, weights)
-    flat = core.run_with(ESTIMATORS[method](100, 100_000), v, 100)
+    flat = core.run_with(FLAT[method](100), v, 100)
     estimate = hierarchical(method, v, runs(100, 10), 100)
     report = estimate.extras["hierarchical"]
     assert report["kept_groups"] == [1, 7]
@@ -60,13 +69,13 @@ def test_finds_the_few_planted_sentences_among_a_hundred(method):
     assert estimate.n_evaluations == report["n_evaluations_groups"] + report["n_evaluations_features"]
     if method != "lime":  # LIME's Ridge shrinks
         np.testing.assert_allclose(estimate.values[list(weights)], list(weights.values()), atol=1e-9)
-    # occlusion: 10 groups + the input, then the 20 kept sentences; LIME: 100 rows per stage instead of 4 x 100
-    expected = {"occlusion": (11 + 20, 101), "lime": (estimate.n_evaluations, flat.n_evaluations)}.get(method)
-    if expected is not None:
-        assert (estimate.n_evaluations, flat.n_evaluations) == expected
-        assert estimate.n_evaluations < 0.5 * flat.n_evaluations
-    else:  # ContextCite's rows do not grow with the features: the search costs a second stage (32 + 11 + 32 > 64)
-        assert (estimate.n_evaluations, flat.n_evaluations) == (75, 64)
+    # stage 1: the input and the ten groups masked alone. Stage 2 over the 20 kept sentences: occlusion one row
+    # each; LIME 4 x 20 (77 distinct, the first of them the input, scored already); ContextCite one random
+    # half-ablation per two sentences, fitted with 3 of the first stage's rows (the input, each kept group masked alone)
+    second = {"occlusion": 20, "lime": 76, "context_cite": 10}[method]
+    assert (report["n_evaluations_groups"], report["n_evaluations_features"]) == (11, second)
+    assert (estimate.n_evaluations, flat.n_evaluations) == {
+        "occlusion": (31, 101), "lime": (87, 396), "context_cite": (21, 64)}[method]
 
 
 def random_function(rng: np.random.Generator, n_features: int):
@@ -100,6 +109,8 @@ def test_no_pruned_group_moves_the_score_more_on_its_own_than_a_kept_one(method)
         kept = set(report["kept_groups"])
         pruned = [g for g in range(len(groups)) if g not in kept]
         assert all(own[p] <= own[k] + 1e-12 for p in pruned for k in kept)
+        assert all(own[p] < PRUNE_BELOW * own.max() for p in pruned)  # what is pruned is negligible
+        assert all(own[k] >= PRUNE_BELOW * own.max() - 1e-12 for k in kept)
         assert report["pruned_features"] == [f for g in pruned for f in groups[g]]
 
 
@@ -116,18 +127,33 @@ def test_the_kept_features_are_searched_with_the_other_groups_held_as_they_are()
         full[:, searched] = masks
         return v(full)
 
-    direct = core.run_with(ESTIMATORS["lime"](len(searched), None), restricted, len(searched))
+    direct = core.run_with(ESTIMATORS["lime"](len(searched), None, None), restricted, len(searched))
     np.testing.assert_allclose(estimate.values[searched], direct.values, atol=1e-12)
     assert estimate.extras["r2"] == direct.extras["r2"]
 
 
-def test_every_group_kept_gives_the_flat_estimate():
+def test_every_group_kept_searches_every_feature_after_the_group_rows():
     v = random_function(np.random.default_rng(1), 12)
     v = lambda masks, v=v: v(masks) + masks.astype(float).sum(1)  # noqa: E731  (every group matters)
-    flat = core.run_with(ESTIMATORS["context_cite"](12, None), v, 12)
-    estimate = core.run_with(hierarchical_plan(12, runs(12, 4), ESTIMATORS["context_cite"], share=1.0), v, 12)
-    assert estimate.extras["hierarchical"]["pruned_features"] == []
-    np.testing.assert_allclose(estimate.values, flat.values, atol=1e-12)
+    estimate = core.run_with(hierarchical_plan(12, runs(12, 4), ESTIMATORS["context_cite"]), v, 12)
+    report = estimate.extras["hierarchical"]
+    assert report["pruned_features"] == [] and report["kept_groups"] == [0, 1, 2]
+    # 4 group rows, then searched_n_ablations(12) = 8 random half-ablations, fitted with the 4 group rows
+    assert (report["n_evaluations_groups"], report["n_evaluations_features"]) == (4, 8)
+    assert sparse.searched_n_ablations(12) == 8 and sparse.searched_n_ablations(37) == 19
+    assert sparse.searched_n_ablations(500) == sparse.MAX_ABLATIONS
+
+
+def test_max_evaluations_bounds_the_whole_search():
+    v = planted(100, {13: 2.0, 17: -1.5, 71: 1.0})
+    for budget in (13, 20, 21):  # the group rows and 2 half-ablations, a second stage cut to what is left, all of it
+        estimate = core.run_with(hierarchical_plan(100, runs(100, 10), ESTIMATORS["context_cite"],
+                                                   max_evaluations=budget), v, 100)
+        assert estimate.n_evaluations == budget
+    with pytest.raises(BudgetError, match="hierarchical search"):  # not even the 11 group rows
+        core.run_with(hierarchical_plan(100, runs(100, 10), ESTIMATORS["context_cite"], max_evaluations=10), v, 100)
+    with pytest.raises(BudgetError, match="sparse surrogate"):  # no room for the 2 rows a fit needs
+        core.run_with(hierarchical_plan(100, runs(100, 10), ESTIMATORS["context_cite"], max_evaluations=12), v, 100)
 
 
 def test_per_target_columns_are_kept_and_pruned_together():
@@ -139,11 +165,11 @@ def test_per_target_columns_are_kept_and_pruned_together():
     assert estimate.extras["hierarchical"]["kept_groups"] == [0, 3]
 
 
-def test_selection_covers_the_share_then_adds_groups_with_larger_own_effects():
-    # coverage alone keeps groups 0 and 1 (5 + 4 >= 0.9 x 10); group 3's own effect (3) exceeds group 1's (2)
-    kept = select_groups(np.array([5.0, -4.0, 0.5, 0.5]), np.array([6.0, 2.0, 1.0, 3.0]), share=0.9)
-    assert kept.tolist() == [True, True, False, True]
-    assert select_groups(np.zeros(3), np.ones(3)).all()  # no effect anywhere: nothing can be pruned
+def test_selection_prunes_the_groups_negligible_against_the_largest():
+    kept = select_groups(np.array([5.0, -4.0, 0.5, 0.99, -1.0]), threshold=0.2)  # |effect| >= 0.2 x 5
+    assert kept.tolist() == [True, True, False, False, True]
+    assert select_groups(np.zeros(3)).all()  # no effect anywhere: nothing can be pruned
+    assert select_groups(np.array([1.0, 1e-3]), threshold=0.0).all()
 
 
 def test_groups_must_split_the_features_in_order():
@@ -244,3 +270,67 @@ def test_hierarchical_is_a_parameter_of_the_three_methods_only():
     with pytest.raises(InvalidInputError, match="hierarchical"):
         get_method("lime").resolve_params({"hierarchical": 1})
 
+
+
+# ---- on a planted model -------------------------------------------------------------------------------------------
+
+FILLERS = ["The dog is blue.", "Cats are friends.", "Paris is a city.", "The sky is blue.", "Light scatters more.",
+           "Dogs and cats are friends."]
+# (paragraph, sentence) -> (the sentence, a token only it holds, that token's weight)
+PLANTED = {(1, 2): ("Numbers like 42 appear.", "Ġ42", 1.0), (1, 4): ("The café is naïve.", "ĠnaÃ", -0.5),
+           (4, 3): ("Tokyo is 東京.", "ĠæĿ", 0.75)}
+EPS = 2.0**-10  # every other token's weight: each sentence moves the score a little
+
+
+def test_on_a_planted_model_the_search_finds_the_planted_sentences_in_under_half_the_rows(gpt2_tokenizer):
+    """An AdditiveLM on a 36-sentence document (six paragraphs of six): three sentences carry a token of weight
+    1, -0.5 and 0.75, every other token weighs 2^-10. The search keeps the two paragraphs holding them, what it
+    prunes moves the score by under PRUNE_BELOW of the largest paragraph, the two planted sentences that raise the
+    score come out on top and it costs 15 rows (7 group rows, 8 half-ablations fitted with 3 of the group rows) against the flat run's 37, for the same
+    top-3 drop."""
+    import torch
+    from additive import AdditiveLM
+    from fair_forge.explainability import faithfulness
+    from fair_forge.explainability.text.segment import restrict_to_messages
+
+    tokenizer = gpt2_tokenizer
+    paragraphs = [" ".join(PLANTED.get((p, s), (FILLERS[(p + s) % 6],))[0] for s in range(6)) for p in range(6)]
+    messages = [{"role": "system", "content": "\n\n".join(paragraphs)}, {"role": "user", "content": QUESTION}]
+    table = torch.full((len(tokenizer),), EPS, dtype=torch.float64)
+    table[tokenizer.pad_token_id] = 0.0  # the baseline token: a masked sentence drops its weights
+    for _, token, weight in PLANTED.values():
+        table[tokenizer.convert_tokens_to_ids(token)] = weight
+    explainer = AttributionExplainer(AdditiveLM(table, tokenizer.convert_tokens_to_ids("<unk>")), tokenizer,
+                                     prefix_cache=False)
+    kwargs = dict(method="context_cite", granularity="sentence", attribute_messages=[0], show_progress=False)
+    flat = explainer.explain(messages, TARGET, **kwargs)
+    searched = explainer.explain(messages, TARGET, hierarchical=True, **kwargs)
+
+    model_input = restrict_to_messages(build_model_input(tokenizer, target=TARGET, messages=messages), (0,))
+    features = build_features(model_input, Granularity.SENTENCE)
+    assert len(features) == 36
+    ids = model_input.input_ids.numpy()
+    truth = np.array([model_input.n_target * float(table[ids[list(f.token_positions)]].sum()) for f in features])
+    planted = [6 * p + s for p, s in PLANTED]
+    report = searched.metadata.hierarchical
+    assert report["groups"] == [[6 * p, 6 * p + 6] for p in range(6)] and report["kept_groups"] == [1, 4]
+    group_truth = truth.reshape(6, 6).sum(1)
+    np.testing.assert_allclose(report["group_ablation_effects"], group_truth, atol=1e-9)
+    pruned_groups = [0, 2, 3, 5]
+    assert np.abs(group_truth[pruned_groups]).max() < PRUNE_BELOW * np.abs(group_truth).max()
+    assert report["pruned_features"] == [f for g in pruned_groups for f in range(6 * g, 6 * g + 6)]
+
+    scores, flat_scores = np.array(searched.scores), np.array(flat.scores)
+    assert sorted(np.argsort(-np.abs(flat_scores))[:3]) == sorted(planted)
+    np.testing.assert_allclose(flat_scores[planted], truth[planted], rtol=0.05)  # the fillers are not exactly 0
+    # 11 rows for 12 sentences: the Lasso keeps the two that raise the score and misses the -0.5 one (which the
+    # flat run's 36 find), so the refit puts part of its effect on the +1 one
+    assert np.flatnonzero(scores).tolist() == [8, 27]
+    np.testing.assert_allclose(scores[[8, 27]], [5.4848, 5.5429], atol=1e-4)
+    assert (report["n_evaluations_groups"], report["n_evaluations_features"]) == (7, 8)
+    assert (searched.metadata.n_evaluations, flat.metadata.n_evaluations) == (15, 37)
+    drops = [faithfulness(explainer, result, metrics=("top_k_drop",), top_k=(3,), n_random=0).top_k_drop[3]
+             for result in (flat, searched)]
+    assert drops[1] >= drops[0] - 1e-9
+    # the two planted sentences that raise the score, and a third whose effect is one of a filler sentence's
+    assert truth[[8, 27]].sum() < drops[1] <= np.sort(truth)[::-1][:3].sum() + 1e-9

@@ -55,6 +55,12 @@ def default_n_samples(n_features: int) -> int:
     return max(100, 4 * n_features)
 
 
+def searched_n_samples(n_features: int) -> int:
+    """LIME's neighbourhood in the second stage of the hierarchical search (``hierarchy``), over the features it
+    kept: 4 x features as ``default_n_samples``, without the floor of 100 meant for a whole input (at least 16)."""
+    return max(16, 4 * n_features)
+
+
 class MaskEvaluator:
     """Scores masks through ``v``: each distinct mask once, at most ``batch_size`` masks per call of ``v``."""
 

@@ -16,6 +16,8 @@ with many features such as the sentences of a long document). SOBOL indices are 
 
 from __future__ import annotations
 
+import inspect
+import sys
 from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 import numpy as np
@@ -47,8 +49,9 @@ class HierarchicalParams(MethodParams):
     """The hierarchical search (``hierarchy``): groups of consecutive features first, then the kept groups' features."""
 
     hierarchical: Flag = Field(
-        False, description="attribute to paragraphs (groups of ~sqrt(n) features) first, then only to the features of "
-                           "the groups that matter; pruned features score 0 (metadata.hierarchical says which)")
+        False, description="mask each paragraph (group of ~sqrt(n) features) alone first, then run the method only on "
+                           "the features of the groups whose effect is at least 0.2 x the largest; pruned features "
+                           "score 0 (metadata.hierarchical says which)")
 
 
 class OcclusionParams(HierarchicalParams, MaskingParams):
@@ -76,14 +79,15 @@ class KernelShapParams(CoalitionParams):
 
 class LimeParams(HierarchicalParams, CoalitionParams):
     n_samples: Optional[SampleCount] = Field(
-        None, description="neighbourhood size (per stage with hierarchical); None: max(100, 4 x features)")
+        None, description="neighbourhood size (with hierarchical: of the second stage); None: max(100, 4 x features) "
+                          "(with hierarchical: max(16, 4 x searched features))")
     kernel_width: FiniteFloat = Field(25.0, gt=0, description="width of LIME's exponential kernel on distances")
 
 
 class ContextCiteParams(HierarchicalParams, MaskingParams, SampledParams):
     n_samples: Optional[SampleCount] = Field(
-        None, description="random half-ablations scored (per stage with hierarchical); None: one per feature, "
-                          "between 32 and 64")
+        None, description="random half-ablations scored (with hierarchical: of the second stage); None: one per "
+                          "feature, between 32 and 64 (with hierarchical: one per two searched features, between 8 and 64)")
     alpha: FiniteFloat = Field(sparse.DEFAULT_ALPHA, gt=0, description="Lasso penalty, relative to the standard deviation of the scores over the ablations")
 
 
@@ -158,21 +162,26 @@ def _sampling(params: dict[str, Any]) -> dict[str, Any]:
     return {"seed": params["seed"], "max_evaluations": params["max_evaluations"]}
 
 
-def _estimator(context: MethodContext, build: hierarchy.EstimatorFactory) -> core.EstimatorPlan:
+def _estimator(context: MethodContext, build: Callable[[int, Optional[int]], core.EstimatorPlan],
+               search: Optional[hierarchy.EstimatorFactory] = None) -> core.EstimatorPlan:
     """The method's estimator over the context's features: ``build(n_features, max_evaluations)`` itself, or with
-    ``hierarchical`` the hierarchical search composing it (``hierarchy``)."""
+    ``hierarchical`` the hierarchical search (``hierarchy``) running ``search`` (default: ``build``) on the features
+    it keeps."""
     n_features, budget = len(context.features), context.params.get("max_evaluations")
     if not context.params["hierarchical"]:
         return build(n_features, budget)
     groups = hierarchy.feature_groups(context.features, context.model_input)
-    return hierarchy.hierarchical_plan(n_features, groups, build, max_evaluations=budget)
+    search = search or (lambda n_searched, left, _: build(n_searched, left))
+    return hierarchy.hierarchical_plan(n_features, groups, search, max_evaluations=budget)
 
 
-def _surrogate(context: MethodContext, build: hierarchy.EstimatorFactory) -> Plan:
-    """A surrogate model's coefficients (lime, context_cite): ``build``'s fit over the context's masks, with the
-    fit's extras (``r2``, ``intercept``, the hierarchical report) in the metadata."""
+def _surrogate(context: MethodContext, build: Callable[[int, Optional[int]], core.EstimatorPlan],
+               search: hierarchy.EstimatorFactory) -> Plan:
+    """A surrogate model's coefficients (lime, context_cite): ``build``'s fit over the context's masks (``search``'s
+    in the hierarchical search), with the fit's extras (``r2``, ``intercept``, the hierarchical report) in the
+    metadata."""
     masks = _Masks(context)
-    estimate = yield from masks.run(_estimator(context, build))
+    estimate = yield from masks.run(_estimator(context, build, search))
     return masks.attribution(estimate, **estimate.extras)
 
 
@@ -204,23 +213,36 @@ def kernel_shap(context: MethodContext) -> Plan:
 
 
 def _register_surrogate(method: AttributionMethod, params: type, plan: Callable[..., core.EstimatorPlan],
-                        option: str, description: str) -> None:
+                        option: str, searched_rows: Callable[[int], int], description: str) -> None:
     """Register a surrogate method: ``plan(n_features, n_samples=, <option>=, seed=, max_evaluations=)`` fitted
-    over the context's masks (``_surrogate``); the two differ only by their estimator and its one option."""
+    over the context's masks (``_surrogate``); the two differ only by their estimator and its one option. In the
+    hierarchical search's second stage ``n_samples`` defaults to ``searched_rows(features searched)`` (at most the
+    rows the budget left), and a ``plan`` taking ``given`` fits on the first stage's rows that lie there too."""
+    takes_given = "given" in inspect.signature(plan).parameters
 
     def explain(context: MethodContext) -> Plan:
         values = context.params
-        return (yield from _surrogate(context, lambda n_features, budget: plan(
-            n_features, n_samples=values["n_samples"], seed=values["seed"], max_evaluations=budget,
-            **{option: values[option]})))
+
+        def build(n_features: int, budget: Optional[int]) -> core.EstimatorPlan:
+            return plan(n_features, n_samples=values["n_samples"], seed=values["seed"], max_evaluations=budget,
+                        **{option: values[option]})
+
+        def search(n_features: int, budget: Optional[int], given: np.ndarray) -> core.EstimatorPlan:
+            n_samples = values["n_samples"] or max(2, min(searched_rows(n_features), budget or sys.maxsize))
+            extra = {"given": given} if takes_given else {}
+            return plan(n_features, n_samples=n_samples, seed=values["seed"], max_evaluations=budget,
+                        **{option: values[option]}, **extra)
+
+        return (yield from _surrogate(context, build, search))
 
     explain.__name__ = explain.__qualname__ = method.value
     register_method(method, kind="perturbation", additive=False, params=params, description=description)(explain)
 
 
-_register_surrogate(AttributionMethod.LIME, LimeParams, core.lime_plan, "kernel_width",
+_register_surrogate(AttributionMethod.LIME, LimeParams, core.lime_plan, "kernel_width", core.searched_n_samples,
                     "coefficients of LIME's kernel-weighted Ridge surrogate over feature coalitions")
 _register_surrogate(AttributionMethod.CONTEXT_CITE, ContextCiteParams, sparse.sparse_plan, "alpha",
+                    sparse.searched_n_ablations,
                     "sparse linear surrogate (Lasso, refitted) on random half-ablations, for many features")
 
 

@@ -17,6 +17,7 @@ batch engine drives (it yields its distinct masks once, receives their values an
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import numpy as np
@@ -43,11 +44,19 @@ from .coalitions import (
 # One document only: chosen there, not validated on others.
 DEFAULT_ALPHA = 0.1
 MIN_ABLATIONS, MAX_ABLATIONS = 32, 64
+MIN_SEARCH_ABLATIONS, SEARCH_DENSITY = 8, 0.5
 
 
 def default_n_ablations(n_features: int) -> int:
     """Ablations scored when none are asked for: one per feature, at least 32 and at most 64."""
     return min(MAX_ABLATIONS, max(MIN_ABLATIONS, n_features))
+
+
+def searched_n_ablations(n_features: int) -> int:
+    """Ablations of the second stage of the hierarchical search (``hierarchy``), over the ``n_features`` it kept:
+    ``SEARCH_DENSITY`` (one per two features), at least ``MIN_SEARCH_ABLATIONS`` and at most ``MAX_ABLATIONS``
+    (see ``hierarchy``'s docstring for why)."""
+    return min(MAX_ABLATIONS, max(MIN_SEARCH_ABLATIONS, math.ceil(SEARCH_DENSITY * n_features)))
 
 
 def ablation_masks(n_features: int, n_samples: int, rng: np.random.Generator) -> np.ndarray:
@@ -79,10 +88,12 @@ def sparse_plan(
     alpha: float = DEFAULT_ALPHA,
     seed: Optional[int] = 0,
     max_evaluations: int = DEFAULT_MAX_EVALUATIONS,
+    given: Optional[np.ndarray] = None,
 ) -> EstimatorPlan:
     """Coefficients of a sparse linear model of ``v`` fitted on ``n_samples`` random half-ablations.
 
-    ``n_samples`` defaults to ``default_n_ablations(d)`` (32 to 64). Extras: ``intercept`` and the fit's ``r2`` on
+    ``n_samples`` defaults to ``default_n_ablations(d)`` (32 to 64). ``given`` (m, d) bool: masks fitted on besides
+    the random ones, as the first rows (rows the caller has scored already, such as the input). Extras: ``intercept`` and the fit's ``r2`` on
     the ablations, and ``n_selected`` (features with a non-zero coefficient), for the first output column.
     """
     check_features(n_features)
@@ -91,8 +102,10 @@ def sparse_plan(
         raise InvalidInputError(f"alpha must be a number > 0, got {alpha!r}")
     check_budget("the sparse surrogate", n_samples, max_evaluations, "lower n_samples")
     masks = ablation_masks(n_features, n_samples, np.random.default_rng(seed))
+    if given is not None and len(given):
+        masks = np.concatenate([np.asarray(given, dtype=bool).reshape(-1, n_features), masks])
     scores, n_evaluations = yield from distinct_values(masks)
-    labels = scores.reshape(n_samples, -1)
+    labels = scores.reshape(len(masks), -1)
     data = masks.astype(np.float64)
     fits = [_fit_column(data, labels[:, column], float(alpha)) for column in range(labels.shape[1])]
     coefficients = np.stack([coefficient for coefficient, _ in fits])  # (K, d)
