@@ -42,9 +42,11 @@ class AdditiveLM(torch.nn.Module):
 
 
 def additive_rounding(n_target: int, weights: Sequence[float]) -> float:
-    """How far AdditiveLM's metrics (differences and means of scores, weights adding up to <= 2) may be from the
-    hand computation with dyadic ``weights``: float64 rounding only, as test_evaluation._exact_to derives it (z
-    exact, the two-term log-sum-exp 0 to 8 roundings, one rounding at |z| <= M per token, n_target tokens summed)."""
+    """How far AdditiveLM's metrics may be from the hand computation with dyadic ``weights``: float64 rounding only.
+    A row's log-prob is z - logsumexp(z, log1p(-e^z)), z exact (dyadic weights) and |z| <= M = OFFSET + sum|w|; the
+    log-sum-exp of two terms adding up to 1 is exactly 0 up to 8 roundings of values <= 1, and the subtraction rounds
+    once at |z|: <= (8 + M) u per token; a score sums n_target of them (Higham 4.4: + n_target * M u each), and a
+    metric (differences and means of scores, weights adding up to <= 2) doubles that."""
     m = OFFSET + sum(abs(w) for w in weights)
     return 2 * n_target * (8 + (n_target + 2) * m) * unit_roundoff(torch.float64)
 

@@ -15,6 +15,7 @@ from scipy.stats import spearmanr
 from tolerances import log_prob_magnitude, model_bound, to_float64, unit_roundoff
 
 from fair_forge.explainability import (
+    AttributionBatchResult,
     AttributionExplainer,
     FaithfulnessBatchReport,
     FaithfulnessReport,
@@ -231,8 +232,6 @@ def test_cost_is_one_row_per_distinct_edit(powers) -> None:
 def test_results_of_one_item_share_its_rows_and_report_as_alone(powers) -> None:
     """Two explanations of the same input (as compare_methods makes) are scored in one set of rows: each distinct
     keep-mask once, the 32 LDS ablations shared, and each report equal to the one made alone."""
-    from fair_forge.explainability import AttributionBatchResult
-
     explainer, result, model_input = powers
     other = _with_scores(result, CLAIMED)
     both = AttributionBatchResult(results=[result, other], indices=[0, 1])

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from additive import OFFSET, AdditiveLM
-from tolerances import log_prob_magnitude, model_bound, to_float64, unit_roundoff
+from additive import OFFSET, additive_explainer, additive_rounding
+from tolerances import log_prob_magnitude, model_bound, to_float64
 
 from fair_forge.explainability import (
     At2Weights,
@@ -36,33 +36,11 @@ TARGET = "Paris"
 WEIGHTS = [0.5, 0.125, 0.25, 2.0, 0.0625, 1.5, 0.375]  # dyadic: every z below is exact
 
 
-def _exact_to(n_target: int) -> float:
-    """How far AdditiveLM's metrics may be from the hand computation: float64 rounding only. A row's log-prob is z -
-    logsumexp(z, log1p(-e^z)), z exact (dyadic weights) and |z| <= M = OFFSET + sum(WEIGHTS); the log-sum-exp of two
-    terms adding up to 1 is exactly 0 up to 8 roundings of values <= 1, and the subtraction rounds once at |z|: <= (8 +
-    M) u per token; a score sums n_target of them (Higham 4.4: + n_target * M u each), and a metric (differences and
-    means of scores, weights adding up to <= 2) doubles that."""
-    m = OFFSET + sum(WEIGHTS)
-    return 2 * n_target * (8 + (n_target + 2) * m) * unit_roundoff(torch.float64)
-
-
 @pytest.fixture
 def additive(gpt2_tokenizer) -> tuple[AttributionExplainer, list[float], Any]:
     """(explainer on AdditiveLM, weight of each word feature of QUESTION, its model input)."""
-    model_input = build_model_input(gpt2_tokenizer, target=TARGET, messages=MESSAGES)
-    features = build_features(model_input, Granularity.WORD)
-    ids = model_input.input_ids
-    feature_ids = [int(ids[p]) for f in features for p in f.token_positions]
-    assert len(set(feature_ids)) == len(feature_ids)  # so a weight per id is a weight per feature
-    assert not set(feature_ids) & set(model_input.target_ids.tolist())
-    weights = torch.zeros(len(gpt2_tokenizer))
-    chosen = WEIGHTS
-    assert len(chosen) == len(features)
-    for feature, weight in zip(features, chosen):
-        weights[int(ids[feature.token_positions[-1]])] = weight  # one token per feature carries it
-    sink = gpt2_tokenizer.convert_tokens_to_ids("<unk>")
-    explainer = AttributionExplainer(AdditiveLM(weights, sink), gpt2_tokenizer, prefix_cache=False)
-    return explainer, chosen, model_input
+    explainer, model_input = additive_explainer(gpt2_tokenizer, MESSAGES, TARGET, WEIGHTS)
+    return explainer, WEIGHTS, model_input
 
 
 def _hand_metrics(order: list[int], weights: list[float], n_target: int, fractions: list[float],
@@ -106,7 +84,7 @@ def _with_scores(result: Any, scores: list[float]) -> Any:
 def test_metrics_equal_a_hand_computation_on_an_additive_model(additive, mode: str) -> None:
     explainer, weights, model_input = additive
     result = explainer.explain(MESSAGES, TARGET, method="occlusion")
-    exact = _exact_to(model_input.n_target)
+    exact = additive_rounding(model_input.n_target, WEIGHTS)
     leave_one_out = np.array(weights) * model_input.n_target
     np.testing.assert_allclose(result.scores, leave_one_out, rtol=0, atol=exact)
     fractions, curve = [0.1, 0.3, 0.5], np.linspace(0, 1, 8).tolist()
