@@ -23,8 +23,8 @@ GRADIENT_METHODS = [
 ]
 
 
-def explain(model, tokenizer, method, granularity=Granularity.TOKEN, **kwargs):
-    explainer = AttributionExplainer(model, tokenizer)
+def explain(model, tokenizer, method, granularity=Granularity.TOKEN, batch_size=None, **kwargs):
+    explainer = AttributionExplainer(model, tokenizer, batch_size=batch_size)
     if tokenizer.chat_template:
         return explainer.explain(MESSAGES, TARGET, method=method, granularity=granularity, **kwargs)
     return explainer.explain(prompt=MESSAGES[0]["content"], target=TARGET, method=method, granularity=granularity, **kwargs)
@@ -328,6 +328,30 @@ def test_gradient_shap_equals_autograd_at_the_same_points(tiny_gpt2):
     (gradients,) = torch.autograd.grad(f(points).sum(), points)
     expected = token_sums(result, (noisy * gradients).mean(0).sum(-1).detach(), tokenizer)
     np.testing.assert_allclose(result.scores, expected, rtol=0, atol=rounding(model, tokenizer))
+
+
+@pytest.mark.parametrize(("method", "params"), [
+    (AttributionMethod.INTEGRATED_GRADIENTS, {"n_steps": 10}),
+    (AttributionMethod.GRADIENT_SHAP, {"n_samples": SAMPLES_PER_REQUEST + 3, "seed": 5}),
+    (AttributionMethod.VAR_GRAD, {"n_samples": SAMPLES_PER_REQUEST + 3, "seed": 7}),
+])
+def test_requests_capped_by_gradient_bytes_give_the_same_scores(tiny_gpt2, monkeypatch, method, params):
+    """A long input's points go out in smaller requests (REQUEST_GRADIENT_BYTES): the same noise, alphas and nodes,
+    and one row per call either way, so the same scores up to how float64 sums over a request's rows are grouped."""
+    from fair_forge.explainability.methods import gradient
+
+    model, tokenizer = tiny_gpt2
+    to_float64(model)
+    whole = explain(model, tokenizer, method, batch_size=1, **params)
+    sizes: list[int] = []
+    rows = gradient._Embeddings.rows
+    monkeypatch.setattr(gradient._Embeddings, "rows", lambda self, points: sizes.append(len(points)) or rows(self, points))
+    weight = model.get_input_embeddings().weight
+    per_point = int(model_input_of(tokenizer).attributable.sum()) * weight.shape[1] * weight.element_size()
+    monkeypatch.setattr(gradient, "REQUEST_GRADIENT_BYTES", 3 * per_point)
+    capped = explain(model, tokenizer, method, batch_size=1, **params)
+    assert max(sizes) == 3 and sum(sizes) == params.get("n_steps", params.get("n_samples"))
+    np.testing.assert_allclose(capped.scores, whole.scores, rtol=0, atol=rounding(model, tokenizer))
 
 
 @pytest.mark.parametrize(("method", "params"), [

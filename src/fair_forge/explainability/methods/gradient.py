@@ -14,7 +14,8 @@ rows' gradients and computes its attribution itself:
       running sums, so memory does not grow with ``n_samples``.
 
 Noise and random interpolation points come from generators seeded by ``seed``, drawn ``SAMPLES_PER_REQUEST``
-samples at a time: results depend neither on the global RNG nor on the batch size. Reduction over the hidden
+samples at a time: results depend neither on the global RNG nor on the batch size. A request holds at most
+``REQUEST_GRADIENT_BYTES`` of gradients (long inputs: fewer points per request, the same values). Reduction over the hidden
 dimension and a feature's tokens: signed sum for the additive methods (and the already non-negative SQUARE_GRAD,
 VAR_GRAD), L2 norm for SALIENCY and SMOOTH_GRAD.
 """
@@ -41,6 +42,11 @@ Reduction = Literal["sum", "l2"]
 NOISE_SAMPLES = 16  # default number of noisy samples
 SAMPLES_PER_REQUEST = 16  # noise is drawn, and rows requested, this many samples at a time
 STEPS_PER_REQUEST = 64  # interpolation points per request (times the outputs with per_target)
+# float32 gradients one request returns at most (points x outputs x A x H). The method turns them into float64
+# products, so a request costs about 8x this while it is reduced: 64 points of a 1.3k-token document (SmolLM2) were
+# 192 MB of gradients and took integrated gradients' peak RSS from 1.8 GB to 2.5 GB. Short inputs are not affected
+# (64 points of a 100-token input hold 15 MB).
+REQUEST_GRADIENT_BYTES = 2**25
 Baseline = Union[Literal["zero", "pad"], TokenId]
 BASELINE_HELP = "'zero' embedding, 'pad' (the input's pad/unk token's embedding) or a token id's embedding"
 
@@ -109,6 +115,11 @@ class _Embeddings:
             raise BudgetError(f"{method} would need {planned} gradient rows, more than "
                               f"max_evaluations={max_evaluations}; {hint}")
 
+    def points_per_request(self, most: int) -> int:
+        """Points per request: at most ``most``, and at most ``REQUEST_GRADIENT_BYTES`` of their gradients."""
+        per_point = len(self.outputs) * self.inputs.numel() * self.inputs.element_size()
+        return max(1, min(most, REQUEST_GRADIENT_BYTES // per_point))
+
     def rows(self, points: torch.Tensor) -> EmbeddingRows:
         """Points (k, A, H) whose gradient is wanted for every output (one forward, a backward per output)."""
         return EmbeddingRows(points, self.outputs)
@@ -159,7 +170,7 @@ def integrated_gradients(context: MethodContext) -> Plan:
     total = float(endpoints[0] - endpoints[1])
     # one rule, steered by the explained score's completeness; the per-target rows are integrated at its points
     rule = integrate(total, n_steps=params["n_steps"], tolerance=params["tolerance"], max_steps=params["max_steps"])
-    points_per_request = max(1, STEPS_PER_REQUEST // len(embeddings.outputs))
+    points_per_request = embeddings.points_per_request(max(1, STEPS_PER_REQUEST // len(embeddings.outputs)))
 
     def integrand(alphas: np.ndarray) -> Plan:
         """The rule's points as requests of ``points_per_request`` rows: (explained score's, every output's) terms."""
@@ -195,11 +206,13 @@ def gradient_shap(context: MethodContext) -> Plan:
     alphas = torch.Generator().manual_seed(seed + 1)
     total = torch.zeros((len(embeddings.outputs), *x.shape), dtype=torch.float64, device=x.device)
     stdev = float(params["noise_std"]) * float(x.std())
+    per_request = embeddings.points_per_request(SAMPLES_PER_REQUEST)
     for noise in noise_chunks(seed, params["n_samples"], tuple(x.shape), stdev):
-        noisy = x + noise.to(x.device)
-        alpha = torch.rand((len(noise), 1, 1), generator=alphas).to(x.device)
-        answer = yield embeddings.rows(b + alpha * (noisy - b))
-        total += ((noisy - b).double().unsqueeze(0) * embeddings.per_output(answer)).sum(1)
+        alpha = torch.rand((len(noise), 1, 1), generator=alphas)
+        for part, weight in zip(noise.split(per_request), alpha.split(per_request)):
+            noisy = x + part.to(x.device)
+            answer = yield embeddings.rows(b + weight.to(x.device) * (noisy - b))
+            total += ((noisy - b).double().unsqueeze(0) * embeddings.per_output(answer)).sum(1)
     return embeddings.result(total / params["n_samples"], "sum")
 
 
@@ -231,11 +244,13 @@ def _noisy_gradients(context: MethodContext, statistic: Literal["mean", "square"
     total = torch.zeros(shape, dtype=torch.float64, device=x.device)
     squares = torch.zeros(shape, dtype=torch.float64, device=x.device)
     stdev = float(params["noise_std"]) * float(x.std())
+    per_request = embeddings.points_per_request(SAMPLES_PER_REQUEST)
     for noise in noise_chunks(_seed(params), params["n_samples"], tuple(x.shape), stdev):
-        answer = yield embeddings.rows(x + noise.to(x.device))
-        gradients = embeddings.per_output(answer)
-        total += gradients.sum(1)
-        squares += gradients.square().sum(1)
+        for part in noise.split(per_request):
+            answer = yield embeddings.rows(x + part.to(x.device))
+            gradients = embeddings.per_output(answer)
+            total += gradients.sum(1)
+            squares += gradients.square().sum(1)
     mean, mean_square = total / params["n_samples"], squares / params["n_samples"]
     if statistic == "mean":
         return embeddings.result(mean, "l2")
