@@ -91,8 +91,8 @@ def test_context_cite_method_is_the_estimator_on_the_model_value_function(tiny_l
     for row, feature in enumerate(features):
         membership[row, list(feature.token_positions)] = True
     scorer = TargetScorer(model)
-    expected = sparse_surrogate(lambda masks: scorer.score_token_masks(model_input, ~(~masks @ membership)),
-                                len(features), seed=5)
+    expected = sparse_surrogate(  # ablated words removed, ContextCite's ablation and the method's default
+        lambda masks: scorer.score_token_masks(model_input, ~(~masks @ membership), remove=True), len(features), seed=5)
     bound = ESTIMATOR_CONDITION * model_bound(model, log_prob_magnitude(model, model_input.input_ids),
                                               length=model_input.length, terms=model_input.n_target)
     np.testing.assert_allclose(result.scores, expected.values, rtol=0, atol=bound)  # a fit to rows within model_bound
