@@ -168,10 +168,33 @@ def test_at2_recovers_planted_head_weights(llama, monkeypatch) -> None:
     # every direction (the pooled, centred features' smallest singular value is > 5% of the largest) ...
     assert singular.min() > 0.05 * singular.max()
     assert weights.info["correlation"] > 0.99999
+    assert weights.info["shrinkage"] == 0.0  # exact data: the fit predicts left-out documents best as it is
     # ... so the weights come back, with L1 norm 1, to 1e-3 (measured: 2e-4 after the default 300 steps)
     np.testing.assert_allclose(learned, expected, atol=1e-3)
     assert train_at2(model, llama.tokenizer, documents(), seed=0).head_weights.tobytes() == \
         weights.head_weights.tobytes()  # deterministic
+
+
+def test_shrinkage_pulls_an_overfitted_fit_towards_uniform_heads(llama, monkeypatch) -> None:
+    """Scores that are uniform-head attention plus noise, from few ablations: the free fit follows the noise, and
+    cross-validation over the documents mixes in uniform weights as far as that predicts left-out documents better."""
+    model = distinct_heads(llama)
+    signal = planted_scores(np.full(8, 1.0 / 8))
+    noise = np.random.default_rng(1)
+
+    def noisy(self, model_input, keep, **kwargs):
+        values = signal(self, model_input, keep, **kwargs)
+        return values + noise.normal(scale=3.0 * values.std(), size=values.shape)
+
+    monkeypatch.setattr(TargetScorer, "score_token_masks", noisy)
+    free = train_at2(model, llama.tokenizer, documents(8), n_ablations=6, shrink=False)
+    noise = np.random.default_rng(1)  # the same ablation scores for the shrunk fit
+    shrunk = train_at2(model, llama.tokenizer, documents(8), n_ablations=6)
+    held_out, level = shrunk.info["held_out_correlation"], shrunk.info["shrinkage"]
+    assert free.info["shrinkage"] == 0.0 and free.info["held_out_correlation"] is None
+    assert level > 0 and held_out[f"{level:g}"] == max(held_out.values()) > held_out["0"]
+    uniform = np.full(8, 1.0 / 8)
+    assert np.abs(shrunk.head_weights.reshape(-1) - uniform).sum() < np.abs(free.head_weights.reshape(-1) - uniform).sum()
 
 
 def test_trained_weights_are_saved_reused_and_refused_for_another_model(llama, calls, tmp_path: Path) -> None:

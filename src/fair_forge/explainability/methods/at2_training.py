@@ -3,8 +3,10 @@
 Per document: one forward pass reads the attention from the target's rows to each source (sentence by default), then
 ``n_ablations`` random subsets of the sources (each kept with ``keep_probability``) are removed and scored by the
 package's scorer (``TargetScorer.score_token_masks``: packed, prefix-cached calls). The head weights are fitted on
-all documents together (``fit_head_weights``) and, with ``path``, saved next to the model's fingerprint; a later call
-with the same model, documents and settings reads them back instead of training again.
+all documents together (``fit_head_weights``) and, with ``shrink``, pulled towards uniform head weights (the paper's
+baseline, plain attention) as far as ``shrinkage`` finds it helps documents left out of the fit: a handful of
+documents gives fewer ablations than the model has heads. With ``path`` they are saved next to the model's
+fingerprint; a later call with the same model, documents and settings reads them back instead of training again.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ from .at2 import At2Weights, fit_head_weights, head_scores, model_fingerprint
 
 DEFAULT_ABLATIONS = 32  # per document, as in AT2's reference trainer
 DEFAULT_STEPS = 300
+# the mixes (1 - s) w + s u of the fitted weights w and uniform ones u that ``shrinkage`` compares, over at most
+# SHRINKAGE_FOLDS folds of the documents. Six GPL excerpts (192 ablations for SmolLM2's 270 heads) fitted a training
+# correlation of 0.96 and ranked a 4k-token document's sentences at an LDS of 0.06, where plain attention reached 0.45.
+SHRINKAGE_LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
+SHRINKAGE_FOLDS = 5
 
 
 def train_at2(
@@ -43,6 +50,7 @@ def train_at2(
     attribute_messages: Optional[Sequence[int]] = None,
     rows: QueryRows = "predicting",
     remove: bool = True,
+    shrink: bool = True,
     steps: int = DEFAULT_STEPS,
     learning_rate: float = 0.3,
     seed: int = 0,
@@ -54,20 +62,22 @@ def train_at2(
     ``tokenizer`` may be None) or a model with ``tokenizer``. ``documents``: items as ``explain_batch`` takes them
     (pairs, or dicts with ``messages``/``prompt``/``question`` and ``target``; a missing target is the model's greedy
     answer), each with several sentences to ablate. ``remove=True`` deletes ablated sources (as AT2 does), False
-    replaces them by the pad token. ``path``: an existing file made for this model with the same documents and
+    replaces them by the pad token. ``shrink=True`` mixes the fitted weights with uniform ones as cross-validation
+    over the documents says (``shrinkage``; ``info["shrinkage"]``, 0 with fewer than two usable documents); False
+    keeps the fit as it is. ``path``: an existing file made for this model with the same documents and
     settings is read instead of training again; one made for another model is an error unless ``overwrite=True``.
     Deterministic for a ``seed``.
     """
     model, tokenizer, settings = _unpack(explainer_or_model, tokenizer)
     items = batch_items(documents)
-    _check(items, n_ablations, keep_probability, rows, remove, steps, learning_rate, seed, overwrite)
+    _check(items, n_ablations, keep_probability, rows, remove, steps, learning_rate, seed, overwrite, shrink)
     level = _granularity(granularity)
     messages_kept = check_message_indices(attribute_messages)
     check_attention_model(model)
     fingerprint = model_fingerprint(model)
     chosen = dict(n_ablations=n_ablations, keep_probability=keep_probability, granularity=level.value,
-                  attribute_messages=messages_kept, rows=rows, remove=remove, steps=steps, learning_rate=learning_rate,
-                  seed=seed, score=settings["score"])
+                  attribute_messages=messages_kept, rows=rows, remove=remove, shrink=shrink, steps=steps,
+                  learning_rate=learning_rate, seed=seed, score=settings["score"])
     key = hashlib.sha256(json.dumps([chosen, items], sort_keys=True, default=str).encode()).hexdigest()[:32]
     if path is not None and Path(path).exists():
         saved = At2Weights.load(path)
@@ -105,12 +115,46 @@ def train_at2(
                                 "learns from documents whose sources can be removed one against another")
     shape = tuple(per_head.shape[:2])
     fitted = fit_head_weights(features, masks, outputs, steps=steps, learning_rate=learning_rate)
+    level_chosen, held_out = shrinkage(features, masks, outputs, steps=steps, learning_rate=learning_rate) \
+        if shrink else (0.0, None)
+    fitted = mixed(fitted, level_chosen)
     info = {**chosen, "training_key": key, "n_documents": len(items), "n_used": len(features),
             "n_forward_passes": scorer.count.forward_passes, "trained": True,
-            "correlation": mean_correlation(fitted, features, masks, outputs)}
+            "correlation": mean_correlation(fitted, features, masks, outputs), "shrinkage": level_chosen,
+            "held_out_correlation": held_out}
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     weights = At2Weights(fitted.reshape(shape), fingerprint, str(getattr(config, "model_type", "")), rows, info)
     return weights.save(path) if path is not None else weights
+
+
+def mixed(weights: np.ndarray, level: float) -> np.ndarray:
+    """(1 - level) w + level u, u uniform (1 / F each), with L1 norm 1 (both have it; a mix of signs may not)."""
+    mix = (1.0 - level) * np.asarray(weights, dtype=np.float64) + level / weights.size
+    return mix / max(np.abs(mix).sum(), 1e-30)
+
+
+def shrinkage(features: Sequence[np.ndarray], masks: Sequence[np.ndarray], outputs: Sequence[np.ndarray], *,
+              steps: int, learning_rate: float) -> tuple[float, Optional[dict[str, float]]]:
+    """The level s of ``SHRINKAGE_LEVELS`` whose mix ``mixed(w, s)`` correlates best, on average, with the ablations
+    of documents left out of the fit of w (``SHRINKAGE_FOLDS`` folds of consecutive documents at most; the larger s on
+    a tie), and each level's held-out correlation; (0, None) with fewer than two documents whose scores vary."""
+    usable = [index for index, y in enumerate(outputs) if np.ptp(np.asarray(y, dtype=np.float64)) > 0]
+    if len(usable) < 2:
+        return 0.0, None
+    folds = np.array_split(np.asarray(usable), min(SHRINKAGE_FOLDS, len(usable)))
+    totals = dict.fromkeys(SHRINKAGE_LEVELS, 0.0)
+    for fold in folds:
+        kept = [index for index in usable if index not in set(fold.tolist())]
+        weights = fit_head_weights([features[i] for i in kept], [masks[i] for i in kept], [outputs[i] for i in kept],
+                                   steps=steps, learning_rate=learning_rate)
+        for level in SHRINKAGE_LEVELS:
+            value = mean_correlation(mixed(weights, level), [features[i] for i in fold], [masks[i] for i in fold],
+                                     [outputs[i] for i in fold])
+            totals[level] += len(fold) * (value if np.isfinite(value) else -1.0)  # constant predictions: the worst
+    held_out = {level: total / len(usable) for level, total in totals.items()}
+    best = max(held_out.values())
+    return max(level for level, value in held_out.items() if value >= best - 1e-12), \
+        {f"{level:g}": value for level, value in held_out.items()}
 
 
 def mean_correlation(weights: np.ndarray, features: Sequence[np.ndarray], masks: Sequence[np.ndarray],
@@ -148,7 +192,7 @@ def _unpack(explainer_or_model: Any, tokenizer: Any) -> tuple[Any, Any, dict[str
 
 
 def _check(items: list, n_ablations: Any, keep_probability: Any, rows: Any, remove: Any, steps: Any,
-           learning_rate: Any, seed: Any, overwrite: Any) -> None:
+           learning_rate: Any, seed: Any, overwrite: Any, shrink: Any) -> None:
     """Every setting checked before any model call, each error saying what is wrong."""
     def whole(value: Any, low: int) -> bool:
         return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= low
@@ -169,7 +213,7 @@ def _check(items: list, n_ablations: Any, keep_probability: Any, rows: Any, remo
         problems.append(f"learning_rate must be a positive number, got {learning_rate!r}")
     if not whole(seed, 0):
         problems.append(f"seed must be a non-negative integer, got {seed!r}")
-    for name, flag in (("remove", remove), ("overwrite", overwrite)):
+    for name, flag in (("remove", remove), ("overwrite", overwrite), ("shrink", shrink)):
         if not isinstance(flag, bool):
             problems.append(f"{name} must be True or False, got {flag!r}")
     if problems:
