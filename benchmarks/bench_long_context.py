@@ -17,13 +17,15 @@ ablations of the LDS, the same for every method, are scored once).
 ``occlusion (no row reuse)`` is occlusion with per-row prefix reuse turned off, the baseline its speed-up is
 measured against in the same run. ``integrated_gradients`` runs at its defaults (adaptive steps, ``checkpoint=None``:
 checkpointed by itself where one row's backward pass is over the call budget; the ``checkpoint`` column says whether
-it was); ``integrated_gradients (16 steps)`` runs 16 steps with ``checkpoint=False`` (every layer's activations kept
-for the backward pass), ``integrated_gradients (checkpoint)`` the same 16 steps with ``checkpoint=True`` (layers
-recompute their activations in the backward pass instead of keeping them).
+it was; on a long document its adaptive rule may take up to 1,024 steps), ``integrated_gradients (64 steps)`` the
+defaults' first round alone (64 nodes, requests and checkpointing as at the defaults); ``integrated_gradients (16
+steps)`` runs 16 steps with ``checkpoint=False`` (every layer's activations kept for the backward pass),
+``integrated_gradients (checkpoint)`` the same 16 steps with ``checkpoint=True`` (layers recompute their activations
+in the backward pass instead of keeping them).
 ``attention`` is the attention from the answer's tokens to each sentence, averaged over heads and layers (one
 forward pass); ``at2`` weighs the heads with AT2 weights learnt by ``train_at2`` on six other excerpts of the GPL
 terms (from its start; the ``train_at2`` row is that training, done once and kept in ``AT2_WEIGHTS``, which later runs
-reuse: delete the file to train again). ``(hierarchical)`` rows run the method with
+reuse: delete the file to train again; ``shrinkage``: how far cross-validation mixed the fit with uniform weights). ``(hierarchical)`` rows run the method with
 ``hierarchical=True`` (paragraphs first, then the sentences of the kept ones; ``pruned``: sentences never searched).
 
 ``context-cite (MadryLab)`` is the reference implementation (PyPI ``context-cite``, its defaults: 64 ablations, one
@@ -33,7 +35,8 @@ It is not a dependency: install it with ``pip install --no-deps --target DIR con
 ``--context-cite DIR``. Its modules import spaCy, which only splits responses into words (not called here), so a
 stub stands in for it; nltk cannot fetch its sentence model offline and is not needed with this partitioner.
 
-Run: ``python benchmarks/bench_long_context.py [--documents 1300 4000] [--methods occlusion lime ...]``.
+Run: ``python benchmarks/bench_long_context.py [--documents 1300 4000] [--methods occlusion lime ...]``; with
+``--keep DIR`` each method's result stays in ``DIR/<tokens>``, and ``--evaluate DIR/<tokens>`` evaluates them again.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "context_cite (hierarchical)": {"hierarchical": True},
     "context-cite (MadryLab)": {},
     "integrated_gradients": {},
+    "integrated_gradients (64 steps)": {"n_steps": 64},
     "integrated_gradients (16 steps)": {"n_steps": 16},
     "integrated_gradients (checkpoint)": {"n_steps": 16},
 }
@@ -171,7 +175,8 @@ def train(threads: int) -> dict[str, Any]:
                         attribute_messages=[0], path=AT2_WEIGHTS)
     return {"method": TRAIN_AT2, "document tokens": "6 excerpts", "time s": round(time.perf_counter() - started, 1),
             "forward": weights.info.get("n_forward_passes"), "reused": reused,
-            "correlation": round(weights.info["correlation"], 3), "peak RSS GB": round(peak_rss_bytes() / 2**30, 2)}
+            "correlation": round(weights.info["correlation"], 3), "shrinkage": weights.info["shrinkage"],
+            "peak RSS GB": round(peak_rss_bytes() / 2**30, 2)}
 
 
 def madrylab(model: Any, tokenizer: Any, messages: list[dict[str, str]], features: list[Any], package: str
@@ -316,7 +321,10 @@ def answers(document_tokens: Sequence[int]) -> dict[int, str]:
 
 
 def main(document_tokens: Sequence[int] = DOCUMENT_TOKENS, methods: Optional[Sequence[str]] = None,
-         threads: int = THREADS, package: Optional[str] = None) -> dict[str, Any]:
+         threads: int = THREADS, package: Optional[str] = None, keep: Optional[str] = None) -> dict[str, Any]:
+    """The table's rows; ``keep``: a folder that keeps each document's saved results (``keep/<tokens>``) for a later
+    ``--evaluate`` (by default they go to a temporary folder)."""
+    import contextlib
     import tempfile
 
     chosen = list(methods or METHODS)
@@ -331,7 +339,10 @@ def main(document_tokens: Sequence[int] = DOCUMENT_TOKENS, methods: Optional[Seq
 
     rows: list[dict[str, Any]] = [run("--train")] if "at2" in chosen else []
     for tokens, answer in answers(document_tokens).items():
-        with tempfile.TemporaryDirectory() as folder:
+        if keep is not None:
+            (Path(keep) / str(tokens)).mkdir(parents=True, exist_ok=True)
+        kept = contextlib.nullcontext(str(Path(keep) / str(tokens))) if keep is not None else None
+        with kept or tempfile.TemporaryDirectory() as folder:
             document_rows = []
             for method in chosen:
                 if method == MADRYLAB and package is None:
@@ -368,6 +379,7 @@ if __name__ == "__main__":
     parser.add_argument("--methods", nargs="+", choices=list(METHODS))
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--context-cite", metavar="DIR", help="folder holding the context-cite package (see above)")
+    parser.add_argument("--keep", metavar="DIR", help="keep the saved results in DIR/<tokens> (see main)")
     arguments = parser.parse_args()
     if arguments.worker:
         tokens, method, answer = arguments.worker
@@ -380,5 +392,6 @@ if __name__ == "__main__":
     else:
         from run_all import format_rows
 
-        rows = main(arguments.documents, arguments.methods, arguments.threads, arguments.context_cite)["rows"]
+        rows = main(arguments.documents, arguments.methods, arguments.threads, arguments.context_cite,
+                    arguments.keep)["rows"]
         print(format_rows(rows))
