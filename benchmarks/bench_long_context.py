@@ -163,18 +163,18 @@ def train(threads: int) -> dict[str, Any]:
     when a run made them already: then ``time s`` is the read)."""
     import torch
 
-    from fair_forge.explainability import AttributionExplainer, load_default_model, train_at2
+    from fair_forge.explainability import AttributionExplainer, At2Weights, load_default_model, train_at2
     from run_all import peak_rss_bytes
 
     torch.set_num_threads(threads)
     model, tokenizer = load_default_model()
-    reused = AT2_WEIGHTS.exists()
+    before = At2Weights.load(AT2_WEIGHTS).info.get("training_key") if AT2_WEIGHTS.exists() else None
     AT2_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     weights = train_at2(AttributionExplainer(model, tokenizer), None, training_documents(gpl_paragraphs()),
                         attribute_messages=[0], path=AT2_WEIGHTS)
     return {"method": TRAIN_AT2, "document tokens": "6 excerpts", "time s": round(time.perf_counter() - started, 1),
-            "forward": weights.info.get("n_forward_passes"), "reused": reused,
+            "forward": weights.info.get("n_forward_passes"), "reused": before == weights.info["training_key"],
             "correlation": round(weights.info["correlation"], 3), "shrinkage": weights.info["shrinkage"],
             "peak RSS GB": round(peak_rss_bytes() / 2**30, 2)}
 
